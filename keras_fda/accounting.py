@@ -1,0 +1,74 @@
+"""Communication accounting: what a run sent, and what synchronous averaging would have.
+
+Two figures are kept apart and always labelled:
+
+* **paper bytes**, the formula of Theologitis et al. so that numbers compare
+  with the paper: `(syncs + 1) * 2 * K * 4 * d + state_bytes * steps * K`
+  (each sync every worker uploads its model and downloads the average; the
+  `+ 1` is the initial model broadcast, counted as in the authors' files).
+* **wire bytes**, what a ring all-reduce actually moves: each worker sends
+  `2 (K - 1) / K * payload` per all-reduce. Totals are over all workers.
+"""
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class CommunicationStats:
+    """Totals of one run.
+
+    Attributes:
+        num_workers: K.
+        num_params: d, floats averaged by one synchronization.
+        state_bytes: bytes each worker all-reduces per step to decide.
+        steps: local steps taken (by each worker).
+        syncs: synchronizations performed (the initial broadcast excluded).
+    """
+
+    num_workers: int
+    num_params: int
+    state_bytes: int
+    steps: int
+    syncs: int
+
+    @property
+    def model_bytes(self):
+        return 4 * self.num_params
+
+    @property
+    def paper_bytes(self):
+        """Bytes by the paper's formula (see the module docstring)."""
+        k = self.num_workers
+        return (self.syncs + 1) * 2 * k * self.model_bytes + self.state_bytes * self.steps * k
+
+    @property
+    def synchronous_paper_bytes(self):
+        """Paper bytes of averaging after every one of the same steps."""
+        return (self.steps + 1) * 2 * self.num_workers * self.model_bytes
+
+    @property
+    def wire_bytes_per_worker(self):
+        """Bytes one worker sends over a ring all-reduce, broadcast included."""
+        k = self.num_workers
+        payload = (self.syncs + 1) * self.model_bytes + self.steps * self.state_bytes
+        return 2.0 * (k - 1) / k * payload
+
+    @property
+    def wire_bytes(self):
+        """Bytes all workers together send over a ring all-reduce."""
+        return self.num_workers * self.wire_bytes_per_worker
+
+    @property
+    def savings(self):
+        """How many times more the synchronous baseline would send (paper bytes)."""
+        return self.synchronous_paper_bytes / self.paper_bytes
+
+    def summary(self):
+        """One line for humans: FDA bytes vs synchronous bytes."""
+        mb = 1e6
+        return (
+            f"FDA sent {self.paper_bytes / mb:.2f} MB; synchronous averaging would have "
+            f"sent {self.synchronous_paper_bytes / mb:.2f} MB ({self.savings:.1f} times more) "
+            f"[paper formula; K={self.num_workers}, d={self.num_params}, "
+            f"{self.syncs} syncs in {self.steps} steps]"
+        )

@@ -1,0 +1,177 @@
+"""`FDACallback`: Federated Dynamic Averaging for `model.fit` across worker processes."""
+
+import math
+
+import keras
+import numpy as np
+
+from keras_fda import cluster as cluster_lib
+from keras_fda import triggers as triggers_lib
+from keras_fda.averager import WorkerAverager
+
+
+class FDACallback(keras.callbacks.Callback):
+    """Averages the workers' models when they drift apart (or on another trigger).
+
+    Each worker runs `model.fit` on its own data with a model compiled outside
+    any strategy scope, so every step is purely local. After each step the
+    callback computes a few bytes of local state from the model's drift since
+    the last synchronization, all-reduces them across the workers, and averages
+    the full weights only when the trigger fires (for FDA: when the variance
+    estimate strictly exceeds `threshold`).
+
+    What is averaged: the trainable weights and, if `average_non_trainable`,
+    the non-trainable float weights (BatchNorm moving statistics). Optimizer
+    state (Adam moments, momentum) stays local on each worker, as in the paper.
+
+    At train begin the workers check that they agree on the number of steps
+    per epoch and on the model, and take worker 0's initial weights. At train
+    end they synchronize once more, so every worker leaves `fit` with
+    identical weights.
+
+    Logs: every batch and epoch gets `fda/variance` (the trigger's statistic:
+    the variance estimate for FDA), `fda/threshold`, `fda/syncs` and
+    `fda/comm_bytes` (paper-formula bytes so far, whole cluster). Place this
+    callback before `CSVLogger` or `TensorBoard` so that they see these keys.
+
+    Args:
+        threshold: Theta. FDA syncs when the estimate is strictly greater.
+            The paper's best values grow with the model size d (about 4e-5 * d).
+        variant: the variance estimator: "linear" (default), "naive",
+            "sketch", "exact", or a `keras_fda.estimators.VarianceEstimator`
+            instance (e.g. `SketchEstimator(depth=5, width=250)`).
+        trigger: None for FDA, or "synchronous", "periodic", "kamp", or a
+            `keras_fda.triggers.SyncTrigger` (then `threshold` and `variant`
+            are not used).
+        tau: steps between syncs for the "periodic" trigger.
+        average_non_trainable: also average non-trainable float weights at each
+            sync (default True; the paper did not).
+        cluster: the `keras_fda.Cluster`; defaults to the one `keras_fda.connect()`
+            joined (a single local worker without TF_CONFIG).
+
+    Attributes:
+        communication: after (or during) training, a
+            `keras_fda.CommunicationStats` with the paper-formula and wire bytes.
+
+    Example:
+
+    ```python
+    cluster = keras_fda.connect()   # first line of the program
+    model = make_model()
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    fda = keras_fda.FDACallback(threshold=1.5, variant="linear")
+    model.fit(dataset.repeat(), epochs=5, steps_per_epoch=200, callbacks=[fda])
+    print(fda.communication.summary())
+    ```
+    """
+
+    # Must run synchronously between training steps: it reads and writes the
+    # weights and joins collectives in step order.
+    async_safe = False
+
+    def __init__(
+        self,
+        threshold=None,
+        variant="linear",
+        *,
+        trigger=None,
+        tau=None,
+        average_non_trainable=True,
+        cluster=None,
+    ):
+        super().__init__()
+        self.trigger = triggers_lib.get(trigger, threshold=threshold, variant=variant, tau=tau)
+        self.average_non_trainable = bool(average_non_trainable)
+        self._cluster = cluster
+        self._averager = None
+        self._last_statistic = math.nan
+
+    @property
+    def cluster(self):
+        if self._cluster is None:
+            self._cluster = cluster_lib.current()
+        return self._cluster
+
+    @property
+    def communication(self):
+        if self._averager is None:
+            raise ValueError("No communication yet: FDACallback has not been used in fit().")
+        return self._averager.communication()
+
+    def _check_model(self):
+        model = self.model
+        if not getattr(model, "compiled", False):
+            raise ValueError("FDACallback needs a compiled model: call model.compile() first.")
+        if not model.built or not model.trainable_weights:
+            raise ValueError(
+                "FDACallback needs a built model with trainable weights: give the "
+                "model an Input shape or call model.build() before fit()."
+            )
+        if getattr(model, "steps_per_execution", 1) != 1:
+            raise ValueError(
+                f"FDACallback checks after every step and needs steps_per_execution=1 "
+                f"in model.compile(), got {model.steps_per_execution}."
+            )
+        if model.distribute_strategy.num_replicas_in_sync > 1:
+            raise ValueError(
+                "FDACallback needs a model built outside any tf.distribute strategy "
+                "scope (its weights must be local). Build the model without "
+                "strategy.scope(), or use keras_fda.FDAStrategy for in-graph replicas."
+            )
+
+    def _agree(self, num_params):
+        """Checks that all workers run the same number of steps and the same model."""
+        transport = self.cluster.transport
+        steps = self.params.get("steps")
+        if steps is None and transport.num_workers > 1:
+            raise ValueError(
+                "FDACallback cannot tell how many steps this worker will run: the "
+                "dataset has unknown length. Pass steps_per_epoch= to fit() (with a "
+                "repeated dataset) so all workers run the same number of steps."
+            )
+        mine = np.array(
+            [-1 if steps is None else steps, self.params.get("epochs", 1), num_params],
+            np.int64,
+        )
+        everyone = transport.all_gather(mine).numpy()
+        for column, what in enumerate(["steps per epoch", "epochs", "averaged weights"]):
+            values = everyone[:, column]
+            if (values != values[0]).any():
+                raise ValueError(
+                    f"Workers disagree on the number of {what}: {values.tolist()} "
+                    "(worker 0, 1, ...). Every worker must run the same model for the "
+                    "same epochs and steps_per_epoch; pass steps_per_epoch= to fit() "
+                    "with a repeated dataset (dataset.repeat()) on every worker."
+                )
+
+    def on_train_begin(self, logs=None):
+        self._check_model()
+        model = self.model
+        extra = []
+        if self.average_non_trainable:
+            extra = [w.value for w in model.non_trainable_weights if w.dtype.startswith("float")]
+        trainable = [w.value for w in model.trainable_weights]
+        self._agree(sum(int(np.prod(w.shape)) for w in trainable + extra))
+        self._averager = WorkerAverager(self.trigger, self.cluster.transport, trainable, extra)
+        self._averager.broadcast()
+
+    def _write_logs(self, logs):
+        if logs is None:
+            return
+        averager = self._averager
+        logs["fda/variance"] = self._last_statistic
+        logs["fda/threshold"] = self.trigger.threshold
+        logs["fda/syncs"] = int(averager.syncs.numpy())
+        logs["fda/comm_bytes"] = float(averager.communication().paper_bytes)
+
+    def on_train_batch_end(self, batch, logs=None):
+        statistic, _ = self._averager.step()
+        self._last_statistic = float(statistic.numpy())
+        self._write_logs(logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._write_logs(logs)
+
+    def on_train_end(self, logs=None):
+        self._averager.finish()
+        self._write_logs(logs)

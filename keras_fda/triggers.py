@@ -1,0 +1,228 @@
+"""Synchronization triggers: when the workers average their models.
+
+A trigger sees, on every step, the workers' averaged local states and the
+number of local steps since the last synchronization, and decides. Drivers
+(the Keras callback, the tf.distribute strategy, the simulator) run:
+
+    state   = trigger.local_state(drift, round_state)     # on each worker
+    mean    = all-reduce MEAN of state                    # skipped if state_size == 0
+    value   = trigger.statistic(mean, steps_since_sync)   # logged as fda/variance
+    sync    = trigger.should_sync(value, steps_since_sync)
+
+`should_sync` is the policy: subclass a trigger and override that one method
+to change when synchronizations happen. Every decision depends only on
+all-reduced values and the shared step count, so all workers decide alike.
+"""
+
+import math
+
+import tensorflow as tf
+
+from keras_fda import estimators as estimators_lib
+from keras_fda.estimators import squared_norm
+
+
+def _check_threshold(threshold):
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, (int, float))
+        or not math.isfinite(threshold)
+        or threshold <= 0
+    ):
+        raise ValueError(f"threshold must be a positive finite number, got {threshold!r}.")
+    return float(threshold)
+
+
+class SyncTrigger:
+    """Base class of synchronization triggers.
+
+    Attributes:
+        name: short name used in logs and benchmark tables.
+        threshold: the number `statistic` is compared with (logged as
+            `fda/threshold`).
+        state_size: floats each worker all-reduces per step (0: no collective).
+    """
+
+    name = None
+    threshold = 0.0
+    state_size = 0
+
+    def build(self, shapes):
+        """Prepares for drifts made of tensors of `shapes` (the trainable weights)."""
+        del shapes
+
+    @property
+    def state_bytes(self):
+        """Bytes each worker sends per step to decide (float32 states)."""
+        return 4 * self.state_size
+
+    def initial_round_state(self):
+        return []
+
+    def next_round_state(self, round_state, global_step):
+        del global_step
+        return round_state
+
+    def local_state(self, drift, round_state):
+        """This worker's 1-D float32 contribution; only called if `state_size > 0`."""
+        raise NotImplementedError
+
+    def statistic(self, mean_state, steps_since_sync):
+        """The monitored value, from the averaged state (None if `state_size == 0`)."""
+        del mean_state, steps_since_sync
+        return tf.constant(0.0)
+
+    def should_sync(self, statistic, steps_since_sync):
+        """The policy: a scalar bool tensor, True to synchronize after this step."""
+        raise NotImplementedError
+
+
+class FDA(SyncTrigger):
+    """Federated Dynamic Averaging: sync when the variance estimate exceeds `threshold`.
+
+    Args:
+        estimator: a `VarianceEstimator` or one of "naive", "linear", "sketch",
+            "exact".
+        threshold: Theta; sync when the estimate V is strictly greater. The
+            paper's best values grow with the model size d, roughly 4e-5 * d.
+
+    Example:
+
+    >>> trigger = FDA("linear", threshold=1.5)
+    """
+
+    name = "fda"
+
+    def __init__(self, estimator="linear", threshold=1.0):
+        self.estimator = estimators_lib.get(estimator)
+        self.threshold = _check_threshold(threshold)
+        self.name = f"fda-{self.estimator.name}" if self.estimator.name else "fda"
+
+    def build(self, shapes):
+        self.estimator.build(shapes)
+
+    @property
+    def state_size(self):
+        return self.estimator.state_size
+
+    def initial_round_state(self):
+        return self.estimator.initial_round_state()
+
+    def next_round_state(self, round_state, global_step):
+        return self.estimator.next_round_state(round_state, global_step)
+
+    def local_state(self, drift, round_state):
+        return self.estimator.local_state(drift, round_state)
+
+    def statistic(self, mean_state, steps_since_sync):
+        return self.estimator.estimate(mean_state)
+
+    def should_sync(self, statistic, steps_since_sync):
+        return statistic > self.threshold
+
+    def __repr__(self):
+        return f"FDA({self.estimator!r}, threshold={self.threshold})"
+
+
+class Synchronous(SyncTrigger):
+    """Average after every step (the communication-heavy baseline)."""
+
+    name = "synchronous"
+
+    def should_sync(self, statistic, steps_since_sync):
+        return tf.constant(True)
+
+    def __repr__(self):
+        return "Synchronous()"
+
+
+class Periodic(SyncTrigger):
+    """Average every `tau` local steps (FedAvg / local SGD).
+
+    The statistic is the number of steps since the last sync, so logs show it
+    climbing to `threshold = tau`.
+
+    Args:
+        tau: steps between synchronizations, an integer >= 1.
+    """
+
+    name = "periodic"
+
+    def __init__(self, tau):
+        if isinstance(tau, bool) or not isinstance(tau, int) or tau < 1:
+            raise ValueError(f"tau must be an integer >= 1, got {tau!r}.")
+        self.tau = tau
+        self.threshold = float(tau)
+        self.name = f"periodic-{tau}"
+
+    def statistic(self, mean_state, steps_since_sync):
+        return tf.cast(steps_since_sync, tf.float32)
+
+    def should_sync(self, statistic, steps_since_sync):
+        return steps_since_sync >= self.tau
+
+    def __repr__(self):
+        return f"Periodic(tau={self.tau})"
+
+
+class Kamp(SyncTrigger):
+    """Kamp et al.'s local condition: sync if any worker has `||u_k||^2 > threshold`.
+
+    Each worker sends one float: 1.0 if its own condition is violated. The
+    statistic is the fraction of workers in violation; any violation syncs.
+
+    Args:
+        threshold: the bound on each worker's squared drift norm.
+    """
+
+    name = "kamp"
+    state_size = 1
+
+    def __init__(self, threshold):
+        self.threshold = _check_threshold(threshold)
+
+    def local_state(self, drift, round_state):
+        violated = squared_norm(drift) > self.threshold
+        return tf.reshape(tf.cast(violated, tf.float32), [1])
+
+    def statistic(self, mean_state, steps_since_sync):
+        return mean_state[0]
+
+    def should_sync(self, statistic, steps_since_sync):
+        return statistic > 0.0
+
+    def __repr__(self):
+        return f"Kamp(threshold={self.threshold})"
+
+
+def get(trigger=None, *, threshold=None, variant="linear", tau=None):
+    """Resolves the trigger arguments of the drivers into a `SyncTrigger`.
+
+    Args:
+        trigger: a `SyncTrigger`, or one of "fda" (default), "synchronous",
+            "periodic", "kamp".
+        threshold: Theta for "fda" and "kamp".
+        variant: estimator name or instance for "fda".
+        tau: period for "periodic".
+    """
+    if isinstance(trigger, SyncTrigger):
+        return trigger
+    name = "fda" if trigger is None else trigger
+    if name == "fda":
+        if threshold is None:
+            raise ValueError("FDA needs a threshold, e.g. FDACallback(threshold=1.5).")
+        return FDA(variant, threshold)
+    if name == "kamp":
+        if threshold is None:
+            raise ValueError("The 'kamp' trigger needs a threshold.")
+        return Kamp(threshold)
+    if name == "periodic":
+        if tau is None:
+            raise ValueError("The 'periodic' trigger needs tau (steps between syncs).")
+        return Periodic(tau)
+    if name == "synchronous":
+        return Synchronous()
+    raise ValueError(
+        f"Unknown trigger {trigger!r}. Use 'fda', 'synchronous', 'periodic', 'kamp' "
+        "or a keras_fda.triggers.SyncTrigger instance."
+    )
