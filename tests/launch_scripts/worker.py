@@ -1,0 +1,50 @@
+"""A stand-in worker for tests/test_launch.py; no TensorFlow, so it starts fast.
+
+Usage: worker.py PID_DIR BEHAVIOURS [ARGS...]
+
+Writes its PID to PID_DIR/<index>.pid, prints its argv and TF_CONFIG as JSON
+on stdout and a line on stderr, then does what the comma-separated BEHAVIOURS
+entry at its worker index says:
+    N: exit with code N.
+    hang: block until killed.
+    stubborn: ignore SIGTERM and block until killed.
+    wait_then_N: wait until every worker wrote its PID file, then exit with
+        code N (so that the test knows the PIDs of the workers to be stopped).
+"""
+
+import json
+import os
+import signal
+import sys
+import time
+
+pid_dir, behaviours = sys.argv[1], sys.argv[2].split(",")
+tf_config = json.loads(os.environ["TF_CONFIG"])
+index = tf_config["task"]["index"]
+
+# Written under a temporary name then renamed: a reader never sees half a PID.
+pid_file = os.path.join(pid_dir, f"{index}.pid")
+with open(pid_file + ".tmp", "w") as f:
+    f.write(str(os.getpid()))
+os.replace(pid_file + ".tmp", pid_file)
+
+print(json.dumps({"argv": sys.argv[3:], "tf_config": tf_config}))
+print(f"stderr of worker {index}", file=sys.stderr)
+
+# Safety net should the launcher under test fail to stop us: SIGALRM's
+# default action ends the process, so no test can leak a worker for long.
+signal.alarm(120)
+behaviour = behaviours[index]
+if behaviour.startswith("wait_then_"):
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not all(
+        os.path.exists(os.path.join(pid_dir, f"{i}.pid")) for i in range(len(behaviours))
+    ):
+        time.sleep(0.01)
+    sys.exit(int(behaviour[len("wait_then_") :]))
+if behaviour in ("hang", "stubborn"):
+    if behaviour == "stubborn":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    while True:
+        signal.pause()
+sys.exit(int(behaviour))
