@@ -1,0 +1,458 @@
+"""K workers in one process: the research driver.
+
+`Simulation` trains K copies of a compiled Keras model, each with its own
+weights, optimizer state and data partition, and synchronizes them with the
+same `SyncTrigger` objects that `FDACallback` uses across processes. Only the
+transport differs: the "all-reduce MEAN" is a mean over the K in-process
+copies. One compiled `tf.function` call advances all K workers by one step
+(their K Keras `train_step`s, then the trigger's check and, when it fires, the
+average), so a step costs about K plain training steps and no Python loop
+over workers.
+
+Reported accuracy is that of the average of the workers' current models (as
+in the FDA paper), evaluated on held-out data a few times per epoch; an epoch
+is `total samples / (batch_size * K)` steps.
+"""
+
+import csv
+import dataclasses
+import math
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_fda import triggers as triggers_lib
+from keras_fda.accounting import CommunicationStats
+
+
+def batch_schedule(partitions, batch_size, num_steps, seed=0):
+    """The sample indices each worker trains on, step by step.
+
+    Worker k reads its partition in passes, each pass a fresh permutation
+    drawn from `np.random.default_rng([seed, k])`, and takes `batch_size`
+    consecutive samples per step (a pass may end inside a batch). Exposed so
+    that a real multi-process run can replay a simulation's exact data order.
+
+    Args:
+        partitions: K 1-D index arrays (e.g. from `keras_fda.partition`).
+        batch_size: samples per worker per step.
+        num_steps: steps to schedule.
+        seed: seed of the shuffles.
+
+    Returns:
+        An int64 array of shape `[num_steps, K, batch_size]`.
+
+    Example:
+
+    >>> batch_schedule([np.arange(4), np.arange(4, 10)], 2, 3).shape
+    (3, 2, 2)
+    """
+    partitions = _check_partitions(partitions)
+    needed = num_steps * batch_size
+    streams = []
+    for k, part in enumerate(partitions):
+        rng = np.random.default_rng([seed, k])
+        passes = [rng.permutation(part) for _ in range(-(-needed // len(part)))]
+        streams.append(np.concatenate(passes)[:needed].reshape(num_steps, batch_size))
+    return np.stack(streams, axis=1)
+
+
+def _check_partitions(partitions):
+    if isinstance(partitions, np.ndarray) or not isinstance(partitions, (list, tuple)):
+        raise TypeError(
+            "partitions must be a list of K index arrays, one per worker, e.g. from "
+            "keras_fda.partition.iid(len(x), num_workers=K)."
+        )
+    parts = [np.asarray(p, dtype=np.int64).reshape(-1) for p in partitions]
+    empty = [k for k, p in enumerate(parts) if p.size == 0]
+    if empty:
+        raise ValueError(f"Workers {empty} have no samples; every partition needs at least one.")
+    return parts
+
+
+@dataclasses.dataclass
+class SimulationHistory:
+    """What one simulated run did.
+
+    Attributes:
+        trigger: the trigger's name (e.g. "fda-linear", "periodic-8").
+        threshold: the trigger's threshold (Theta, tau, ...).
+        num_workers: K.
+        num_params: d, floats averaged per synchronization.
+        state_bytes: bytes each worker all-reduces per step to decide.
+        steps_per_epoch: `total samples // (batch_size * K)`.
+        evaluations: one column per quantity (a dict of equally long numpy
+            arrays), one row per evaluation, step 0 included: `step`, `epoch`,
+            `syncs`, `paper_bytes`, `wire_bytes`, `train_loss` (mean over the
+            workers since the last evaluation), `seconds` (training time so
+            far) and the compiled loss and metrics of the averaged model on
+            the validation data (e.g. `loss`, `accuracy`).
+        statistic: the trigger's statistic after every step (`fda/variance`).
+        synced: whether each step ended with a synchronization.
+    """
+
+    trigger: str
+    threshold: float
+    num_workers: int
+    num_params: int
+    state_bytes: int
+    steps_per_epoch: int
+    evaluations: dict
+    statistic: np.ndarray
+    synced: np.ndarray
+
+    def communication(self, step=None):
+        """`CommunicationStats` after `step` steps (default: the whole run)."""
+        step = len(self.synced) if step is None else int(step)
+        return CommunicationStats(
+            num_workers=self.num_workers,
+            num_params=self.num_params,
+            state_bytes=self.state_bytes,
+            steps=step,
+            syncs=int(np.sum(self.synced[:step])),
+        )
+
+    def first_reaching(self, metric, target):
+        """The first evaluation with `metric >= target`, as a dict, or None."""
+        if metric not in self.evaluations:
+            raise ValueError(f"No metric {metric!r}; the history has {sorted(self.evaluations)}.")
+        hits = np.flatnonzero(self.evaluations[metric] >= target)
+        if not hits.size:
+            return None
+        return {name: column[hits[0]].item() for name, column in self.evaluations.items()}
+
+    def to_csv(self, path):
+        """Writes `evaluations` to `path`, one row per evaluation."""
+        names = list(self.evaluations)
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(names)
+            writer.writerows(zip(*(self.evaluations[n].tolist() for n in names)))
+
+
+class _Worker:
+    """One simulated worker: a clone of the model with its own optimizer."""
+
+    def __init__(self, model, average_non_trainable):
+        self.model = keras.models.clone_model(model)
+        optimizer = type(model.optimizer).from_config(model.optimizer.get_config())
+        # Only the loss: the averaged model is what gets evaluated, so
+        # per-worker metrics would cost time each step and show nothing.
+        self.model.compile(optimizer=optimizer, loss=model.loss)
+        self.model.optimizer.build(self.model.trainable_variables)
+        self.monitored = [v.value for v in self.model.trainable_variables]
+        self.extra = [
+            v.value
+            for v in self.model.non_trainable_variables
+            if average_non_trainable and v.dtype.startswith("float")
+        ]
+
+        # Restored at each run: the iteration count, moments and (a variable
+        # in Keras 3) the learning rate as the user configured them.
+        self._fresh_optimizer = [v.numpy() for v in self.model.optimizer.variables]
+
+    def reset(self, weights):
+        self.model.set_weights(weights)
+        for v, value in zip(self.model.optimizer.variables, self._fresh_optimizer):
+            v.assign(value)
+        self.model.reset_metrics()
+
+
+class Simulation:
+    """Trains K workers in one process and synchronizes them with a `SyncTrigger`.
+
+    Each worker is a clone of `model` with its own weights, its own copy of
+    the model's optimizer (state stays local, as in the paper) and its own
+    data partition. After every step the trigger decides, exactly as
+    `FDACallback` does across processes, whether the workers average their
+    weights. The compiled training step is kept between `run` calls, so one
+    `Simulation` serves a sweep over triggers and thresholds.
+
+    Memory: K copies of the weights and optimizer state, plus one reference
+    copy of the weights (and for the linear estimator one direction vector;
+    for the sketch estimator `4 * depth` bytes per parameter of hash ids).
+
+    Args:
+        model: a built Keras model compiled with an optimizer and a loss (and
+            the metrics to evaluate, e.g. "accuracy"). It must be clonable by
+            `keras.models.clone_model` (Sequential or functional). Runs start
+            from its weights as they are now; after a run it holds the
+            average of the workers' final models.
+        num_workers: K, an integer >= 1.
+        average_non_trainable: also average non-trainable float weights
+            (BatchNorm statistics) at each synchronization, as `FDACallback`
+            does by default. The evaluated model always gets the average.
+
+    Example:
+
+    ```python
+    model = make_model()
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    sim = keras_fda.Simulation(model, num_workers=10)
+    parts = keras_fda.partition.iid(len(x), num_workers=10)
+    history = sim.run(keras_fda.FDA("linear", threshold=2.5), x, y, parts,
+                      epochs=5, validation_data=(x_test, y_test))
+    print(history.first_reaching("accuracy", 0.9))
+    ```
+    """
+
+    def __init__(self, model, num_workers, *, average_non_trainable=True):
+        if not isinstance(model, keras.Model):
+            raise TypeError(f"model must be a keras.Model, got {type(model).__name__}.")
+        if not getattr(model, "compiled", False) or model.optimizer is None or model.loss is None:
+            raise ValueError(
+                "Simulation needs a model compiled with an optimizer and a loss: call "
+                "model.compile(optimizer=..., loss=..., metrics=[...]) first."
+            )
+        if not model.built or not model.trainable_variables:
+            raise ValueError(
+                "Simulation needs a built model with trainable weights: give it an Input "
+                "shape or call model.build() first."
+            )
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+            raise ValueError(f"num_workers must be an integer >= 1, got {num_workers!r}.")
+        self.model = model
+        self.num_workers = num_workers
+        self._initial_weights = model.get_weights()
+        self._workers = [_Worker(model, average_non_trainable) for _ in range(num_workers)]
+        first = self._workers[0]
+        self.num_params = sum(int(v.shape.num_elements()) for v in first.monitored + first.extra)
+        # Evaluation averages every float weight into `model`, whatever is
+        # averaged during training.
+        self._eval_pairs = [
+            (target, [w.model.weights[i] for w in self._workers])
+            for i, target in enumerate(model.weights)
+            if target.dtype.startswith("float")
+        ]
+        self._train_step = tf.function(self._train_all)
+
+    def _train_all(self, x, y):
+        """One local step on every worker; returns the mean of their running losses."""
+        losses = [w.model.train_step((x[k], y[k]))["loss"] for k, w in enumerate(self._workers)]
+        return tf.add_n(losses) / self.num_workers
+
+    def _build_step(self, trigger, x_data, y_data):
+        """The compiled step of one run: K local steps, the trigger, maybe the average."""
+        workers = self._workers
+        monitored = list(zip(*[w.monitored for w in workers]))
+        averaged = list(zip(*[w.monitored + w.extra for w in workers]))
+        trigger.build([v[0].shape for v in monitored])
+        reference = [tf.Variable(v[0]) for v in monitored]
+        round_state = [tf.Variable(s) for s in trigger.initial_round_state()]
+        steps_since_sync = tf.Variable(0, dtype=tf.int64)
+
+        def average():
+            for copies in averaged:
+                mean = _mean([v.read_value() for v in copies])
+                for v in copies:
+                    v.assign(mean)
+            global_step = [v[0] - r for v, r in zip(monitored, reference)]
+            rounds = [s.read_value() for s in round_state]
+            next_round = trigger.next_round_state(rounds, global_step)
+            for s, value in zip(round_state, next_round):
+                s.assign(value)
+            for r, v in zip(reference, monitored):
+                r.assign(v[0])
+            steps_since_sync.assign(0)
+            return tf.constant(True)
+
+        @tf.function
+        def step(indices):
+            loss = self._train_step(tf.gather(x_data, indices), tf.gather(y_data, indices))
+            since = steps_since_sync.assign_add(1)
+            mean_state = None
+            if trigger.state_size:
+                rounds = [s.read_value() for s in round_state]
+                local = [
+                    trigger.local_state([v[k] - r for v, r in zip(monitored, reference)], rounds)
+                    for k in range(self.num_workers)
+                ]
+                mean_state = _mean(local)
+            statistic = trigger.statistic(mean_state, since)
+            synced = tf.cond(
+                trigger.should_sync(statistic, since), average, lambda: tf.constant(False)
+            )
+            return tf.cast(statistic, tf.float32), synced, loss
+
+        return step
+
+    def _reset(self):
+        for w in self._workers:
+            w.reset(self._initial_weights)
+
+    def _evaluate(self, validation_data, batch_size):
+        for target, copies in self._eval_pairs:
+            target.assign(_mean([v.value for v in copies]))
+        if validation_data is None:
+            return {}
+        x_val, y_val = validation_data
+        return self.model.evaluate(x_val, y_val, batch_size=batch_size, verbose=0, return_dict=True)
+
+    def run(
+        self,
+        trigger,
+        x,
+        y,
+        partitions,
+        *,
+        batch_size=32,
+        epochs=1,
+        steps=None,
+        evaluations_per_epoch=1,
+        validation_data=None,
+        eval_batch_size=1024,
+        seed=0,
+        csv_path=None,
+        tensorboard_dir=None,
+        verbose=0,
+    ):
+        """Trains the K workers from the initial weights and returns a `SimulationHistory`.
+
+        Every run starts from `model`'s weights at construction time and from
+        fresh optimizer states, so runs of different triggers compare fairly.
+
+        Args:
+            trigger: a `keras_fda.SyncTrigger` (`FDA`, `Synchronous`,
+                `Periodic`, `Kamp` or a custom one).
+            x, y: the training data (numpy arrays or tensors indexable by the
+                partitions), held in memory.
+            partitions: K index arrays into `x`/`y`, one per worker
+                (see `keras_fda.partition`).
+            batch_size: samples per worker per step.
+            epochs: epochs to train; an epoch is `len of all partitions //
+                (batch_size * K)` steps.
+            steps: total steps instead of `epochs`.
+            evaluations_per_epoch: how often per epoch the averaged model is
+                evaluated on `validation_data` (more often gives finer
+                steps-to-target figures).
+            validation_data: `(x_val, y_val)` for the averaged model, or None.
+            eval_batch_size: batch size of the evaluation.
+            seed: seed of every worker's data order (see `batch_schedule`).
+            csv_path: if given, the evaluations are written there as CSV.
+            tensorboard_dir: if given, evaluations and the per-step statistic
+                are written there as TensorBoard scalars.
+            verbose: 1 prints one line per evaluation.
+
+        Returns:
+            A `SimulationHistory`.
+        """
+        if not isinstance(trigger, triggers_lib.SyncTrigger):
+            raise TypeError(
+                f"trigger must be a keras_fda.SyncTrigger such as keras_fda.FDA('linear', "
+                f"threshold=2.5), got {trigger!r}."
+            )
+        partitions = _check_partitions(partitions)
+        if len(partitions) != self.num_workers:
+            raise ValueError(
+                f"Got {len(partitions)} partitions for {self.num_workers} workers; pass one "
+                "index array per worker."
+            )
+        if batch_size < 1 or evaluations_per_epoch < 1:
+            raise ValueError("batch_size and evaluations_per_epoch must be >= 1.")
+        total = sum(len(p) for p in partitions)
+        steps_per_epoch = max(1, total // (batch_size * self.num_workers))
+        num_steps = int(steps) if steps is not None else int(epochs * steps_per_epoch)
+        if num_steps < 1:
+            raise ValueError("Nothing to train: epochs or steps must be positive.")
+        eval_every = max(1, steps_per_epoch // evaluations_per_epoch)
+        eval_steps = sorted({0, num_steps, *range(eval_every, num_steps, eval_every)})
+
+        self._reset()
+        step = self._build_step(trigger, tf.convert_to_tensor(x), tf.convert_to_tensor(y))
+        schedule = batch_schedule(partitions, batch_size, num_steps, seed)
+        writer = None
+        if tensorboard_dir:
+            writer = tf.summary.create_file_writer(os.fspath(tensorboard_dir))
+        history = SimulationHistory(
+            trigger=trigger.name or type(trigger).__name__,
+            threshold=float(trigger.threshold),
+            num_workers=self.num_workers,
+            num_params=self.num_params,
+            state_bytes=trigger.state_bytes,
+            steps_per_epoch=steps_per_epoch,
+            evaluations={},
+            statistic=np.zeros(num_steps, np.float32),
+            synced=np.zeros(num_steps, bool),
+        )
+        rows = []
+        seconds = 0.0
+        train_loss = math.nan
+        for t in range(num_steps + 1):
+            if t in eval_steps:
+                row = self._evaluation_row(
+                    history, t, seconds, train_loss, validation_data, eval_batch_size
+                )
+                rows.append(row)
+                if writer:
+                    self._write_summaries(writer, history, rows)
+                if verbose:
+                    print(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
+            if t == num_steps:
+                break
+            start = time.perf_counter()
+            statistic, synced, loss = step(schedule[t])
+            history.statistic[t] = statistic.numpy()
+            history.synced[t] = synced.numpy()
+            train_loss = float(loss)
+            seconds += time.perf_counter() - start
+        history.evaluations = {k: np.array([r[k] for r in rows]) for k in rows[0]}
+        if csv_path:
+            history.to_csv(csv_path)
+        if writer:
+            writer.close()
+        return history
+
+    def _evaluation_row(self, history, t, seconds, train_loss, validation_data, eval_batch_size):
+        stats = history.communication(t)
+        row = {
+            "step": t,
+            "epoch": t / history.steps_per_epoch,
+            "syncs": stats.syncs,
+            "paper_bytes": stats.paper_bytes,
+            "wire_bytes": stats.wire_bytes,
+            "train_loss": train_loss,
+            "seconds": seconds,
+        }
+        row.update(self._evaluate(validation_data, eval_batch_size))
+        # Each worker's loss tracker then averages over one evaluation period.
+        for w in self._workers:
+            w.model.reset_metrics()
+        return row
+
+    @staticmethod
+    def _write_summaries(writer, history, rows):
+        row = rows[-1]
+        previous = rows[-2]["step"] if len(rows) > 1 else 0
+        with writer.as_default():
+            for t in range(previous, row["step"]):
+                tf.summary.scalar("fda/variance", history.statistic[t], step=t + 1)
+            for name, value in row.items():
+                if name != "step":
+                    tf.summary.scalar(f"simulation/{name}", value, step=row["step"])
+
+
+def _mean(per_worker):
+    """The simulator's "all-reduce MEAN": a mean over the K workers' tensors."""
+    return tf.reduce_mean(tf.stack(per_worker), axis=0)
+
+
+def _fmt(value):
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def simulate(model, trigger, x, y, partitions, **kwargs):
+    """Runs one `Simulation` of `len(partitions)` workers; see `Simulation.run` for kwargs.
+
+    Example:
+
+    ```python
+    history = keras_fda.simulate(model, keras_fda.FDA("linear", threshold=2.5),
+                                 x, y, keras_fda.partition.iid(len(x), 10),
+                                 epochs=5, validation_data=(x_test, y_test))
+    ```
+    """
+    return Simulation(model, len(partitions)).run(trigger, x, y, partitions, **kwargs)

@@ -1,0 +1,104 @@
+"""One real worker of the simulator-vs-real test (tests/test_simulation.py).
+
+Run as `python -m keras_fda.launch --workers 2 tests/sim_vs_real_worker.py --out=DIR`.
+Each worker trains the shared setup below with `FDACallback` on its partition,
+in the data order `keras_fda.simulation.batch_schedule` gives the simulator,
+and writes `DIR/worker{i}.npz`: the per-step statistic and sync count from the
+batch logs, and the final weights. The test imports the same setup to run the
+simulator, so both sides see one definition of data, model and trigger.
+"""
+
+import argparse
+import pathlib
+
+NUM_WORKERS = 2
+NUM_SAMPLES = 240
+BATCH_SIZE = 8
+STEPS = 40
+DATA_SEED = 3
+# Calibrated so that the linear trigger fires a few times in STEPS steps,
+# neither never nor every step.
+THRESHOLD = 0.02
+
+
+def make_data():
+    import numpy as np
+
+    rng = np.random.default_rng(DATA_SEED)
+    x = rng.standard_normal((NUM_SAMPLES, 6)).astype("float32")
+    y = (x[:, 0] + x[:, 1] * x[:, 2] > 0).astype("int32") + (x[:, 3] > 1).astype("int32")
+    return x, y
+
+
+def make_model():
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(3)]
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.01),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=False,
+    )
+    return model
+
+
+def make_trigger():
+    import keras_fda
+
+    return keras_fda.FDA("linear", threshold=THRESHOLD)
+
+
+def make_partitions():
+    from keras_fda import partition
+
+    return partition.iid(NUM_SAMPLES, NUM_WORKERS, seed=DATA_SEED)
+
+
+def main():
+    import keras_fda
+
+    cluster = keras_fda.connect(timeout_seconds=60)
+
+    import keras
+    import numpy as np
+
+    from keras_fda.simulation import batch_schedule
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    out = pathlib.Path(parser.parse_args().out)
+
+    x, y = make_data()
+    order = batch_schedule(make_partitions(), BATCH_SIZE, STEPS, seed=DATA_SEED)
+    mine = order[:, cluster.worker_index].reshape(-1)
+    statistic, syncs = [], []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            statistic.append(logs["fda/variance"])
+            syncs.append(logs["fda/syncs"])
+
+    model = make_model()
+    model.fit(
+        x[mine],
+        y[mine],
+        batch_size=BATCH_SIZE,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        callbacks=[keras_fda.FDACallback(trigger=make_trigger()), Record()],
+    )
+    weights = {f"weight{i}": w for i, w in enumerate(model.get_weights())}
+    np.savez(
+        out / f"worker{cluster.worker_index}.npz",
+        statistic=np.array(statistic),
+        syncs=np.array(syncs),
+        **weights,
+    )
+
+
+if __name__ == "__main__":
+    main()

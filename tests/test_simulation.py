@@ -1,0 +1,133 @@
+"""keras_fda.simulation: the in-process K-worker driver."""
+
+import pathlib
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import keras_fda
+from keras_fda.simulation import Simulation, batch_schedule
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import sim_vs_real_worker as setup  # noqa: E402  (shared with the real workers)
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+REAL_RUN_TIMEOUT = 120  # seconds for two TensorFlow worker processes
+
+
+@pytest.fixture(scope="module")
+def data():
+    return setup.make_data()
+
+
+def test_simulator_matches_two_real_worker_processes(tmp_path, data):
+    """Same data order, seeds and trigger: same sync steps, same final weights."""
+    command = [
+        sys.executable, "-m", "keras_fda.launch", "--workers", str(setup.NUM_WORKERS),
+        "--timeout", str(REAL_RUN_TIMEOUT - 10), str(ROOT / "tests" / "sim_vs_real_worker.py"),
+        f"--out={tmp_path}",
+    ]  # fmt: skip
+    # The launcher's own --timeout stops its workers; ours bounds the launcher.
+    result = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=REAL_RUN_TIMEOUT
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    x, y = data
+    sim = Simulation(setup.make_model(), setup.NUM_WORKERS)
+    history = sim.run(
+        setup.make_trigger(), x, y, setup.make_partitions(),
+        batch_size=setup.BATCH_SIZE, steps=setup.STEPS, seed=setup.DATA_SEED,
+    )  # fmt: skip
+    sim_syncs = np.cumsum(history.synced)
+    assert 0 < sim_syncs[-1] < setup.STEPS // 2  # the comparison exercises both branches
+    for worker in range(setup.NUM_WORKERS):
+        real = np.load(tmp_path / f"worker{worker}.npz")
+        np.testing.assert_array_equal(real["syncs"], sim_syncs)
+        np.testing.assert_allclose(real["statistic"], history.statistic, rtol=1e-5, atol=1e-7)
+        for i, weight in enumerate(sim.model.get_weights()):
+            np.testing.assert_allclose(real[f"weight{i}"], weight, rtol=1e-5, atol=1e-6)
+
+
+def test_synchronous_equals_plain_averaging_after_every_step(data):
+    x, y = data
+    num_workers, batch_size, steps = 3, 8, 6
+    parts = keras_fda.partition.iid(len(x), num_workers, seed=0)
+    sim = Simulation(setup.make_model(), num_workers)
+    history = sim.run(keras_fda.Synchronous(), x, y, parts, batch_size=batch_size, steps=steps)
+    assert history.synced.all()
+
+    # The same thing by hand: K models with their own optimizers, averaged eagerly.
+    models = [setup.make_model() for _ in range(num_workers)]
+    order = batch_schedule(parts, batch_size, steps)
+    for t in range(steps):
+        for k, model in enumerate(models):
+            model.train_on_batch(x[order[t, k]], y[order[t, k]])
+        mean = [np.mean(ws, axis=0) for ws in zip(*(m.get_weights() for m in models))]
+        for model in models:
+            model.set_weights(mean)
+    for got, want in zip(sim.model.get_weights(), models[0].get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_history_accounting_csv_and_tensorboard(tmp_path, data):
+    x, y = data
+    model = setup.make_model()
+    model.compile(
+        optimizer=model.optimizer, loss=model.loss, metrics=["accuracy"], jit_compile=False
+    )
+    parts = keras_fda.partition.iid(len(x), 4, seed=0)
+    sim = Simulation(model, 4)
+    history = sim.run(
+        keras_fda.Periodic(3), x, y, parts, batch_size=6, epochs=2, evaluations_per_epoch=2,
+        validation_data=(x, y), csv_path=tmp_path / "h.csv", tensorboard_dir=tmp_path / "tb",
+    )  # fmt: skip
+    assert history.steps_per_epoch == 10
+    np.testing.assert_array_equal(np.flatnonzero(history.synced) + 1, np.arange(3, 21, 3))
+    ev = history.evaluations
+    np.testing.assert_array_equal(ev["step"], [0, 5, 10, 15, 20])
+    np.testing.assert_array_equal(ev["epoch"], [0, 0.5, 1, 1.5, 2])
+    np.testing.assert_array_equal(ev["syncs"], [0, 1, 3, 5, 6])
+    stats = history.communication()
+    assert stats.syncs == 6 and stats.steps == 20
+    assert ev["paper_bytes"][-1] == stats.paper_bytes == 7 * 2 * 4 * 4 * history.num_params
+    assert 0 <= ev["accuracy"][-1] <= 1 and np.isfinite(ev["loss"]).all()
+    assert history.first_reaching("accuracy", 0.0)["step"] == 0
+    assert history.first_reaching("accuracy", 1.1) is None
+    assert (tmp_path / "h.csv").read_text().splitlines()[0].startswith("step,epoch,syncs")
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+    # A second run starts afresh: same trigger and seed, same history.
+    again = sim.run(keras_fda.Periodic(3), x, y, parts, batch_size=6, epochs=2,
+                    evaluations_per_epoch=2, validation_data=(x, y))  # fmt: skip
+    np.testing.assert_allclose(again.evaluations["loss"], ev["loss"], rtol=1e-6)
+
+
+def test_batch_schedule_reads_each_partition_in_shuffled_passes():
+    parts = [np.arange(0, 5), np.arange(5, 12)]
+    order = batch_schedule(parts, batch_size=2, num_steps=5, seed=1)
+    assert order.shape == (5, 2, 2)
+    first_pass = order[:, 0].reshape(-1)[:5]
+    assert sorted(first_pass) == list(range(5))
+    assert sorted(order[:, 1].reshape(-1)[:7]) == list(range(5, 12))
+    np.testing.assert_array_equal(order, batch_schedule(parts, 2, 5, seed=1))
+
+
+def test_bad_arguments_say_what_to_do(data):
+    x, y = data
+    model = setup.make_model()
+    with pytest.raises(ValueError, match="compile"):
+        Simulation(keras.Sequential([keras.Input((6,)), keras.layers.Dense(2)]), 2)
+    with pytest.raises(ValueError, match="num_workers"):
+        Simulation(model, 0)
+    sim = Simulation(model, 2)
+    parts = keras_fda.partition.iid(len(x), 2)
+    with pytest.raises(ValueError, match="one index array per worker"):
+        sim.run(keras_fda.Synchronous(), x, y, parts[:1])
+    with pytest.raises(TypeError, match="SyncTrigger"):
+        sim.run("fda", x, y, parts)
+    with pytest.raises(ValueError, match="no samples"):
+        sim.run(keras_fda.Synchronous(), x, y, [parts[0], np.array([], int)])
