@@ -2,43 +2,51 @@
 
 Federated Dynamic Averaging (FDA) lets each worker train locally and averages
 the models only when their estimated variance crosses a threshold.
+
+The public names are imported lazily, so that `python -m keras_fda.launch`
+starts without loading TensorFlow in the launcher process.
 """
+
+import importlib
 
 __version__ = "0.1.0"
 
-try:
-    import tensorflow  # noqa: F401
-except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "keras_fda needs TensorFlow 2.21 and Keras 3. Install them with "
-        "`pip install keras-fda[cpu]` (or `[gpu]` for the CUDA build)."
-    ) from e
+_EXPORTS = {
+    "Cluster": "keras_fda.cluster",
+    "connect": "keras_fda.cluster",
+    "CommunicationStats": "keras_fda.accounting",
+    "FDACallback": "keras_fda.callback",
+    "VarianceEstimator": "keras_fda.estimators",
+    "NaiveEstimator": "keras_fda.estimators",
+    "LinearEstimator": "keras_fda.estimators",
+    "SketchEstimator": "keras_fda.estimators",
+    "ExactEstimator": "keras_fda.estimators",
+    "SyncTrigger": "keras_fda.triggers",
+    "FDA": "keras_fda.triggers",
+    "Synchronous": "keras_fda.triggers",
+    "Periodic": "keras_fda.triggers",
+    "Kamp": "keras_fda.triggers",
+}
 
-from keras_fda.accounting import CommunicationStats
-from keras_fda.callback import FDACallback
-from keras_fda.cluster import Cluster, connect
-from keras_fda.estimators import (
-    ExactEstimator,
-    LinearEstimator,
-    NaiveEstimator,
-    SketchEstimator,
-    VarianceEstimator,
-)
-from keras_fda.triggers import FDA, Kamp, Periodic, Synchronous, SyncTrigger
+__all__ = sorted(_EXPORTS)
 
-__all__ = [
-    "Cluster",
-    "CommunicationStats",
-    "ExactEstimator",
-    "FDA",
-    "FDACallback",
-    "Kamp",
-    "LinearEstimator",
-    "NaiveEstimator",
-    "Periodic",
-    "SketchEstimator",
-    "SyncTrigger",
-    "Synchronous",
-    "VarianceEstimator",
-    "connect",
-]
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'keras_fda' has no attribute {name!r}")
+    try:
+        module = importlib.import_module(_EXPORTS[name])
+    except ImportError as e:
+        if e.name and e.name.split(".")[0] in ("tensorflow", "keras"):
+            raise ImportError(
+                "keras_fda needs TensorFlow 2.21 and Keras 3.15. Install them with "
+                "`pip install keras-fda[cpu]` (or `keras-fda[gpu]` for the CUDA build)."
+            ) from e
+        raise
+    value = getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

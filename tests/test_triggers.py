@@ -1,0 +1,120 @@
+"""Triggers, accounting and the single-worker averager (no collectives involved)."""
+
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_fda import triggers
+from keras_fda.accounting import CommunicationStats
+from keras_fda.averager import WorkerAverager
+from keras_fda.transport import LocalTransport
+
+
+def test_fda_boundary_equal_does_not_sync_just_above_does():
+    trigger = triggers.FDA("naive", threshold=4.0)
+    assert not bool(trigger.should_sync(tf.constant(4.0), 1))
+    assert bool(trigger.should_sync(tf.constant(np.nextafter(np.float32(4.0), np.float32(5))), 1))
+
+
+def test_averager_boundary_on_real_drift():
+    """||u||^2 == threshold exactly does not sync; the next float above does."""
+    var = tf.Variable([0.0, 0.0])
+    averager = WorkerAverager(triggers.FDA("naive", threshold=4.0), LocalTransport(), [var])
+    var.assign([2.0, 0.0])  # ||u||^2 = 4.0 exactly in float32
+    value, synced = averager.step()
+    assert float(value) == 4.0 and not bool(synced)
+    var.assign([np.nextafter(np.float32(2.0), np.float32(3.0)), 0.0])
+    value, synced = averager.step()
+    assert float(value) > 4.0 and bool(synced)
+    assert int(averager.syncs.numpy()) == 1 and int(averager.steps_since_sync.numpy()) == 0
+
+
+@pytest.mark.parametrize("tau", [1, 3, 5])
+def test_periodic_syncs_every_tau_steps(tau):
+    var = tf.Variable([0.0])
+    averager = WorkerAverager(triggers.Periodic(tau), LocalTransport(), [var])
+    synced = [bool(averager.step()[1]) for _ in range(12)]
+    assert [i + 1 for i, s in enumerate(synced) if s] == list(range(tau, 13, tau))
+
+
+def test_synchronous_syncs_every_step_and_sends_no_state():
+    averager = WorkerAverager(triggers.Synchronous(), LocalTransport(), [tf.Variable([1.0])])
+    assert all(bool(averager.step()[1]) for _ in range(4))
+    assert averager.communication().state_bytes == 0
+
+
+def test_kamp_is_a_local_condition():
+    trigger = triggers.Kamp(threshold=1.0)
+    inside = trigger.local_state([tf.constant([1.0, 0.0])], [])
+    outside = trigger.local_state([tf.constant([1.0, 0.5])], [])
+    assert float(inside[0]) == 0.0 and float(outside[0]) == 1.0
+    # One violating worker out of four is enough.
+    mean = tf.reduce_mean(tf.stack([inside, inside, inside, outside]), 0)
+    assert bool(trigger.should_sync(trigger.statistic(mean, 1), 1))
+
+
+def test_finish_syncs_only_if_steps_remain():
+    var = tf.Variable([0.0])
+    averager = WorkerAverager(triggers.Periodic(2), LocalTransport(), [var])
+    averager.step()
+    assert bool(averager.finish())
+    assert not bool(averager.finish())
+
+
+def test_linear_round_state_follows_the_global_step():
+    var = tf.Variable([0.0, 0.0])
+    averager = WorkerAverager(triggers.FDA("linear", threshold=0.5), LocalTransport(), [var])
+    var.assign([3.0, 4.0])
+    assert bool(averager.step()[1])
+    np.testing.assert_allclose(averager.round_state[0].numpy(), [0.6, 0.8], rtol=1e-6)
+    np.testing.assert_array_equal(averager.reference[0].numpy(), [3.0, 4.0])
+
+
+def test_custom_policy_is_one_method():
+    class EveryOther(triggers.SyncTrigger):
+        def should_sync(self, statistic, steps_since_sync):
+            return steps_since_sync >= 2
+
+    averager = WorkerAverager(EveryOther(), LocalTransport(), [tf.Variable([0.0])])
+    assert [bool(averager.step()[1]) for _ in range(4)] == [False, True, False, True]
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, math.nan, math.inf, "1", True, None])
+def test_fda_rejects_bad_thresholds(bad):
+    with pytest.raises(ValueError, match="threshold"):
+        triggers.get("fda", threshold=bad)
+
+
+@pytest.mark.parametrize("bad", [0, 2.5, -3, True])
+def test_periodic_rejects_bad_tau(bad):
+    with pytest.raises(ValueError, match="tau"):
+        triggers.Periodic(bad)
+
+
+def test_get_names_and_errors():
+    assert isinstance(triggers.get("synchronous"), triggers.Synchronous)
+    assert triggers.get("periodic", tau=4).tau == 4
+    fda = triggers.get(threshold=2.0, variant="sketch")
+    assert fda.threshold == 2.0 and fda.estimator.name == "sketch" and fda.name == "fda-sketch"
+    with pytest.raises(ValueError, match="Unknown trigger 'gossip'"):
+        triggers.get("gossip")
+    with pytest.raises(ValueError, match="needs tau"):
+        triggers.get("periodic")
+
+
+def test_accounting_paper_formula_and_wire_bytes():
+    stats = CommunicationStats(num_workers=10, num_params=61706, state_bytes=8, steps=3188, syncs=9)
+    assert stats.paper_bytes == 10 * 2 * 10 * 4 * 61706 + 8 * 3188 * 10
+    assert stats.synchronous_paper_bytes == 3189 * 2 * 10 * 4 * 61706
+    per_worker = 2 * 9 / 10 * (10 * 4 * 61706 + 3188 * 8)
+    assert stats.wire_bytes_per_worker == pytest.approx(per_worker)
+    assert stats.wire_bytes == pytest.approx(10 * per_worker)
+    assert stats.savings == pytest.approx(stats.synchronous_paper_bytes / stats.paper_bytes)
+    assert "times more" in stats.summary()
+
+
+def test_accounting_single_worker_sends_nothing_on_the_wire():
+    stats = CommunicationStats(num_workers=1, num_params=100, state_bytes=8, steps=10, syncs=2)
+    assert stats.wire_bytes == 0
