@@ -1,0 +1,207 @@
+"""FDACallback across 2 and 3 real worker processes (TF collectives over gRPC on 127.0.0.1).
+
+Each configuration runs once (module-scoped fixtures) through the launcher;
+`tests/workers/fit_worker.py` records the weights before and after FDA acted on
+every step, and the tests check them against numpy.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import launch
+
+WORKER = "tests/workers/fit_worker.py"
+LINEAR_THRESHOLD = 0.05
+
+
+def run(tmp_path_factory, num_workers, *args):
+    out = tmp_path_factory.mktemp("run")
+    result = launch(num_workers, WORKER, "--out", out, *args)
+    assert result.returncode == 0, result.stdout[-4000:]
+    runs = [dict(np.load(out / f"worker{i}.npz")) for i in range(num_workers)]
+    for r in runs:
+        r["stats"] = json.loads(str(r["stats"]))
+        r["trainable_shapes"] = json.loads(str(r["trainable_shapes"]))
+    return runs
+
+
+@pytest.fixture(scope="module")
+def linear2(tmp_path_factory):
+    return run(tmp_path_factory, 2, "--variant", "linear", "--threshold", LINEAR_THRESHOLD)
+
+
+@pytest.fixture(scope="module")
+def exact3(tmp_path_factory):
+    return run(tmp_path_factory, 3, "--variant", "exact", "--threshold", 0.2)
+
+
+@pytest.fixture(scope="module")
+def sketch2(tmp_path_factory):
+    return run(tmp_path_factory, 2, "--variant", "sketch", "--threshold", 0.05)
+
+
+def sync_steps(r):
+    """Steps (0-based) after which FDA synchronized, from the logged counts."""
+    return np.flatnonzero(np.diff(np.concatenate([[0], r["syncs"]])) > 0)
+
+
+def assert_sync_structure(runs):
+    """Identical start, identical after each sync, different between syncs, identical end."""
+    first = runs[0]
+    synced = sync_steps(first)
+    assert 0 < len(synced) < len(first["syncs"]), "the run should sync sometimes, not always"
+    for other in runs[1:]:
+        np.testing.assert_array_equal(other["initial"], first["initial"])
+        np.testing.assert_array_equal(sync_steps(other), synced)
+        np.testing.assert_array_equal(other["statistic"], first["statistic"])
+        for t in range(len(first["syncs"])):
+            if t in synced:
+                np.testing.assert_array_equal(other["after"][t], first["after"][t])
+            else:
+                assert not np.array_equal(other["after"][t], first["after"][t]), t
+        np.testing.assert_array_equal(other["final"], first["final"])
+
+
+def assert_syncs_exactly_when_above_threshold(runs):
+    r = runs[0]
+    above = np.flatnonzero(r["statistic"] > r["threshold"])
+    np.testing.assert_array_equal(sync_steps(r), above)
+
+
+def numpy_statistics(runs, statistic_fn, initial_w0):
+    """Recomputes each step's statistic in numpy from the recorded weights.
+
+    `statistic_fn(drifts, w0, w_prev)` gets the K drifts (rows) before FDA
+    acted, the reference w0 and the previous reference; the reference moves to
+    the averaged weights after each logged sync.
+    """
+    synced = set(sync_steps(runs[0]))
+    w0, w_prev = initial_w0, initial_w0
+    values = []
+    for t in range(len(runs[0]["syncs"])):
+        drifts = np.stack([r["before_trainable"][t] for r in runs]).astype(np.float64) - w0
+        values.append(statistic_fn(drifts, w0, w_prev))
+        if t in synced:
+            w_prev, w0 = w0, runs[0]["after_trainable"][t].astype(np.float64)
+    return np.array(values)
+
+
+def test_two_workers_linear_sync_structure(linear2):
+    assert_sync_structure(linear2)
+
+
+def test_two_workers_linear_syncs_exactly_above_threshold(linear2):
+    assert_syncs_exactly_when_above_threshold(linear2)
+    assert (linear2[0]["threshold"] == LINEAR_THRESHOLD).all()
+
+
+def test_three_workers_exact_sync_structure_and_decisions(exact3):
+    assert_sync_structure(exact3)
+    assert_syncs_exactly_when_above_threshold(exact3)
+
+
+def test_three_workers_exact_statistic_equals_numpy_variance(exact3):
+    def variance(drifts, w0, w_prev):
+        return np.mean(np.sum((drifts - drifts.mean(0)) ** 2, axis=1))
+
+    expected = numpy_statistics(exact3, variance, exact3[0]["initial_trainable"])
+    np.testing.assert_allclose(exact3[0]["statistic"], expected, rtol=2e-3, atol=1e-6)
+
+
+def test_two_workers_linear_statistic_equals_numpy(linear2):
+    from keras_fda.estimators import LinearEstimator
+
+    shapes = linear2[0]["trainable_shapes"]
+    est = LinearEstimator(seed=0)
+    est.build(shapes)
+    xi = {"v": np.concatenate([np.ravel(x) for x in est.initial_round_state()])}
+
+    def linear(drifts, w0, w_prev):
+        step = w0 - w_prev
+        if np.any(step):
+            xi["v"] = step / np.linalg.norm(step)
+        s1 = np.mean(np.sum(drifts**2, axis=1))
+        return s1 - np.mean(drifts @ xi["v"]) ** 2
+
+    expected = numpy_statistics(linear2, linear, linear2[0]["initial_trainable"])
+    np.testing.assert_allclose(linear2[0]["statistic"], expected, rtol=2e-3, atol=1e-6)
+
+
+def test_two_workers_sketch_uses_same_hashes_and_tracks_variance(sketch2):
+    assert sketch2[0]["sketch_digest"] == sketch2[1]["sketch_digest"]
+    assert_sync_structure(sketch2)
+    assert_syncs_exactly_when_above_threshold(sketch2)
+
+    def variance(drifts, w0, w_prev):
+        return np.mean(np.sum((drifts - drifts.mean(0)) ** 2, axis=1))
+
+    def naive(drifts, w0, w_prev):
+        return np.mean(np.sum(drifts**2, axis=1))
+
+    initial = sketch2[0]["initial_trainable"]
+    exact = numpy_statistics(sketch2, variance, initial)
+    s1 = numpy_statistics(sketch2, naive, initial)
+    # sketch V = S1 - M/(1+eps): between the variance (minus AMS error) and S1.
+    stat = sketch2[0]["statistic"]
+    assert (stat <= s1 * (1 + 1e-4) + 1e-7).all()
+    assert (np.abs(stat - exact) <= 0.5 * (s1 - exact) + 1e-6).all()
+
+
+def test_communication_totals_follow_the_paper_formula(linear2):
+    stats = linear2[0]["stats"]
+    k, d, steps, syncs = 2, stats["num_params"], stats["steps"], stats["syncs"]
+    assert steps == len(linear2[0]["syncs"])
+    # The final sync at train end is counted on top of the logged in-training syncs.
+    assert syncs == linear2[0]["syncs"][-1] + 1
+    assert stats["paper_bytes"] == (syncs + 1) * 2 * k * 4 * d + 8 * steps * k
+    assert stats["wire_bytes"] == pytest.approx(2 * (k - 1) * ((syncs + 1) * 4 * d + 8 * steps))
+    assert linear2[0]["comm_bytes"][-1] == (syncs) * 2 * k * 4 * d + 8 * steps * k
+
+
+def test_synchronous_equals_numpy_averaging_every_step(tmp_path_factory):
+    lr, batch = 0.01, 16
+    runs = run(
+        tmp_path_factory, 2, "--trigger", "synchronous", "--model", "linear",
+        "--optimizer", "sgd", "--lr", lr, "--batch_size", batch, "--epochs", 1,
+    )
+    w = runs[0]["initial"].astype(np.float64)  # [kernel (6), bias (1)]
+    for t in range(len(runs[0]["syncs"])):
+        updated = []
+        for r in runs:
+            x = r["x"][t * batch : (t + 1) * batch].astype(np.float64)
+            y = r["y"][t * batch : (t + 1) * batch].astype(np.float64)
+            error = x @ w[:6, None] + w[6] - y  # Keras MSE: mean over the batch
+            grad = np.concatenate([(2 * x.T @ error / batch).ravel(), [2 * error.sum() / batch]])
+            updated.append(w - lr * grad)
+        w = np.mean(updated, axis=0)
+        for r in runs:
+            np.testing.assert_allclose(r["after"][t], w, rtol=1e-4, atol=1e-5)
+    assert runs[0]["syncs"].tolist() == list(range(1, len(runs[0]["syncs"]) + 1))
+    np.testing.assert_array_equal(runs[0]["final"], runs[1]["final"])
+
+
+def test_periodic_syncs_exactly_every_tau_steps(tmp_path_factory):
+    runs = run(tmp_path_factory, 2, "--trigger", "periodic", "--tau", 3)
+    steps = len(runs[0]["syncs"])
+    np.testing.assert_array_equal(sync_steps(runs[0]), np.arange(2, steps, 3))
+    assert_sync_structure(runs)
+
+
+def test_kamp_syncs_when_any_worker_drifts_past_threshold(tmp_path_factory):
+    threshold = 0.03
+    runs = run(tmp_path_factory, 2, "--trigger", "kamp", "--threshold", threshold)
+
+    def any_violation(drifts, w0, w_prev):
+        return float(np.mean(np.sum(drifts**2, axis=1) > threshold))
+
+    expected = numpy_statistics(runs, any_violation, runs[0]["initial_trainable"])
+    np.testing.assert_array_equal(sync_steps(runs[0]), np.flatnonzero(expected > 0))
+    assert_sync_structure(runs)
+
+
+def test_workers_with_different_step_counts_fail_clearly_without_hanging(tmp_path):
+    result = launch(2, WORKER, "--out", tmp_path, "--extra_rows_on_last", 32, "--threshold", 1.0)
+    assert result.returncode == 3, result.stdout[-3000:]
+    assert "Workers disagree on the number of steps per epoch: [8, 10]" in result.stdout

@@ -1,0 +1,151 @@
+"""A worker for the multi-process tests: trains with FDACallback and records everything.
+
+Started by `python -m keras_fda.launch --workers N tests/workers/fit_worker.py --out DIR ...`.
+Writes `DIR/worker{i}.npz` with this worker's data, the weights after each local
+step (before FDA acts), the weights after FDA acted, the logged statistic and
+sync count per step, the initial and final weights and the communication totals.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+
+import keras_fda
+
+cluster = keras_fda.connect(timeout_seconds=60)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--out", required=True)
+parser.add_argument("--trigger", default="fda")
+parser.add_argument("--variant", default="linear")
+parser.add_argument("--threshold", type=float, default=None)
+parser.add_argument("--tau", type=int, default=None)
+parser.add_argument("--model", choices=["mlp", "linear"], default="mlp")
+parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+parser.add_argument("--lr", type=float, default=0.01)
+parser.add_argument("--rows", type=int, default=128, help="samples on this worker")
+parser.add_argument("--extra_rows_on_last", type=int, default=0)
+parser.add_argument("--batch_size", type=int, default=16)
+parser.add_argument("--epochs", type=int, default=2)
+parser.add_argument("--steps_per_epoch", type=int, default=None)
+parser.add_argument("--repeat", action="store_true")
+args = parser.parse_args()
+
+
+def flat_weights(model, trainable_only=False):
+    weights = model.trainable_weights if trainable_only else model.weights
+    return np.concatenate([np.ravel(w.numpy()) for w in weights])
+
+
+class Recorder(keras.callbacks.Callback):
+    """Records flattened weights (and, after FDACallback, its logs) per step."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights, self.trainable, self.logs = [], [], []
+
+    def on_train_begin(self, logs=None):
+        self.initial = flat_weights(self.model)
+        self.initial_trainable = flat_weights(self.model, trainable_only=True)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.weights.append(flat_weights(self.model))
+        self.trainable.append(flat_weights(self.model, trainable_only=True))
+        self.logs.append(dict(logs))
+
+
+def sketch_digest(trigger):
+    """A fingerprint of the sketch's hash tables ('' for other estimators)."""
+    sketch = getattr(getattr(trigger, "estimator", None), "sketch", None)
+    if sketch is None:
+        return ""
+    ids = np.concatenate([i.numpy() for i in sketch._segment_ids])
+    return hashlib.sha256(ids.tobytes()).hexdigest()
+
+
+def main():
+    index, k = cluster.worker_index, cluster.num_workers
+    rows = args.rows + (args.extra_rows_on_last if index == k - 1 else 0)
+    rng = np.random.default_rng(100 + index)
+    # Worker-specific shift: non-IID data, so the workers' models drift apart.
+    x = (rng.standard_normal((rows, 6)) + index).astype("float32")
+    keras.utils.set_random_seed(7 + index)  # different inits: the broadcast must fix them
+    if args.model == "linear":
+        y = (x @ np.arange(1, 7, dtype="float32")[:, None] * (1 + index)).astype("float32")
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(1)])
+        loss = "mse"
+    else:
+        y = (x[:, 0] + x[:, 1] * (index - 0.5) > index).astype("int32")
+        model = keras.Sequential(
+            [
+                keras.Input((6,)),
+                keras.layers.Dense(16, activation="tanh"),
+                keras.layers.BatchNormalization(),
+                keras.layers.Dense(2),
+            ]
+        )
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    optimizer = (
+        keras.optimizers.Adam(args.lr)
+        if args.optimizer == "adam"
+        else keras.optimizers.SGD(args.lr)
+    )
+    model.compile(optimizer=optimizer, loss=loss)
+
+    data = tf.data.Dataset.from_tensor_slices((x, y))
+    if args.repeat:
+        data = data.repeat()
+    data = data.batch(args.batch_size)
+    fda = keras_fda.FDACallback(
+        threshold=args.threshold, variant=args.variant, trigger=args.trigger, tau=args.tau
+    )
+    before, after = Recorder(), Recorder()
+    try:
+        model.fit(
+            data,
+            epochs=args.epochs,
+            steps_per_epoch=args.steps_per_epoch,
+            callbacks=[before, fda, after],
+            verbose=0,
+        )
+    except ValueError as e:
+        print(f"ValueError: {e}")
+        raise SystemExit(3)
+
+    stats = fda.communication
+    np.savez(
+        os.path.join(args.out, f"worker{index}.npz"),
+        x=x,
+        y=y,
+        initial=after.initial,
+        initial_trainable=after.initial_trainable,
+        sketch_digest=sketch_digest(fda.trigger),
+        before=np.stack(before.weights),
+        after=np.stack(after.weights),
+        before_trainable=np.stack(before.trainable),
+        after_trainable=np.stack(after.trainable),
+        statistic=np.array([l["fda/variance"] for l in after.logs]),
+        syncs=np.array([l["fda/syncs"] for l in after.logs]),
+        threshold=np.array([l["fda/threshold"] for l in after.logs]),
+        comm_bytes=np.array([l["fda/comm_bytes"] for l in after.logs]),
+        final=flat_weights(model),
+        trainable_shapes=json.dumps([list(w.shape) for w in model.trainable_weights]),
+        stats=json.dumps(
+            dict(
+                paper_bytes=stats.paper_bytes,
+                wire_bytes=stats.wire_bytes,
+                syncs=stats.syncs,
+                steps=stats.steps,
+                num_params=stats.num_params,
+                state_bytes=stats.state_bytes,
+            )
+        ),
+    )
+
+
+main()
