@@ -20,6 +20,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from keras_fda import partition  # noqa: E402
+
 flags.DEFINE_enum("dataset", "digits", ["digits", "mnist", "femnist"], "Training data.")
 flags.DEFINE_string("data_path", None, "Path of femnist_subset.npz for --dataset=femnist.")
 flags.DEFINE_integer("epochs", 20, "Epochs (one epoch: the worker's share of the data once).")
@@ -66,20 +68,16 @@ def load_data():
     )
 
 
-def worker_share(y, groups, num_workers, index, sorted_fraction=0.5):
+def worker_share(y, groups, num_workers, index):
     """Indices of this worker's non-IID share of the training set.
 
-    FEMNIST: whole writers. Otherwise, as in the FDA paper, a fraction of the
-    data sorted by label is dealt out in contiguous pieces and the rest at random.
+    FEMNIST: whole writers. Otherwise, as in the FDA paper, half of the data is
+    sorted by label and dealt out in contiguous blocks, the rest at random.
+    Every worker computes the same split from the same seed and keeps its part.
     """
     if groups is not None:
-        return np.flatnonzero(groups % num_workers == index)
-    order = np.random.default_rng(0).permutation(len(y))
-    cut = int(sorted_fraction * len(y))
-    skewed = order[:cut][np.argsort(y[order[:cut]], kind="stable")]
-    return np.concatenate(
-        [np.array_split(skewed, num_workers)[index], np.array_split(order[cut:], num_workers)[index]]
-    )
+        return partition.by_writer(groups, num_workers, seed=0)[index]
+    return partition.sorted_by_label(y, num_workers, fraction=0.5, seed=0)[index]
 
 
 def make_model(input_shape, num_classes):

@@ -4,6 +4,7 @@ import math
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from keras_fda import cluster as cluster_lib
 from keras_fda import triggers as triggers_lib
@@ -112,7 +113,7 @@ class FDACallback(keras.callbacks.Callback):
                 f"FDACallback checks after every step and needs steps_per_execution=1 "
                 f"in model.compile(), got {model.steps_per_execution}."
             )
-        if model.distribute_strategy.num_replicas_in_sync > 1:
+        if isinstance(model.trainable_weights[0].value, tf.distribute.DistributedValues):
             raise ValueError(
                 "FDACallback needs a model built outside any tf.distribute strategy "
                 "scope (its weights must be local). Build the model without "

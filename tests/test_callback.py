@@ -1,0 +1,128 @@
+"""FDACallback and connect() in one process: logs, History/CSVLogger, and clear errors."""
+
+import csv
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_fda
+from keras_fda import cluster as cluster_lib
+from conftest import launch
+
+
+def compiled_model(**compile_kwargs):
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    model.compile(optimizer="adam", loss="mse", **compile_kwargs)
+    return model
+
+
+def data(rows=64):
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((rows, 4)).astype("float32"), rng.standard_normal((rows, 3))
+
+
+def test_logs_reach_history_and_csv_logger(tmp_path):
+    model = compiled_model()
+    x, y = data()
+    fda = keras_fda.FDACallback(threshold=1e-3, variant="naive")
+    path = tmp_path / "log.csv"
+    history = model.fit(
+        x, y, batch_size=16, epochs=2, verbose=0,
+        callbacks=[fda, keras.callbacks.CSVLogger(str(path))],
+    )
+    for key in ("fda/variance", "fda/threshold", "fda/syncs", "fda/comm_bytes"):
+        assert len(history.history[key]) == 2
+    assert history.history["fda/threshold"] == [1e-3, 1e-3]
+    rows = list(csv.DictReader(open(path)))
+    assert [float(r["fda/syncs"]) for r in rows] == history.history["fda/syncs"]
+    stats = fda.communication
+    assert stats.steps == 8 and stats.num_workers == 1
+    # One worker: a sync is the identity, but the decisions are still made.
+    assert stats.syncs >= 1
+
+
+def test_communication_before_fit_is_a_clear_error():
+    with pytest.raises(ValueError, match="has not been used in fit"):
+        keras_fda.FDACallback(threshold=1.0).communication
+
+
+def test_rejects_steps_per_execution_above_one():
+    model = compiled_model(steps_per_execution=2)
+    with pytest.raises(ValueError, match="steps_per_execution=1"):
+        model.fit(*data(), epochs=1, verbose=0, callbacks=[keras_fda.FDACallback(threshold=1.0)])
+
+
+def test_rejects_models_built_in_a_strategy_scope():
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    with strategy.scope():
+        model = compiled_model()
+    with pytest.raises(ValueError, match="outside any tf.distribute strategy"):
+        model.fit(*data(), epochs=1, verbose=0, callbacks=[keras_fda.FDACallback(threshold=1.0)])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(threshold=None), "needs a threshold"),
+        (dict(threshold=-1.0), "positive finite"),
+        (dict(threshold=1.0, variant="cubic"), "Unknown FDA variant"),
+        (dict(trigger="gossip"), "Unknown trigger"),
+        (dict(trigger="periodic"), "needs tau"),
+    ],
+)
+def test_bad_arguments_say_what_to_do(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        keras_fda.FDACallback(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"cluster": {"worker": ["a:1"]}}', "needs a 'cluster' and a 'task'"),
+        ('{"cluster": {"worker": []}, "task": {"type": "worker", "index": 0}}', "non-empty list"),
+        ('{"cluster": {"worker": ["a:1", "b:2"], "ps": ["c:3"]}, '
+         '"task": {"type": "worker", "index": 0}}', "'worker' tasks only"),
+        ('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 2}}',
+         r"index must be an integer in \[0, 2\)"),
+        ('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "chief", "index": 0}}',
+         "task.type must be 'worker'"),
+    ],
+)
+def test_malformed_tf_config_is_rejected(config, message):
+    with pytest.raises(ValueError, match=message):
+        cluster_lib.parse_tf_config(config)
+
+
+def test_callback_refuses_to_train_alone_when_tf_config_names_a_cluster(monkeypatch):
+    monkeypatch.setattr(cluster_lib, "_current", None)
+    monkeypatch.setenv(
+        "TF_CONFIG",
+        '{"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 0}}',
+    )
+    with pytest.raises(RuntimeError, match="keras_fda.connect\\(\\) was not called"):
+        keras_fda.FDACallback(threshold=1.0).cluster
+
+
+def test_connect_after_tensorflow_ran_ops_is_a_clear_error(tmp_path):
+    script = tmp_path / "late_connect.py"
+    script.write_text(
+        "import tensorflow as tf\n"
+        "tf.constant(1.0) + 1\n"
+        "import keras_fda\n"
+        "keras_fda.connect()\n"
+    )
+    result = launch(2, script, timeout=60)
+    assert result.returncode != 0
+    assert "must run before TensorFlow executes any op" in result.stdout
+
+
+def test_connect_without_tf_config_is_one_local_worker(monkeypatch):
+    monkeypatch.setattr(cluster_lib, "_current", None)
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    cluster = keras_fda.connect()
+    assert (cluster.num_workers, cluster.worker_index, cluster.is_chief) == (1, 0, True)
+    with pytest.raises(ValueError, match="timeout_seconds"):
+        keras_fda.connect(timeout_seconds=0)

@@ -1,0 +1,27 @@
+"""The README's quickstart, end to end through the launcher (small settings)."""
+
+import re
+
+from conftest import launch
+
+
+def test_quickstart_trains_and_reports_savings():
+    result = launch(2, "examples/quickstart.py", "--epochs=4", timeout=240)
+    assert result.returncode == 0, result.stdout[-4000:]
+    out = result.stdout
+    accuracy = float(re.search(r"\[worker 0\] test accuracy of the averaged model: ([\d.]+)", out)[1])
+    syncs, steps = map(int, re.search(r"syncs: (\d+) in (\d+) steps", out).groups())
+    sent, sync_sent, ratio = map(
+        float,
+        re.search(
+            r"FDA sent ([\d.]+) MB; synchronous averaging would have sent ([\d.]+) MB "
+            r"\(([\d.]+) times more\)",
+            out,
+        ).groups(),
+    )
+    assert accuracy > 0.6  # 10 classes: chance is 0.1
+    assert steps == 4 * (1437 // (32 * 2))
+    assert 0 < syncs < steps
+    assert sent < sync_sent and ratio > 1
+    # Only the chief prints the summary.
+    assert "[worker 1] test accuracy" not in out
