@@ -1,6 +1,8 @@
 """FDACallback and connect() in one process: logs, History/CSVLogger, and clear errors."""
 
 import csv
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -126,3 +128,13 @@ def test_connect_without_tf_config_is_one_local_worker(monkeypatch):
     assert (cluster.num_workers, cluster.worker_index, cluster.is_chief) == (1, 0, True)
     with pytest.raises(ValueError, match="timeout_seconds"):
         keras_fda.connect(timeout_seconds=0)
+
+
+def test_missing_tensorflow_gives_an_install_hint():
+    code = (
+        "import sys; sys.modules['tensorflow'] = None\n"
+        "import keras_fda\n"
+        "try:\n    keras_fda.FDACallback\nexcept ImportError as e:\n    print(e)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "pip install keras-fda[cpu]" in result.stdout

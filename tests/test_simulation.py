@@ -116,6 +116,19 @@ def test_batch_schedule_reads_each_partition_in_shuffled_passes():
     np.testing.assert_array_equal(order, batch_schedule(parts, 2, 5, seed=1))
 
 
+def test_benchmark_smoke_run_writes_table_csv_and_plot(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "benchmarks/comm_to_accuracy.py", "--preset=smoke",
+         f"--out_dir={tmp_path}", "--name=smoke"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = (tmp_path / "smoke.md").read_text()
+    assert "| target | synchronous |" in report and "efficiency" in report
+    assert (tmp_path / "smoke.png").stat().st_size > 0
+    assert (tmp_path / "smoke.csv").read_text().startswith("task,model,workers,family")
+
+
 def test_bad_arguments_say_what_to_do(data):
     x, y = data
     model = setup.make_model()
