@@ -1,6 +1,7 @@
 """`FDACallback`: Federated Dynamic Averaging for `model.fit` across worker processes."""
 
 import math
+import zlib
 
 import keras
 import numpy as np
@@ -120,8 +121,12 @@ class FDACallback(keras.callbacks.Callback):
                 "strategy.scope(), or use keras_fda.FDAStrategy for in-graph replicas."
             )
 
-    def _agree(self, num_params):
-        """Checks that all workers run the same number of steps and the same model."""
+    def _agree(self, variables):
+        """Checks that all workers run the same number of steps and the same model.
+
+        Runs before any training step, so a mismatch is a clear error on every
+        worker instead of a collective that hangs or mixes unrelated tensors.
+        """
         transport = self.cluster.transport
         steps = self.params.get("steps")
         if steps is None and transport.num_workers > 1:
@@ -130,19 +135,30 @@ class FDACallback(keras.callbacks.Callback):
                 "dataset has unknown length. Pass steps_per_epoch= to fit() (with a "
                 "repeated dataset) so all workers run the same number of steps."
             )
+        layout = repr([(tuple(v.shape), v.dtype.name) for v in variables])
         mine = np.array(
-            [-1 if steps is None else steps, self.params.get("epochs", 1), num_params],
+            [
+                -1 if steps is None else steps,
+                self.params.get("epochs", 1),
+                sum(int(np.prod(v.shape)) for v in variables),
+                zlib.crc32(layout.encode()),
+            ],
             np.int64,
         )
         everyone = transport.all_gather(mine).numpy()
-        for column, what in enumerate(["steps per epoch", "epochs", "averaged weights"]):
+        checks = [
+            ("the number of steps per epoch", "pass the same steps_per_epoch= to fit() with a repeated "
+             "dataset (dataset.repeat()) on every worker"),
+            ("the number of epochs", "pass the same epochs= to fit() on every worker"),
+            ("the number of averaged weights", "build the same model on every worker"),
+            ("the weight shapes and dtypes (layout fingerprint)", "build the same model, "
+             "with the same dtype policy, on every worker"),
+        ]
+        for column, (what, fix) in enumerate(checks):
             values = everyone[:, column]
             if (values != values[0]).any():
                 raise ValueError(
-                    f"Workers disagree on the number of {what}: {values.tolist()} "
-                    "(worker 0, 1, ...). Every worker must run the same model for the "
-                    "same epochs and steps_per_epoch; pass steps_per_epoch= to fit() "
-                    "with a repeated dataset (dataset.repeat()) on every worker."
+                    f"Workers disagree on {what}: {values.tolist()} (worker 0, 1, ...); {fix}."
                 )
 
     def on_train_begin(self, logs=None):
@@ -152,7 +168,7 @@ class FDACallback(keras.callbacks.Callback):
         if self.average_non_trainable:
             extra = [w.value for w in model.non_trainable_weights if w.dtype.startswith("float")]
         trainable = [w.value for w in model.trainable_weights]
-        self._agree(sum(int(np.prod(w.shape)) for w in trainable + extra))
+        self._agree(trainable + extra)
         self._averager = WorkerAverager(self.trigger, self.cluster.transport, trainable, extra)
         self._averager.broadcast()
 

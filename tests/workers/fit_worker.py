@@ -30,6 +30,8 @@ parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
 parser.add_argument("--lr", type=float, default=0.01)
 parser.add_argument("--rows", type=int, default=128, help="samples on this worker")
 parser.add_argument("--extra_rows_on_last", type=int, default=0)
+parser.add_argument("--hidden_on_last", type=int, default=16, help="hidden units, last worker")
+parser.add_argument("--dtype_on_last", default="float32", help="layer dtype, last worker")
 parser.add_argument("--batch_size", type=int, default=16)
 parser.add_argument("--epochs", type=int, default=2)
 parser.add_argument("--steps_per_epoch", type=int, default=None)
@@ -81,12 +83,14 @@ def main():
         loss = "mse"
     else:
         y = (x[:, 0] + x[:, 1] * (index - 0.5) > index).astype("int32")
+        last = index == k - 1
+        dtype = args.dtype_on_last if last else "float32"
         model = keras.Sequential(
             [
                 keras.Input((6,)),
-                keras.layers.Dense(16, activation="tanh"),
-                keras.layers.BatchNormalization(),
-                keras.layers.Dense(2),
+                keras.layers.Dense(args.hidden_on_last if last else 16, "tanh", dtype=dtype),
+                keras.layers.BatchNormalization(dtype=dtype),
+                keras.layers.Dense(2, dtype=dtype),
             ]
         )
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
