@@ -1,5 +1,6 @@
 """`FDACallback`: Federated Dynamic Averaging for `model.fit` across worker processes."""
 
+import contextlib
 import math
 import zlib
 
@@ -161,6 +162,23 @@ class FDACallback(keras.callbacks.Callback):
                     f"Workers disagree on {what}: {values.tolist()} (worker 0, 1, ...); {fix}."
                 )
 
+    @contextlib.contextmanager
+    def _collective(self, where):
+        """Turns TF's errors from a failed collective into one that says what happened."""
+        try:
+            yield
+        except cluster_lib.PEER_FAILURES as e:
+            transport = self.cluster.transport
+            step = int(self._averager.steps.numpy()) if self._averager else 0
+            first_line = str(e.message).strip().splitlines()[0] if e.message else type(e).__name__
+            raise cluster_lib.PeerFailureError(
+                f"Worker {transport.worker_index} of {transport.num_workers} could not complete "
+                f"the collective {where.format(step=step)}: {type(e).__name__}: {first_line}. Another worker "
+                "probably died, ran out of data or stopped early, or is unreachable. Check the "
+                "other workers' output; give every worker the same steps_per_epoch with a "
+                "repeated dataset."
+            ) from e
+
     def on_train_begin(self, logs=None):
         self._check_model()
         model = self.model
@@ -168,9 +186,10 @@ class FDACallback(keras.callbacks.Callback):
         if self.average_non_trainable:
             extra = [w.value for w in model.non_trainable_weights if w.dtype.startswith("float")]
         trainable = [w.value for w in model.trainable_weights]
-        self._agree(trainable + extra)
-        self._averager = WorkerAverager(self.trigger, self.cluster.transport, trainable, extra)
-        self._averager.broadcast()
+        with self._collective("at train begin"):
+            self._agree(trainable + extra)
+            self._averager = WorkerAverager(self.trigger, self.cluster.transport, trainable, extra)
+            self._averager.broadcast()
 
     def _write_logs(self, logs):
         if logs is None:
@@ -182,7 +201,8 @@ class FDACallback(keras.callbacks.Callback):
         logs["fda/comm_bytes"] = float(averager.communication().paper_bytes)
 
     def on_train_batch_end(self, batch, logs=None):
-        statistic, _ = self._averager.step()
+        with self._collective("after step {step}"):
+            statistic, _ = self._averager.step()
         self._last_statistic = float(statistic.numpy())
         self._write_logs(logs)
 
@@ -190,5 +210,6 @@ class FDACallback(keras.callbacks.Callback):
         self._write_logs(logs)
 
     def on_train_end(self, logs=None):
-        self._averager.finish()
+        with self._collective("of the final synchronization at train end"):
+            self._averager.finish()
         self._write_logs(logs)

@@ -19,6 +19,18 @@ DEFAULT_TIMEOUT_SECONDS = 300.0
 
 _current = None
 
+# What TF raises when a collective cannot complete because of another worker.
+PEER_FAILURES = (
+    tf.errors.UnavailableError,
+    tf.errors.DeadlineExceededError,
+    tf.errors.AbortedError,
+    tf.errors.CancelledError,
+)
+
+
+class PeerFailureError(RuntimeError):
+    """A collective with the other workers failed: a peer died, hung or stopped early."""
+
 
 class Cluster:
     """The workers this process trains with.

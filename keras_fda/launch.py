@@ -92,7 +92,8 @@ def _parse_args(argv):
     return args
 
 
-def _free_ports(n):
+def free_ports(n):
+    """`n` distinct free TCP ports on 127.0.0.1."""
     # All n sockets stay bound until every port is chosen, so the ports are
     # distinct. Another program could still grab one before the worker binds
     # it; that race is rare enough for a local launcher.
@@ -126,11 +127,22 @@ def _forward(pipe, prefix, lock):
     pipe.close()
 
 
-def _start(args, ports, index, lock):
+def worker_env(ports, index, base=None):
+    """The environment of worker `index` in a cluster on 127.0.0.1 `ports`.
+
+    Public so that tests and other tools can start workers exactly as the
+    launcher does: `TF_CONFIG` plus unbuffered output and quiet TF C++ logs.
+    """
     addresses = [f"127.0.0.1:{p}" for p in ports]
     tf_config = {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}}
-    env = dict(os.environ, TF_CONFIG=json.dumps(tf_config), PYTHONUNBUFFERED="1")
+    env = dict(os.environ if base is None else base)
+    env.update(TF_CONFIG=json.dumps(tf_config), PYTHONUNBUFFERED="1")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return env
+
+
+def _start(args, ports, index, lock):
+    env = worker_env(ports, index)
     proc = subprocess.Popen(
         [sys.executable, args.script, *args.args],
         env=env,
@@ -219,7 +231,7 @@ def main(argv=None):
     ports = (
         list(range(args.port_base, args.port_base + args.workers))
         if args.port_base is not None
-        else _free_ports(args.workers)
+        else free_ports(args.workers)
     )
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     # Signals only set a flag: the supervising loop then stops the workers,

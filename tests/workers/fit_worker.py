@@ -13,12 +13,6 @@ import os
 
 import keras_fda
 
-cluster = keras_fda.connect(timeout_seconds=60)
-
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
 parser.add_argument("--trigger", default="fda")
@@ -36,7 +30,16 @@ parser.add_argument("--batch_size", type=int, default=16)
 parser.add_argument("--epochs", type=int, default=2)
 parser.add_argument("--steps_per_epoch", type=int, default=None)
 parser.add_argument("--repeat", action="store_true")
+parser.add_argument("--collective_timeout", type=float, default=60)
+parser.add_argument("--pid_after_step", type=int, default=None,
+                    help="write DIR/pid{i} after this step (for tests that kill workers)")
 args = parser.parse_args()
+
+cluster = keras_fda.connect(timeout_seconds=args.collective_timeout)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 
 def flat_weights(model, trainable_only=False):
@@ -56,6 +59,9 @@ class Recorder(keras.callbacks.Callback):
         self.initial_trainable = flat_weights(self.model, trainable_only=True)
 
     def on_train_batch_end(self, batch, logs=None):
+        if len(self.logs) == args.pid_after_step:
+            with open(os.path.join(args.out, f"pid{cluster.worker_index}"), "w") as f:
+                f.write(str(os.getpid()))
         self.weights.append(flat_weights(self.model))
         self.trainable.append(flat_weights(self.model, trainable_only=True))
         self.logs.append(dict(logs))
