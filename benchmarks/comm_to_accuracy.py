@@ -1,0 +1,430 @@
+"""Communication to accuracy: bytes and steps each sync strategy needs to reach a target.
+
+Trains K simulated workers (`keras_fda.simulation.Simulation`) on the FEMNIST
+subset, whole writers per worker, with Adam and batch 32 per worker, under
+synchronous averaging, periodic averaging (a tau sweep), Kamp's local
+condition and FDA naive / linear / sketch (threshold sweeps given as c * d,
+d the number of model parameters). For each strategy it reports the bytes
+(the paper's formula) and steps to first reach target test accuracies of the
+averaged model; targets are what synchronous averaging reaches at fixed
+fractions of the run, so synchronous always reaches them.
+
+Outputs under --out_dir: NAME.md (tables, command, date, simulator efficiency),
+NAME.csv (every evaluation of every run) and NAME.png (accuracy vs bytes).
+
+    python benchmarks/comm_to_accuracy.py --preset=quick    # < 10 min on 2 cores
+    python benchmarks/comm_to_accuracy.py --preset=full     # hours
+"""
+
+import csv
+import dataclasses
+import datetime
+import math
+import os
+import pathlib
+import platform
+import shlex
+import sys
+import time
+
+from absl import app, flags
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+PRESETS = {
+    # Seconds: a test runs it. Few writers, 2 workers, a handful of steps.
+    "smoke": dict(
+        tasks=["digits"], models=["lenet5"], workers=[2], epochs=1, writers=20,
+        evaluations_per_epoch=2, taus=[4], kamp=[8e-5], fda={"linear": [4e-5]}, test_samples=500,
+    ),
+    "quick": dict(
+        tasks=["digits", "femnist62"], models=["lenet5"], workers=[10], epochs=3, writers=400,
+        evaluations_per_epoch=3, taus=[16, 64, 256], kamp=[1.6e-4],
+        fda={"naive": [1.6e-4], "linear": [4e-5, 1.6e-4, 6.4e-4], "sketch": [1.6e-4]},
+        test_samples=None,
+    ),
+    "full": dict(
+        tasks=["digits", "femnist62"], models=["lenet5", "cnn"], workers=[10, 40], epochs=8,
+        writers=400, evaluations_per_epoch=4, taus=[8, 32, 128, 512], kamp=[1.6e-4, 6.4e-4],
+        fda={
+            "naive": [1.6e-4, 6.4e-4],
+            "linear": [2e-5, 8e-5, 3.2e-4, 1.28e-3],
+            "sketch": [8e-5, 3.2e-4],
+        },
+        test_samples=None,
+    ),
+}  # fmt: skip
+
+flags.DEFINE_enum("preset", "quick", sorted(PRESETS), "Grid and run length.")
+flags.DEFINE_bool("quick", False, "Shorthand for --preset=quick.")
+flags.DEFINE_string(
+    "data_path", "../shared/data/femnist_subset.npz", "FEMNIST subset, relative to the repo root."
+)
+flags.DEFINE_string("out_dir", "benchmarks/results", "Output folder, relative to the repo root.")
+flags.DEFINE_string("name", None, "Output file stem; default comm_to_accuracy_<preset>.")
+flags.DEFINE_list("tasks", None, "Override: digits, femnist62.")
+flags.DEFINE_list("models", None, "Override: lenet5, cnn.")
+flags.DEFINE_list("workers", None, "Override: values of K.")
+flags.DEFINE_float("epochs", None, "Override: epochs per run.")
+flags.DEFINE_list(
+    "target_fractions", ["0.2", "0.35", "0.5"],
+    "Targets: the accuracy synchronous averaging reaches after these fractions of the run "
+    "(rounded down to 0.005), so that other strategies get 2x its steps and more.",
+)  # fmt: skip
+flags.DEFINE_integer("seed", 0, "Seed of partitions, data order and model initialization.")
+FLAGS = flags.FLAGS
+
+BATCH_SIZE = 32
+
+
+@dataclasses.dataclass
+class Run:
+    """One simulated run: a strategy with one parameter value, and its history."""
+
+    family: str
+    param: float
+    history: object
+
+    @property
+    def label(self):
+        if self.family == "synchronous":
+            return "synchronous"
+        if self.family == "periodic":
+            return f"periodic tau={int(self.param)}"
+        return f"{self.family} Theta={self.param:.3g}"
+
+
+def load_task(data, task, writers):
+    """(x, y, writer ids, x_test, y_test, classes) of a task, restricted to the first writers."""
+    import numpy as np
+
+    keep = data["writer_train"] < writers
+    keep_test = data["writer_test"] < writers
+    if task == "digits":
+        keep &= data["y_train"] < 10
+        keep_test &= data["y_test"] < 10
+    elif task != "femnist62":
+        raise ValueError(f"Unknown task {task!r}; use digits or femnist62.")
+
+    def images(x):
+        return (x[..., None] / np.float32(255)).astype(np.float32)
+
+    return (
+        images(data["x_train"][keep]),
+        data["y_train"][keep].astype(np.int32),
+        data["writer_train"][keep],
+        images(data["x_test"][keep_test]),
+        data["y_test"][keep_test].astype(np.int32),
+        10 if task == "digits" else 62,
+    )
+
+
+def strategies(preset, num_params):
+    """(family, param, trigger) for every run of the grid; thresholds are c * d."""
+    import keras_fda
+
+    yield "synchronous", 0.0, keras_fda.Synchronous()
+    for tau in preset["taus"]:
+        yield "periodic", float(tau), keras_fda.Periodic(tau)
+    for c in preset["kamp"]:
+        yield "kamp", c * num_params, keras_fda.Kamp(c * num_params)
+    for variant, grid in preset["fda"].items():
+        for c in grid:
+            yield f"fda-{variant}", c * num_params, keras_fda.FDA(variant, threshold=c * num_params)
+
+
+def plain_step_ms(model_name, classes, x, y, seed):
+    """Steady-state ms per step of one plain compiled model in model.fit, batch 32."""
+    import keras
+
+    import models
+
+    model = models.build(model_name, classes, seed)
+    times = []
+
+    class Clock(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            times.append(time.perf_counter())
+
+    n = BATCH_SIZE * 220
+    model.fit(x[:n], y[:n], batch_size=BATCH_SIZE, epochs=1, verbose=0, callbacks=[Clock()])
+    return 1e3 * (times[-1] - times[19]) / (len(times) - 20)
+
+
+def steady_ms_per_step(history):
+    """ms per step after the first evaluation period (which includes tracing)."""
+    ev = history.evaluations
+    if len(ev["step"]) < 3:
+        return math.nan
+    return 1e3 * (ev["seconds"][-1] - ev["seconds"][1]) / (ev["step"][-1] - ev["step"][1])
+
+
+def targets_from(sync, fractions):
+    """Accuracies synchronous averaging has reached at `fractions` of its run."""
+    import numpy as np
+
+    ev = sync.evaluations
+    best = np.maximum.accumulate(ev["accuracy"])
+    found = []
+    for f in fractions:
+        i = np.searchsorted(ev["step"], f * ev["step"][-1])
+        found.append(math.floor(best[min(i, len(best) - 1)] * 200) / 200)
+    return sorted(set(found))
+
+
+def best_runs(runs, target, max_steps):
+    """Per family, the run with fewest bytes to `target` (preferring <= max_steps)."""
+    best = {}
+    for run in runs:
+        hit = run.history.first_reaching("accuracy", target)
+        if hit is None:
+            continue
+        key = (hit["step"] > max_steps, hit["paper_bytes"])
+        if run.family not in best or key < best[run.family][0]:
+            best[run.family] = (key, run, hit)
+    return {family: (run, hit) for family, (_, run, hit) in best.items()}
+
+
+def fmt_bytes(b):
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if b >= scale:
+            return f"{b / scale:.3g} {unit}"
+    return f"{b:.0f} B"
+
+
+def _verdict(ok):
+    return "met" if ok else "MISSED"
+
+
+FAMILIES = ["synchronous", "periodic", "kamp", "fda-naive", "fda-linear", "fda-sketch"]
+
+
+def report_config(title, runs, targets, num_params, workers, efficiency):
+    """Markdown for one (task, model, K): targets table, final accuracies, goal checks."""
+    sync = next(r for r in runs if r.family == "synchronous")
+    lines = [f"### {title}", "", f"d = {num_params:,}, K = {workers}. {efficiency}", ""]
+    lines += [
+        "Bytes (paper formula) and steps to first reach each target; per sweep the run with "
+        "fewest bytes among those within 2x synchronous's steps (else any run that reached it).",
+        "",
+        "| target | " + " | ".join(FAMILIES) + " | sync / linear | best periodic / linear |",
+        "|---" * (len(FAMILIES) + 3) + "|",
+    ]
+    goals = []
+    for target in targets:
+        sync_hit = sync.history.first_reaching("accuracy", target)
+        best = best_runs(runs, target, 2 * sync_hit["step"])
+        cells = []
+        for family in FAMILIES:
+            if family not in best:
+                ran = any(r.family == family for r in runs)
+                cells.append("not reached" if ran else "-")
+                continue
+            run, hit = best[family]
+            param = "" if family == "synchronous" else f" ({run.label.split(' ', 1)[1]})"
+            cells.append(f"{fmt_bytes(hit['paper_bytes'])}, {hit['step']} st{param}")
+        ratios = ["-", "-"]
+        if "fda-linear" in best:
+            linear_run, linear = best["fda-linear"]
+            ratios[0] = f"{sync_hit['paper_bytes'] / linear['paper_bytes']:.1f}x"
+            periodic = best.get("periodic", (None, None))[1]
+            if periodic:
+                ratios[1] = f"{periodic['paper_bytes'] / linear['paper_bytes']:.1f}x"
+            vs_sync = sync_hit["paper_bytes"] >= 100 * linear["paper_bytes"]
+            vs_periodic = periodic and periodic["paper_bytes"] >= 10 * linear["paper_bytes"]
+            goals.append(
+                f"* target {target:.3f}: linear FDA sends {ratios[0]} fewer bytes than "
+                f"synchronous (goal >= 100x: {_verdict(vs_sync)}), "
+                f"{ratios[1]} fewer than the best periodic (goal >= 10x: {_verdict(vs_periodic)}), "
+                f"in {linear['step'] / sync_hit['step']:.2f}x synchronous's steps (goal <= 2x: "
+                f"{_verdict(linear['step'] <= 2 * sync_hit['step'])}); best Theta = "
+                f"{linear_run.param:.3g} = {linear_run.param / num_params:.2g} * d."
+            )  # fmt: skip
+        else:
+            goals.append(f"* target {target:.3f}: linear FDA did not reach it (goals MISSED).")
+        lines.append(f"| {target:.3f} | " + " | ".join(cells) + f" | {ratios[0]} | {ratios[1]} |")
+    lines += ["", "Goals (linear FDA):", "", *goals, ""]
+    lines += ["Final test accuracy and bytes of every run:", ""]
+    lines += ["| run | final accuracy | syncs | paper bytes | steps |", "|---|---|---|---|---|"]
+    for run in runs:
+        ev = run.history.evaluations
+        lines.append(
+            f"| {run.label} | {ev['accuracy'][-1]:.4f} | {ev['syncs'][-1]} | "
+            f"{fmt_bytes(ev['paper_bytes'][-1])} | {ev['step'][-1]} |"
+        )
+    return lines + [""]
+
+
+def _plot_rank(run, target):
+    """Fewest bytes to `target` first; runs that never reach it by final accuracy."""
+    hit = run.history.first_reaching("accuracy", target)
+    if hit is None:
+        return (1, -run.history.evaluations["accuracy"][-1])
+    return (0, hit["paper_bytes"])
+
+
+def plot(configs, path):
+    """Accuracy vs paper bytes (log x), one panel per config, one line per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(configs), figsize=(6 * len(configs), 4.5), squeeze=False)
+    for ax, (title, runs, targets) in zip(axes[0], configs):
+        for family in FAMILIES:
+            members = [r for r in runs if r.family == family]
+            if not members:
+                continue
+            run = min(members, key=lambda r: _plot_rank(r, targets[-1]))
+            ev = run.history.evaluations
+            ax.plot(ev["paper_bytes"], ev["accuracy"], marker=".", label=run.label)
+        for target in targets:
+            ax.axhline(target, color="gray", lw=0.5, ls=":")
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes sent (paper formula)")
+        ax.set_ylabel("test accuracy of the averaged model")
+        ax.set_title(title, fontsize=9)
+        ax.set_ylim(max(0.0, targets[0] - 0.25), min(1.0, targets[-1] + 0.1))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv):
+    del argv
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import numpy as np
+
+    import models
+    from keras_fda import partition
+    from keras_fda.simulation import Simulation
+
+    preset_name = "quick" if FLAGS.quick else FLAGS.preset
+    preset = dict(PRESETS[preset_name])
+    for key in ("tasks", "models"):
+        if getattr(FLAGS, key):
+            preset[key] = getattr(FLAGS, key)
+    if FLAGS.workers:
+        preset["workers"] = [int(k) for k in FLAGS.workers]
+    if FLAGS.epochs:
+        preset["epochs"] = FLAGS.epochs
+    fractions = [float(f) for f in FLAGS.target_fractions]
+    name = FLAGS.name or f"comm_to_accuracy_{preset_name}"
+    out_dir = ROOT / FLAGS.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data_path = ROOT / FLAGS.data_path
+    if not data_path.exists():
+        raise app.UsageError(
+            f"No data at {data_path}; pass --data_path (see shared/data/README.md)."
+        )
+    data = dict(np.load(data_path))
+
+    started = time.time()
+    argv = [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]
+    command = "python " + " ".join(shlex.quote(a) for a in argv)
+    md = [
+        f"# Communication to accuracy ({preset_name})",
+        "",
+        f"Command (from the repo root): `{command}`",
+        "",
+        f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared); "
+        "Keras simulator `keras_fda.simulation.Simulation`.",
+        "",
+        f"Adam (Keras defaults), batch {BATCH_SIZE} per worker, whole writers per worker "
+        "(`partition.by_writer`), accuracy of the averaged model on the task's test set, "
+        f"evaluated {preset['evaluations_per_epoch']} times per epoch. Bytes: the paper's formula "
+        "`(syncs + 1) * 2 * K * 4 * d + state_bytes * steps * K`. Targets: what synchronous "
+        f"averaging reaches after {', '.join(map(str, fractions))} of the run, rounded down "
+        "to 0.005.",
+        "",
+    ]
+    csv_rows = []
+    configs = []
+    efficiency_rows = []
+    for task in preset["tasks"]:
+        x, y, writers, x_test, y_test, classes = load_task(data, task, preset["writers"])
+        if preset["test_samples"]:
+            x_test, y_test = x_test[: preset["test_samples"]], y_test[: preset["test_samples"]]
+        for model_name in preset["models"]:
+            for workers in preset["workers"]:
+                model = models.build(model_name, classes, FLAGS.seed)
+                num_params = model.count_params()
+                plain = plain_step_ms(model_name, classes, x, y, FLAGS.seed)
+                sim = Simulation(model, workers)
+                parts = partition.by_writer(writers, workers, seed=FLAGS.seed)
+                runs = []
+                for family, param, trigger in strategies(preset, num_params):
+                    history = sim.run(
+                        trigger, x, y, parts, batch_size=BATCH_SIZE, epochs=preset["epochs"],
+                        evaluations_per_epoch=preset["evaluations_per_epoch"],
+                        validation_data=(x_test, y_test), seed=FLAGS.seed,
+                    )  # fmt: skip
+                    runs.append(Run(family, param, history))
+                    ev = history.evaluations
+                    print(
+                        f"[{time.time() - started:6.0f}s] {task} {model_name} K={workers} "
+                        f"{runs[-1].label}: acc {ev['accuracy'][-1]:.4f}, {ev['syncs'][-1]} syncs, "
+                        f"{steady_ms_per_step(history):.1f} ms/step",
+                        flush=True,
+                    )
+                    for i in range(len(ev["step"])):
+                        csv_rows.append(
+                            {"task": task, "model": model_name, "workers": workers,
+                             "family": family, "param": param,
+                             **{k: v[i].item() for k, v in ev.items()}}
+                        )  # fmt: skip
+                title = f"{task}, {model_name}, K={workers}"
+                sim_ms = {
+                    family: float(np.median([steady_ms_per_step(r.history) for r in members]))
+                    for family in FAMILIES
+                    if (members := [r for r in runs if r.family == family])
+                }
+                efficiency = (
+                    f"One plain compiled step (model.fit, batch {BATCH_SIZE}): {plain:.2f} ms. "
+                    f"Simulator step (all K workers, median over the sweep): synchronous "
+                    f"{sim_ms['synchronous']:.1f} ms, linear FDA "
+                    f"{sim_ms.get('fda-linear', math.nan):.1f} ms; efficiency K x plain / "
+                    f"simulator = {workers * plain / sim_ms['synchronous']:.2f} (synchronous), "
+                    f"{workers * plain / sim_ms.get('fda-linear', math.nan):.2f} (linear FDA); "
+                    f"goal >= {1 / 1.3:.2f}."
+                )
+                efficiency_rows.append((title, workers, plain, sim_ms))
+                targets = targets_from(runs[0].history, fractions)
+                md += report_config(title, runs, targets, num_params, workers, efficiency)
+                configs.append((title, runs, targets))
+                # Written after every config so that a long run leaves results as it goes.
+                write_outputs(out_dir / name, md, efficiency_rows, csv_rows, configs, started)
+    print(f"Wrote {out_dir / name}.md, .csv and .png in {time.time() - started:.0f} s.")
+
+
+def write_outputs(stem, md, efficiency_rows, csv_rows, configs, started):
+    """NAME.md (report so far + efficiency table), NAME.csv and NAME.png."""
+    md = md + [
+        "## Simulator efficiency",
+        "",
+        "Steady-state ms per step (tracing excluded), median over each sweep. Efficiency = "
+        "K x plain step / simulator step; the goal is a simulator step <= 1.3 K plain steps.",
+        "",
+        "| config | plain step ms | " + " | ".join(f"{f} ms" for f in FAMILIES)
+        + " | efficiency (sync) | efficiency (linear) |",
+        "|---" * (len(FAMILIES) + 4) + "|",
+    ]
+    for title, workers, plain, sim_ms in efficiency_rows:
+        cells = [f"{sim_ms[f]:.1f}" if f in sim_ms else "-" for f in FAMILIES]
+        ratios = [f"{workers * plain / sim_ms[f]:.2f}" if f in sim_ms else "-"
+                  for f in ("synchronous", "fda-linear")]  # fmt: skip
+        md.append(f"| {title} | {plain:.2f} | " + " | ".join(cells + ratios) + " |")
+    md += ["", f"Time so far: {time.time() - started:.0f} s.", ""]
+    stem.with_suffix(".md").write_text("\n".join(md))
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(csv_rows[0]))
+        writer.writeheader()
+        writer.writerows(csv_rows)
+    plot(configs, stem.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    app.run(main)
