@@ -7,7 +7,10 @@ Two figures are kept apart and always labelled:
   (each sync every worker uploads its model and downloads the average; the
   `+ 1` is the initial model broadcast, counted as in the authors' files).
 * **wire bytes**, what a ring all-reduce actually moves: each worker sends
-  `2 (K - 1) / K * payload` per all-reduce. Totals are over all workers.
+  `2 (K - 1) / K * payload` per all-reduce. Totals are over all workers, and
+  include the control float the real drivers add to every step's message
+  (`control_bytes`: the "still training" flag that keeps a worker that stops
+  early from hanging the others).
 """
 
 import dataclasses
@@ -23,6 +26,8 @@ class CommunicationStats:
         state_bytes: bytes each worker all-reduces per step to decide.
         steps: local steps taken (by each worker).
         syncs: synchronizations performed (the initial broadcast excluded).
+        control_bytes: bytes each worker adds to every step's message for
+            coordination (not part of the algorithm, so not in paper bytes).
     """
 
     num_workers: int
@@ -30,6 +35,7 @@ class CommunicationStats:
     state_bytes: int
     steps: int
     syncs: int
+    control_bytes: int = 0
 
     @property
     def model_bytes(self):
@@ -50,7 +56,8 @@ class CommunicationStats:
     def wire_bytes_per_worker(self):
         """Bytes one worker sends over a ring all-reduce, broadcast included."""
         k = self.num_workers
-        payload = (self.syncs + 1) * self.model_bytes + self.steps * self.state_bytes
+        per_step = self.state_bytes + self.control_bytes
+        payload = (self.syncs + 1) * self.model_bytes + self.steps * per_step
         return 2.0 * (k - 1) / k * payload
 
     @property

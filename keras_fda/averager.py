@@ -68,7 +68,14 @@ class WorkerAverager:
         self.steps_since_sync.assign(0)
 
     def _average(self):
-        self._assign_flat(self.transport.all_reduce(_flatten(self.averaged), "mean"))
+        """Averages across workers; returns False (and assigns nothing) on NaN/Inf."""
+        mean = self.transport.all_reduce(_flatten(self.averaged), "mean")
+        # Every worker sees the same mean, so all of them refuse it together.
+        finite = tf.reduce_all(tf.math.is_finite(mean))
+        return tf.cond(finite, lambda: self._adopt(mean), lambda: tf.constant(False))
+
+    def _adopt(self, mean):
+        self._assign_flat(mean)
         global_step = [v - r for v, r in zip(self.variables, self.reference)]
         next_round = self.trigger.next_round_state(
             [s.read_value() for s in self.round_state], global_step
@@ -81,30 +88,68 @@ class WorkerAverager:
         self.syncs.assign_add(1)
         return tf.constant(True)
 
+    def _exchange(self, local_state, active):
+        """All-reduces this worker's state with a trailing 'still training' flag.
+
+        The flag is the one float keras_fda adds to the trigger's state: a
+        worker that stops early sends 0 in place of a step's message, so the
+        others learn it from the collective they are already waiting in.
+        """
+        message = tf.concat([tf.cast(local_state, tf.float32), [active]], 0)
+        mean = self.transport.all_reduce(message, "mean")
+        return mean[:-1], mean[-1]
+
     @tf.function
     def step(self):
-        """Runs after one local step; returns `(statistic, synced)`."""
+        """Runs after one local step.
+
+        Returns:
+            A dict of scalar tensors: `statistic` (the trigger's monitored
+            value), `synced`, `peers_active` (False if another worker has
+            stopped: nothing was averaged and this worker must stop too) and
+            `healthy` (False if the statistic or the average was NaN/Inf:
+            nothing was averaged).
+        """
         self.steps.assign_add(1)
         steps_since_sync = self.steps_since_sync.assign_add(1)
-        mean_state = None
         if self.trigger.state_size:
             drift = [v - r for v, r in zip(self.variables, self.reference)]
             local = self.trigger.local_state(drift, [s.read_value() for s in self.round_state])
-            mean_state = self.transport.all_reduce(local, "mean")
-        statistic = self.trigger.statistic(mean_state, steps_since_sync)
+        else:
+            local = tf.zeros([0])
+        mean_state, active_fraction = self._exchange(local, 1.0)
+        # A mean of K ones is exactly 1.0 in float32.
+        peers_active = active_fraction >= 1.0
+        statistic = tf.cast(
+            self.trigger.statistic(mean_state if self.trigger.state_size else None, steps_since_sync),
+            tf.float32,
+        )
+        finite = tf.math.is_finite(statistic)
         # The predicate depends only on all-reduced values and the shared step
         # count, so every worker takes the same branch and joins its collective.
-        synced = tf.cond(
-            self.trigger.should_sync(statistic, steps_since_sync),
-            self._average,
-            lambda: tf.constant(False),
-        )
-        return tf.cast(statistic, tf.float32), synced
+        decided = self.trigger.should_sync(statistic, steps_since_sync) & peers_active & finite
+        synced = tf.cond(decided, self._average, lambda: tf.constant(False))
+        return {
+            "statistic": statistic,
+            "synced": synced,
+            "peers_active": peers_active,
+            "healthy": finite & (synced | ~decided),
+        }
 
     @tf.function
-    def finish(self):
-        """Averages once more unless the last step already did; returns whether it did."""
-        return tf.cond(self.steps_since_sync > 0, self._average, lambda: tf.constant(False))
+    def stop(self):
+        """Tells the other workers that this one stopped; returns True if any still trains.
+
+        Pairs with the others' next `step` (or their own `stop`): the message
+        has the same shape, with the 'still training' flag at 0.
+        """
+        _, active_fraction = self._exchange(tf.zeros([self.trigger.state_size]), 0.0)
+        return active_fraction > 0.0
+
+    @tf.function
+    def finish(self, force):
+        """Averages once more if `force` or steps remain since the last sync."""
+        return tf.cond(force | (self.steps_since_sync > 0), self._average, lambda: tf.constant(False))
 
     def communication(self):
         """The `CommunicationStats` of the steps and syncs so far."""
@@ -114,4 +159,5 @@ class WorkerAverager:
             state_bytes=self.trigger.state_bytes,
             steps=int(self.steps.numpy()),
             syncs=int(self.syncs.numpy()),
+            control_bytes=4,
         )

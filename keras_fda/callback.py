@@ -7,6 +7,7 @@ import zlib
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from keras_fda import cluster as cluster_lib
 from keras_fda import triggers as triggers_lib
@@ -88,6 +89,7 @@ class FDACallback(keras.callbacks.Callback):
         self._cluster = cluster
         self._averager = None
         self._last_statistic = math.nan
+        self._peer_stopped = False
 
     @property
     def cluster(self):
@@ -190,6 +192,7 @@ class FDACallback(keras.callbacks.Callback):
             self._agree(trainable + extra)
             self._averager = WorkerAverager(self.trigger, self.cluster.transport, trainable, extra)
             self._averager.broadcast()
+        self._peer_stopped = False
 
     def _write_logs(self, logs):
         if logs is None:
@@ -202,8 +205,28 @@ class FDACallback(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         with self._collective("after step {step}"):
-            statistic, _ = self._averager.step()
-        self._last_statistic = float(statistic.numpy())
+            result = self._averager.step()
+        self._last_statistic = float(result["statistic"])
+        if not bool(result["healthy"]):
+            what = (
+                "average of the workers' weights"
+                if math.isfinite(self._last_statistic)
+                else f"{self.trigger.name} statistic (fda/variance)"
+            )
+            raise FloatingPointError(
+                f"FDA stopped training at step {int(self._averager.steps.numpy())}: the "
+                f"{what} is NaN or Inf, so nothing was averaged. A worker's training "
+                "diverged: lower the learning rate, clip gradients, or check its data."
+            )
+        if not bool(result["peers_active"]) and not self._peer_stopped:
+            self._peer_stopped = True
+            # Another worker ended fit (its data ran out, or a callback such as
+            # EarlyStopping stopped it); going on alone would leave it out.
+            self.model.stop_training = True
+            logging.warning(
+                "keras_fda: another worker stopped training; stopping this worker "
+                "after step %d and synchronizing.", int(self._averager.steps.numpy())
+            )
         self._write_logs(logs)
 
     def on_epoch_end(self, epoch, logs=None):
@@ -211,5 +234,8 @@ class FDACallback(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         with self._collective("of the final synchronization at train end"):
-            self._averager.finish()
+            # A worker that already saw a peer stop must not announce its own
+            # stop: the others are no longer stepping and would not answer it.
+            early = self._peer_stopped or bool(self._averager.stop())
+            self._averager.finish(early)
         self._write_logs(logs)

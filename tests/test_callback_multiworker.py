@@ -156,7 +156,8 @@ def test_communication_totals_follow_the_paper_formula(linear2):
     # The final sync at train end is counted on top of the logged in-training syncs.
     assert syncs == linear2[0]["syncs"][-1] + 1
     assert stats["paper_bytes"] == (syncs + 1) * 2 * k * 4 * d + 8 * steps * k
-    assert stats["wire_bytes"] == pytest.approx(2 * (k - 1) * ((syncs + 1) * 4 * d + 8 * steps))
+    # On the wire each step's message also carries the 4-byte "still training" flag.
+    assert stats["wire_bytes"] == pytest.approx(2 * (k - 1) * ((syncs + 1) * 4 * d + 12 * steps))
     assert linear2[0]["comm_bytes"][-1] == (syncs) * 2 * k * 4 * d + 8 * steps * k
 
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from conftest import REPO, launch
@@ -96,3 +97,44 @@ def test_the_launcher_names_the_worker_that_died_and_stops_the_rest(tmp_path):
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
         launcher.wait(timeout=30)
+
+
+def load(out, index):
+    return dict(np.load(out / f"worker{index}.npz"))
+
+
+@pytest.mark.parametrize(
+    "args, steps_of_last",
+    [
+        # A finite dataset shorter than steps_per_epoch: Keras ends each of the
+        # last worker's epochs after 6 of 8 steps ("ran out of data").
+        (["--steps_per_epoch", 8, "--extra_rows_on_last", -32], 12),
+        # A callback (as EarlyStopping would) stops the last worker mid-epoch.
+        (["--steps_per_epoch", 8, "--repeat", "--stop_at_step_on_last", 5], 5),
+    ],
+)
+def test_a_worker_that_stops_early_stops_everyone_with_identical_weights(
+    tmp_path, args, steps_of_last
+):
+    result = launch(2, WORKER, "--out", tmp_path, "--threshold", 0.05, *args, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:]
+    first, last = load(tmp_path, 0), load(tmp_path, 1)
+    assert len(last["syncs"]) == steps_of_last
+    # The other worker learns of the stop in its next step's collective.
+    assert len(first["syncs"]) == steps_of_last + 1
+    assert "[worker 0] " in result.stdout and "another worker stopped training" in result.stdout
+    np.testing.assert_array_equal(first["final"], last["final"])
+
+
+def test_nan_on_one_worker_is_an_error_naming_the_step_on_every_worker(tmp_path):
+    result = launch(
+        2, WORKER, "--out", tmp_path, "--threshold", 0.05, "--nan_at_step_on_last", 3, timeout=120
+    )
+    assert result.returncode == 4, result.stdout[-3000:]
+    for worker in (0, 1):
+        assert (
+            f"[worker {worker}] FloatingPointError: FDA stopped training at step 3: the "
+            "fda-linear statistic (fda/variance) is NaN or Inf, so nothing was averaged"
+        ) in result.stdout
+    healthy = np.load(tmp_path / "nan_final0.npy")
+    assert np.isfinite(healthy).all()

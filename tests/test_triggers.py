@@ -23,11 +23,11 @@ def test_averager_boundary_on_real_drift():
     var = tf.Variable([0.0, 0.0])
     averager = WorkerAverager(triggers.FDA("naive", threshold=4.0), LocalTransport(), [var])
     var.assign([2.0, 0.0])  # ||u||^2 = 4.0 exactly in float32
-    value, synced = averager.step()
-    assert float(value) == 4.0 and not bool(synced)
+    result = averager.step()
+    assert float(result["statistic"]) == 4.0 and not bool(result["synced"])
     var.assign([np.nextafter(np.float32(2.0), np.float32(3.0)), 0.0])
-    value, synced = averager.step()
-    assert float(value) > 4.0 and bool(synced)
+    result = averager.step()
+    assert float(result["statistic"]) > 4.0 and bool(result["synced"])
     assert int(averager.syncs.numpy()) == 1 and int(averager.steps_since_sync.numpy()) == 0
 
 
@@ -35,13 +35,13 @@ def test_averager_boundary_on_real_drift():
 def test_periodic_syncs_every_tau_steps(tau):
     var = tf.Variable([0.0])
     averager = WorkerAverager(triggers.Periodic(tau), LocalTransport(), [var])
-    synced = [bool(averager.step()[1]) for _ in range(12)]
+    synced = [bool(averager.step()["synced"]) for _ in range(12)]
     assert [i + 1 for i, s in enumerate(synced) if s] == list(range(tau, 13, tau))
 
 
 def test_synchronous_syncs_every_step_and_sends_no_state():
     averager = WorkerAverager(triggers.Synchronous(), LocalTransport(), [tf.Variable([1.0])])
-    assert all(bool(averager.step()[1]) for _ in range(4))
+    assert all(bool(averager.step()["synced"]) for _ in range(4))
     assert averager.communication().state_bytes == 0
 
 
@@ -59,15 +59,16 @@ def test_finish_syncs_only_if_steps_remain():
     var = tf.Variable([0.0])
     averager = WorkerAverager(triggers.Periodic(2), LocalTransport(), [var])
     averager.step()
-    assert bool(averager.finish())
-    assert not bool(averager.finish())
+    assert bool(averager.finish(False))
+    assert not bool(averager.finish(False))
+    assert bool(averager.finish(True))
 
 
 def test_linear_round_state_follows_the_global_step():
     var = tf.Variable([0.0, 0.0])
     averager = WorkerAverager(triggers.FDA("linear", threshold=0.5), LocalTransport(), [var])
     var.assign([3.0, 4.0])
-    assert bool(averager.step()[1])
+    assert bool(averager.step()["synced"])
     np.testing.assert_allclose(averager.round_state[0].numpy(), [0.6, 0.8], rtol=1e-6)
     np.testing.assert_array_equal(averager.reference[0].numpy(), [3.0, 4.0])
 
@@ -78,7 +79,7 @@ def test_custom_policy_is_one_method():
             return steps_since_sync >= 2
 
     averager = WorkerAverager(EveryOther(), LocalTransport(), [tf.Variable([0.0])])
-    assert [bool(averager.step()[1]) for _ in range(4)] == [False, True, False, True]
+    assert [bool(averager.step()["synced"]) for _ in range(4)] == [False, True, False, True]
 
 
 @pytest.mark.parametrize("bad", [0, -1.0, math.nan, math.inf, "1", True, None])
@@ -118,3 +119,29 @@ def test_accounting_paper_formula_and_wire_bytes():
 def test_accounting_single_worker_sends_nothing_on_the_wire():
     stats = CommunicationStats(num_workers=1, num_params=100, state_bytes=8, steps=10, syncs=2)
     assert stats.wire_bytes == 0
+
+
+def test_nan_drift_is_reported_and_never_averaged():
+    var = tf.Variable([0.0, 0.0])
+    averager = WorkerAverager(triggers.FDA("linear", threshold=1.0), LocalTransport(), [var])
+    var.assign([np.nan, 1.0])
+    result = averager.step()
+    assert not bool(result["healthy"]) and not bool(result["synced"])
+    np.testing.assert_array_equal(averager.reference[0].numpy(), [0.0, 0.0])
+
+
+def test_nan_weights_are_never_adopted_by_a_sync():
+    var = tf.Variable([0.0, 0.0])
+    averager = WorkerAverager(triggers.Synchronous(), LocalTransport(), [var])
+    var.assign([np.inf, 1.0])
+    result = averager.step()
+    assert not bool(result["healthy"]) and not bool(result["synced"])
+    assert int(averager.syncs.numpy()) == 0
+    np.testing.assert_array_equal(averager.reference[0].numpy(), [0.0, 0.0])
+
+
+def test_a_stopped_peer_is_seen_and_nothing_is_averaged():
+    """With one worker, `stop` reports nobody else training; `step` is active."""
+    averager = WorkerAverager(triggers.Synchronous(), LocalTransport(), [tf.Variable([1.0])])
+    assert bool(averager.step()["peers_active"])
+    assert not bool(averager.stop())

@@ -30,6 +30,10 @@ parser.add_argument("--batch_size", type=int, default=16)
 parser.add_argument("--epochs", type=int, default=2)
 parser.add_argument("--steps_per_epoch", type=int, default=None)
 parser.add_argument("--repeat", action="store_true")
+parser.add_argument("--stop_at_step_on_last", type=int, default=None,
+                    help="the last worker stops training after this step (like EarlyStopping)")
+parser.add_argument("--nan_at_step_on_last", type=int, default=None,
+                    help="the last worker's first weight becomes NaN at this step")
 parser.add_argument("--collective_timeout", type=float, default=60)
 parser.add_argument("--pid_after_step", type=int, default=None,
                     help="write DIR/pid{i} after this step (for tests that kill workers)")
@@ -65,6 +69,22 @@ class Recorder(keras.callbacks.Callback):
         self.weights.append(flat_weights(self.model))
         self.trainable.append(flat_weights(self.model, trainable_only=True))
         self.logs.append(dict(logs))
+
+
+class Sabotage(keras.callbacks.Callback):
+    """On the last worker: stops training early or poisons a weight (fault tests)."""
+
+    def __init__(self):
+        super().__init__()
+        self.step = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        if self.step == args.stop_at_step_on_last:
+            self.model.stop_training = True
+        if self.step == args.nan_at_step_on_last:
+            kernel = self.model.trainable_weights[0]
+            kernel.assign(tf.tensor_scatter_nd_update(kernel.value, [[0, 0]], [np.nan]))
 
 
 def sketch_digest(trigger):
@@ -115,17 +135,24 @@ def main():
         threshold=args.threshold, variant=args.variant, trigger=args.trigger, tau=args.tau
     )
     before, after = Recorder(), Recorder()
+    callbacks = [before, fda, after]
+    if index == k - 1:
+        callbacks.insert(0, Sabotage())
     try:
         model.fit(
             data,
             epochs=args.epochs,
             steps_per_epoch=args.steps_per_epoch,
-            callbacks=[before, fda, after],
+            callbacks=callbacks,
             verbose=0,
         )
     except ValueError as e:
         print(f"ValueError: {e}")
         raise SystemExit(3)
+    except FloatingPointError as e:
+        print(f"FloatingPointError: {e}")
+        np.save(os.path.join(args.out, f"nan_final{index}.npy"), flat_weights(model))
+        raise SystemExit(4)
 
     stats = fda.communication
     np.savez(
