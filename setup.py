@@ -24,7 +24,9 @@ setup(
         "cpu": ["tensorflow-cpu>=2.21,<2.22"],
         "gpu": ["tensorflow[and-cuda]>=2.21,<2.22"],
         "examples": ["scikit-learn>=1.3", "matplotlib>=3.7"],
-        "test": ["pytest>=8", "scikit-learn>=1.3", "tensorboard>=2.21,<2.22"],
+        "test": ["pytest>=8", "scikit-learn>=1.3", "tensorboard>=2.21,<2.22",
+                 # The TensorBoard dashboard's browser test (issue 5), with Debian's chromium.
+                 "selenium>=4.10"],
     },
     entry_points={"console_scripts": ["keras-fda-launch=keras_fda.launch:main"]},
     classifiers=[
