@@ -51,6 +51,10 @@ class WorkerAverager:
         )
         self.num_params = sum(int(v.shape.num_elements()) for v in self.averaged)
 
+    def state_variables(self):
+        """Every variable of the averaging state, for checkpoints (fixed order)."""
+        return [*self.reference, *self.round_state, self.steps, self.syncs, self.steps_since_sync]
+
     def _assign_flat(self, flat):
         sizes = [int(v.shape.num_elements()) for v in self.averaged]
         for v, part in zip(self.averaged, tf.split(flat, sizes)):

@@ -14,6 +14,36 @@ from keras_fda import triggers as triggers_lib
 from keras_fda.averager import WorkerAverager
 
 
+class _CheckpointedState(keras.layers.Layer):
+    """Carries `WorkerAverager.state_variables()` in the model's weight files.
+
+    Restoring sets `restored`: each worker then resumes from its own saved
+    weights and FDA state instead of taking worker 0's weights.
+    """
+
+    def __init__(self, variables):
+        super().__init__(name="fda_state", trainable=False)
+        # A plain attribute would be tracked as Keras weights; these are tf.Variables.
+        object.__setattr__(self, "_state", list(variables))
+        self.restored = False
+        self.built = True
+
+    def save_own_variables(self, store):
+        for i, variable in enumerate(self._state):
+            store[str(i)] = variable.numpy()
+
+    def load_own_variables(self, store):
+        if len(store.keys()) != len(self._state):
+            raise ValueError(
+                f"The checkpoint's FDA state has {len(store.keys())} variables, this "
+                f"FDACallback has {len(self._state)}: it was saved with another model "
+                "or trigger. Use a fresh backup directory."
+            )
+        for i, variable in enumerate(self._state):
+            variable.assign(store[str(i)])
+        self.restored = True
+
+
 class FDACallback(keras.callbacks.Callback):
     """Averages the workers' models when they drift apart (or on another trigger).
 
@@ -88,6 +118,8 @@ class FDACallback(keras.callbacks.Callback):
         self.average_non_trainable = bool(average_non_trainable)
         self._cluster = cluster
         self._averager = None
+        self._checkpoint = None
+        self._started = False
         self._last_statistic = math.nan
         self._peer_stopped = False
 
@@ -124,7 +156,7 @@ class FDACallback(keras.callbacks.Callback):
                 "strategy.scope(), or use keras_fda.FDAStrategy for in-graph replicas."
             )
 
-    def _agree(self, variables):
+    def _agree(self, variables, restored):
         """Checks that all workers run the same number of steps and the same model.
 
         Runs before any training step, so a mismatch is a clear error on every
@@ -145,6 +177,7 @@ class FDACallback(keras.callbacks.Callback):
                 self.params.get("epochs", 1),
                 sum(int(np.prod(v.shape)) for v in variables),
                 zlib.crc32(layout.encode()),
+                int(self._averager.steps.numpy()) if restored else -1,
             ],
             np.int64,
         )
@@ -156,6 +189,8 @@ class FDACallback(keras.callbacks.Callback):
             ("the number of averaged weights", "build the same model on every worker"),
             ("the weight shapes and dtypes (layout fingerprint)", "build the same model, "
              "with the same dtype policy, on every worker"),
+            ("the step they resumed from (-1: not resumed)", "give each worker its own "
+             "BackupAndRestore directory and restart all workers of the run together"),
         ]
         for column, (what, fix) in enumerate(checks):
             values = everyone[:, column]
@@ -181,18 +216,38 @@ class FDACallback(keras.callbacks.Callback):
                 "repeated dataset."
             ) from e
 
-    def on_train_begin(self, logs=None):
-        self._check_model()
-        model = self.model
+    def set_model(self, model):
+        super().set_model(model)
+        if not model.built:
+            return
         extra = []
         if self.average_non_trainable:
             extra = [w.value for w in model.non_trainable_weights if w.dtype.startswith("float")]
         trainable = [w.value for w in model.trainable_weights]
-        with self._collective("at train begin"):
-            self._agree(trainable + extra)
-            self._averager = WorkerAverager(self.trigger, self.cluster.transport, trainable, extra)
-            self._averager.broadcast()
+        self._averager = WorkerAverager(self.trigger, self.cluster.transport, trainable, extra)
+        self._checkpoint = _CheckpointedState(self._averager.state_variables())
+        # Found by Keras' weight saving (which walks the model's attributes), so
+        # BackupAndRestore and ModelCheckpoint carry the FDA state with the
+        # model. Set without Keras' layer tracking: the model's layers and
+        # weights stay exactly what the user built.
+        object.__setattr__(model, "_fda_state", self._checkpoint)
+        self._started = False
+
+    def on_train_begin(self, logs=None):
+        self._check_model()
         self._peer_stopped = False
+
+    def on_train_batch_begin(self, batch, logs=None):
+        # Deferred to the first step so that every callback's on_train_begin
+        # has run, BackupAndRestore's restore included, whatever the order.
+        if self._started:
+            return
+        restored = self._checkpoint.restored
+        with self._collective("at train begin"):
+            self._agree(self._averager.averaged, restored)
+            if not restored:
+                self._averager.broadcast()
+        self._started = True
 
     def _write_logs(self, logs):
         if logs is None:

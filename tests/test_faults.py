@@ -1,5 +1,6 @@
 """Faults across real worker processes: each must end in a clear error, never a hang."""
 
+import json
 import os
 import signal
 import subprocess
@@ -138,3 +139,48 @@ def test_nan_on_one_worker_is_an_error_naming_the_step_on_every_worker(tmp_path)
         ) in result.stdout
     healthy = np.load(tmp_path / "nan_final0.npy")
     assert np.isfinite(healthy).all()
+
+
+def test_restart_with_backup_and_restore_resumes_the_same_run(tmp_path):
+    """Kill all workers mid-epoch 3, restart: same syncs and final weights as no kill.
+
+    BackupAndRestore saves at epoch ends; with a dataset in fixed order the
+    resumed run redoes epoch 3 on the same batches, from the saved weights,
+    optimizer state and FDA state (reference weights, direction, counters).
+    """
+    common = ["--threshold", 0.05, "--epochs", 4]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    for d in (straight, resumed):
+        d.mkdir()
+    result = launch(2, WORKER, "--out", straight, "--backup_dir", straight / "b", *common)
+    assert result.returncode == 0, result.stdout[-3000:]
+
+    command = [
+        sys.executable, "-m", "keras_fda.launch", "--workers", "2", "--timeout", "150", WORKER,
+        "--out", resumed, "--backup_dir", resumed / "b", "--pause_after_step", 20, *common,
+    ]
+    first = subprocess.Popen(
+        list(map(str, command)), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True,
+    )
+    try:
+        pids = [wait_for_file(resumed / f"pid{i}", [first]) for i in range(2)]
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+    assert first.returncode != 0
+    assert (resumed / "b" / "worker0").exists()
+
+    result = launch(2, WORKER, "--out", resumed, "--backup_dir", resumed / "b", *common)
+    assert result.returncode == 0, result.stdout[-3000:]
+    for i in range(2):
+        a, b = load(straight, i), load(resumed, i)
+        assert len(b["syncs"]) == 16  # epochs 3 and 4 only
+        np.testing.assert_array_equal(b["syncs"], a["syncs"][16:])
+        np.testing.assert_allclose(b["statistic"], a["statistic"][16:], rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(b["final"], a["final"], rtol=1e-5, atol=1e-6)
+        assert json.loads(str(b["stats"])) == json.loads(str(a["stats"]))

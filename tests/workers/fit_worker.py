@@ -10,6 +10,7 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 
 import keras_fda
 
@@ -34,6 +35,10 @@ parser.add_argument("--stop_at_step_on_last", type=int, default=None,
                     help="the last worker stops training after this step (like EarlyStopping)")
 parser.add_argument("--nan_at_step_on_last", type=int, default=None,
                     help="the last worker's first weight becomes NaN at this step")
+parser.add_argument("--backup_dir", default=None,
+                    help="use keras.callbacks.BackupAndRestore in DIR/worker{i}")
+parser.add_argument("--pause_after_step", type=int, default=None,
+                    help="write DIR/pid{i} after this step and wait to be killed")
 parser.add_argument("--collective_timeout", type=float, default=60)
 parser.add_argument("--pid_after_step", type=int, default=None,
                     help="write DIR/pid{i} after this step (for tests that kill workers)")
@@ -63,9 +68,11 @@ class Recorder(keras.callbacks.Callback):
         self.initial_trainable = flat_weights(self.model, trainable_only=True)
 
     def on_train_batch_end(self, batch, logs=None):
-        if len(self.logs) == args.pid_after_step:
+        if len(self.logs) in (args.pid_after_step, args.pause_after_step):
             with open(os.path.join(args.out, f"pid{cluster.worker_index}"), "w") as f:
                 f.write(str(os.getpid()))
+            if len(self.logs) == args.pause_after_step:
+                signal.pause()  # a deterministic point for the test to kill this worker
         self.weights.append(flat_weights(self.model))
         self.trainable.append(flat_weights(self.model, trainable_only=True))
         self.logs.append(dict(logs))
@@ -138,6 +145,9 @@ def main():
     callbacks = [before, fda, after]
     if index == k - 1:
         callbacks.insert(0, Sabotage())
+    if args.backup_dir:
+        backup = os.path.join(args.backup_dir, f"worker{index}")
+        callbacks.append(keras.callbacks.BackupAndRestore(backup))
     try:
         model.fit(
             data,
