@@ -92,6 +92,8 @@ class SimulationHistory:
             the validation data (e.g. `loss`, `accuracy`).
         statistic: the trigger's statistic after every step (`fda/variance`).
         synced: whether each step ended with a synchronization.
+        step_seconds: wall time of every step (all K workers; the first
+            includes tracing).
     """
 
     trigger: str
@@ -103,6 +105,7 @@ class SimulationHistory:
     evaluations: dict
     statistic: np.ndarray
     synced: np.ndarray
+    step_seconds: np.ndarray
 
     def communication(self, step=None):
         """`CommunicationStats` after `step` steps (default: the whole run)."""
@@ -377,14 +380,14 @@ class Simulation:
             evaluations={},
             statistic=np.zeros(num_steps, np.float32),
             synced=np.zeros(num_steps, bool),
+            step_seconds=np.zeros(num_steps),
         )
         rows = []
-        seconds = 0.0
         train_loss = math.nan
         for t in range(num_steps + 1):
             if t in eval_steps:
                 row = self._evaluation_row(
-                    history, t, seconds, train_loss, validation_data, eval_batch_size
+                    history, t, train_loss, validation_data, eval_batch_size
                 )
                 rows.append(row)
                 if writer:
@@ -398,7 +401,7 @@ class Simulation:
             history.statistic[t] = statistic.numpy()
             history.synced[t] = synced.numpy()
             train_loss = float(loss)
-            seconds += time.perf_counter() - start
+            history.step_seconds[t] = time.perf_counter() - start
         history.evaluations = {k: np.array([r[k] for r in rows]) for k in rows[0]}
         if csv_path:
             history.to_csv(csv_path)
@@ -406,7 +409,7 @@ class Simulation:
             writer.close()
         return history
 
-    def _evaluation_row(self, history, t, seconds, train_loss, validation_data, eval_batch_size):
+    def _evaluation_row(self, history, t, train_loss, validation_data, eval_batch_size):
         stats = history.communication(t)
         row = {
             "step": t,
@@ -415,7 +418,7 @@ class Simulation:
             "paper_bytes": stats.paper_bytes,
             "wire_bytes": stats.wire_bytes,
             "train_loss": train_loss,
-            "seconds": seconds,
+            "seconds": float(np.sum(history.step_seconds[:t])),
         }
         row.update(self._evaluate(validation_data, eval_batch_size))
         # Each worker's loss tracker then averages over one evaluation period.
