@@ -14,7 +14,6 @@ The screenshot needs Debian's `chromium` and `chromium-driver` and the
 
 import argparse
 import contextlib
-import inspect
 import json
 import os
 import socket
@@ -58,55 +57,6 @@ def make_model(num_classes=10):
     )
 
 
-def dashboard_callback(fda, log_dir, update_freq=1):
-    """A Keras callback that feeds an `FDACallback`'s values to a `keras_fda.tensorboard.Dashboard`.
-
-    For FDACallback versions without a `log_dir=` argument. Place it right
-    after `fda` in the callbacks list: it reads the `fda/*` keys that `fda`
-    adds to the batch logs.
-    """
-    import keras
-
-    from keras_fda.tensorboard import Dashboard
-
-    class DashboardCallback(keras.callbacks.Callback):
-        def on_train_begin(self, logs=None):
-            self.dashboard = Dashboard(log_dir, update_freq=update_freq)
-            self._syncs = 0
-            self._last_sync = 0
-
-        def _write(self, logs, force=False):
-            stats = fda.communication
-            if stats.syncs > self._syncs:
-                self.dashboard.write_sync(stats.steps, stats.steps - self._last_sync)
-                self._syncs, self._last_sync = stats.syncs, stats.steps
-            self.dashboard.write_step(
-                stats.steps,
-                statistic=logs["fda/variance"],
-                threshold=logs["fda/threshold"],
-                syncs=stats.syncs,
-                steps_since_sync=stats.steps - self._last_sync,
-                stats=stats,
-                force=force,
-            )
-            return stats
-
-        def on_train_batch_end(self, batch, logs=None):
-            self._write(logs)
-
-        def on_epoch_end(self, epoch, logs=None):
-            if update_freq == "epoch":
-                self._write(logs, force=True)
-
-        def on_train_end(self, logs=None):
-            # The final synchronization at train end: record it at the last step.
-            if fda.communication.syncs > self._syncs:
-                self._write(logs, force=True)
-            self.dashboard.close()
-
-    return DashboardCallback()
-
-
 def train(log_dir, steps=200, threshold=0.2, steps_per_epoch=40, seed=0):
     """Trains `steps` steps with FDA, its dashboard and Keras' TensorBoard; returns the callback."""
     import keras
@@ -128,12 +78,8 @@ def train(log_dir, steps=200, threshold=0.2, steps_per_epoch=40, seed=0):
     dataset = (
         tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed).repeat().batch(32)
     )
-    if "log_dir" in inspect.signature(keras_fda.FDACallback).parameters:
-        fda = keras_fda.FDACallback(threshold=threshold, log_dir=log_dir)
-        callbacks = [fda]
-    else:
-        fda = keras_fda.FDACallback(threshold=threshold)
-        callbacks = [fda, dashboard_callback(fda, log_dir)]
+    fda = keras_fda.FDACallback(threshold=threshold, log_dir=log_dir)
+    callbacks = [fda]
     # Keras' own TensorBoard on the same log_dir (runs train/ and validation/);
     # batch-level scalars share the FDA charts' step axis.
     callbacks.append(keras.callbacks.TensorBoard(log_dir, update_freq=1))

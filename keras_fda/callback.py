@@ -12,6 +12,7 @@ from absl import logging
 from keras_fda import cluster as cluster_lib
 from keras_fda import triggers as triggers_lib
 from keras_fda.averager import WorkerAverager
+from keras_fda.tensorboard import Dashboard
 
 
 class _CheckpointedState(keras.layers.Layer):
@@ -80,6 +81,12 @@ class FDACallback(keras.callbacks.Callback):
         tau: steps between syncs for the "periodic" trigger.
         average_non_trainable: also average non-trainable float weights at each
             sync (default True; the paper did not).
+        log_dir: if set, the chief writes the TensorBoard dashboard (variance
+            vs threshold, FDA vs synchronous bytes, syncs, round lengths) to
+            `<log_dir>/fda`; it can share `log_dir` with
+            `keras.callbacks.TensorBoard`. See `keras_fda.tensorboard`.
+        update_freq: write the dashboard every this many steps (an int), or
+            "epoch" for once per epoch.
         cluster: the `keras_fda.Cluster`; defaults to the one `keras_fda.connect()`
             joined (a single local worker without TF_CONFIG).
 
@@ -111,11 +118,17 @@ class FDACallback(keras.callbacks.Callback):
         trigger=None,
         tau=None,
         average_non_trainable=True,
+        log_dir=None,
+        update_freq=1,
         cluster=None,
     ):
         super().__init__()
         self.trigger = triggers_lib.get(trigger, threshold=threshold, variant=variant, tau=tau)
         self.average_non_trainable = bool(average_non_trainable)
+        self.log_dir = log_dir
+        self.update_freq = update_freq
+        self._dashboard = None
+        self._last_sync_step = 0
         self._cluster = cluster
         self._averager = None
         self._checkpoint = None
@@ -236,6 +249,8 @@ class FDACallback(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self._check_model()
         self._peer_stopped = False
+        if self.log_dir is not None and self.cluster.is_chief:
+            self._dashboard = Dashboard(self.log_dir, self.update_freq)
 
     def on_train_batch_begin(self, batch, logs=None):
         # Deferred to the first step so that every callback's on_train_begin
@@ -248,15 +263,33 @@ class FDACallback(keras.callbacks.Callback):
             if not restored:
                 self._averager.broadcast()
         self._started = True
+        self._last_sync_step = int(
+            self._averager.steps.numpy() - self._averager.steps_since_sync.numpy()
+        )
 
-    def _write_logs(self, logs):
-        if logs is None:
-            return
+    def _record(self, logs, synced=False, force=False):
+        """Puts the fda/* values into Keras' logs and, on the chief, the dashboard."""
         averager = self._averager
-        logs["fda/variance"] = self._last_statistic
-        logs["fda/threshold"] = self.trigger.threshold
-        logs["fda/syncs"] = int(averager.syncs.numpy())
-        logs["fda/comm_bytes"] = float(averager.communication().paper_bytes)
+        stats = averager.communication()
+        if logs is not None:
+            logs["fda/variance"] = self._last_statistic
+            logs["fda/threshold"] = self.trigger.threshold
+            logs["fda/syncs"] = stats.syncs
+            logs["fda/comm_bytes"] = float(stats.paper_bytes)
+        if self._dashboard is None:
+            return
+        if synced:
+            self._dashboard.write_sync(stats.steps, stats.steps - self._last_sync_step)
+            self._last_sync_step = stats.steps
+        self._dashboard.write_step(
+            stats.steps,
+            statistic=self._last_statistic,
+            threshold=self.trigger.threshold,
+            syncs=stats.syncs,
+            steps_since_sync=stats.steps - self._last_sync_step,
+            stats=stats,
+            force=force,
+        )
 
     def on_train_batch_end(self, batch, logs=None):
         with self._collective("after step {step}"):
@@ -282,15 +315,18 @@ class FDACallback(keras.callbacks.Callback):
                 "keras_fda: another worker stopped training; stopping this worker "
                 "after step %d and synchronizing.", int(self._averager.steps.numpy())
             )
-        self._write_logs(logs)
+        self._record(logs, synced=bool(result["synced"]))
 
     def on_epoch_end(self, epoch, logs=None):
-        self._write_logs(logs)
+        self._record(logs, force=self.update_freq == "epoch")
 
     def on_train_end(self, logs=None):
         with self._collective("of the final synchronization at train end"):
             # A worker that already saw a peer stop must not announce its own
             # stop: the others are no longer stepping and would not answer it.
             early = self._peer_stopped or bool(self._averager.stop())
-            self._averager.finish(early)
-        self._write_logs(logs)
+            synced = bool(self._averager.finish(early))
+        self._record(logs, synced=synced, force=True)
+        if self._dashboard is not None:
+            self._dashboard.close()
+            self._dashboard = None
