@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Cluster": "keras_fda.cluster",
     "connect": "keras_fda.cluster",
+    "PeerFailureError": "keras_fda.cluster",
     "CommunicationStats": "keras_fda.accounting",
     "FDACallback": "keras_fda.callback",
     "VarianceEstimator": "keras_fda.estimators",
@@ -26,15 +27,26 @@ _EXPORTS = {
     "Synchronous": "keras_fda.triggers",
     "Periodic": "keras_fda.triggers",
     "Kamp": "keras_fda.triggers",
+    "Simulation": "keras_fda.simulation",
+    "SimulationHistory": "keras_fda.simulation",
+    "simulate": "keras_fda.simulation",
+    "Dashboard": "keras_fda.tensorboard",
 }
 
-__all__ = sorted(_EXPORTS)
+# Submodules reachable as attributes, e.g. `keras_fda.partition.iid(...)`.
+_SUBMODULES = ("accounting", "estimators", "partition", "tensorboard", "triggers")
+
+__all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 
 
 def __getattr__(name):
-    if name not in _EXPORTS:
+    if name not in _EXPORTS and name not in _SUBMODULES:
         raise AttributeError(f"module 'keras_fda' has no attribute {name!r}")
     try:
+        if name in _SUBMODULES:
+            module = importlib.import_module(f"keras_fda.{name}")
+            globals()[name] = module
+            return module
         module = importlib.import_module(_EXPORTS[name])
     except ImportError as e:
         if e.name and e.name.split(".")[0] in ("tensorflow", "keras"):
