@@ -7,6 +7,8 @@ TensorFlow's own collective runtime (gRPC, ring all-reduce) through a
 collectives: the user's model is built outside its scope and stays local.
 """
 
+import zlib
+
 import tensorflow as tf
 
 _REDUCE_OPS = {"mean": tf.distribute.ReduceOp.MEAN, "sum": tf.distribute.ReduceOp.SUM}
@@ -52,18 +54,45 @@ class LocalTransport(Transport):
 class CollectiveTransport(Transport):
     """Collectives over TensorFlow's multi-worker runtime.
 
+    Float all-reduces of static shape (every per-step state and every sync)
+    run as one raw `CollectiveReduceV2` op in a collective group of their own,
+    with one instance key per (shape, dtype, reduction): the runtime resolves
+    such an instance once and reuses it on every later call, and the mean is
+    divided inside the collective. The strategy instead feeds a fresh instance
+    key from Python on every call (a new instance for the runtime to set up)
+    and divides in a separate pass over the result; on 2 CPU workers that cost
+    about 0.5 ms of a 2 ms small all-reduce. Other tensors (unknown shape,
+    integers, half precision) and all-gathers go through the strategy.
+
     Args:
         strategy: a `tf.distribute.MultiWorkerMirroredStrategy` created at
             program start (see `keras_fda.connect`). Only its collectives are used.
         num_workers: number of worker processes in the cluster.
         worker_index: this worker's index in the cluster.
+        timeout_seconds: how long an all-reduce waits for the other workers
+            before failing with `DeadlineExceededError`; None takes the
+            strategy's `CommunicationOptions.timeout_seconds` (0 or None: no limit).
     """
 
-    def __init__(self, strategy, num_workers, worker_index):
+    # Far above the group keys the strategy hands out (1, 2, ... per device
+    # set), so the two never share a group and their instance keys never mix.
+    GROUP_KEY = 0x46444100
+    _FAST_DTYPES = (tf.float32, tf.float64)
+
+    def __init__(self, strategy, num_workers, worker_index, timeout_seconds=None):
         self.strategy = strategy
         self.num_workers = int(num_workers)
         self.worker_index = int(worker_index)
         self._device = strategy.extended.worker_devices[0]
+        if timeout_seconds is None:
+            options = getattr(strategy.extended, "_communication_options", None)
+            timeout_seconds = getattr(options, "timeout_seconds", None)
+        self.timeout_seconds = float(timeout_seconds or 0.0)
+        # Collectives that share this resource are ordered by tf.function's
+        # automatic control dependencies: each worker issues them in program
+        # order, so no two with the same instance key are ever in flight.
+        with tf.init_scope(), tf.device(self._device):
+            self._ordering_token = tf.Variable(0.0, trainable=False, name="fda_collective_order")
 
     def _local(self, tensor):
         # Inside a tf.function the strategy only sees a tensor's destination if
@@ -73,8 +102,22 @@ class CollectiveTransport(Transport):
             return tf.identity(tensor)
 
     def all_reduce(self, tensor, op="mean"):
+        reduce_op = _check_op(op)
+        tensor = tf.convert_to_tensor(tensor)
+        if tensor.dtype in self._FAST_DTYPES and tensor.shape.is_fully_defined():
+            with tf.device(self._device):
+                return tf.raw_ops.CollectiveReduceV2(
+                    input=tensor,
+                    group_size=self.num_workers,
+                    group_key=self.GROUP_KEY,
+                    instance_key=_instance_key(tensor, op),
+                    ordering_token=[self._ordering_token.handle],
+                    merge_op="Add",
+                    final_op="Div" if op == "mean" else "Id",
+                    timeout_seconds=self.timeout_seconds,
+                )
         local = self._local(tensor)
-        reduced = self.strategy.extended.batch_reduce_to(_check_op(op), [(local, local)])[0]
+        reduced = self.strategy.extended.batch_reduce_to(reduce_op, [(local, local)])[0]
         return self.strategy.experimental_local_results(reduced)[0]
 
     def all_gather(self, tensor):
@@ -83,6 +126,18 @@ class CollectiveTransport(Transport):
 
     def __repr__(self):
         return f"CollectiveTransport(num_workers={self.num_workers}, worker_index={self.worker_index})"
+
+
+def _instance_key(tensor, op):
+    """The same positive int32 on every worker for the same shape, dtype and op.
+
+    A collective instance is bound to one shape, so each signature needs its
+    own key; a hash (not a counter) keeps the key independent of the order in
+    which each worker happens to trace its functions. Two signatures share a
+    key with probability about 1e-9 per pair.
+    """
+    signature = f"{op}:{tensor.dtype.name}:{tensor.shape.as_list()}".encode()
+    return 1 + zlib.crc32(signature) % (2**31 - 2)
 
 
 def _check_op(op):
