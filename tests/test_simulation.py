@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import keras_fda
+from conftest import launch
 from keras_fda.simulation import Simulation, batch_schedule
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -25,15 +26,10 @@ def data():
 
 def test_simulator_matches_two_real_worker_processes(tmp_path, data):
     """Same data order, seeds and trigger: same sync steps, same final weights."""
-    command = [
-        sys.executable, "-m", "keras_fda.launch", "--workers", str(setup.NUM_WORKERS),
-        "--timeout", str(REAL_RUN_TIMEOUT - 10), str(ROOT / "tests" / "sim_vs_real_worker.py"),
-        f"--out={tmp_path}",
-    ]  # fmt: skip
-    # The launcher's own --timeout stops its workers; ours bounds the launcher.
-    result = subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, timeout=REAL_RUN_TIMEOUT
-    )
+    result = launch(
+        setup.NUM_WORKERS, "tests/sim_vs_real_worker.py", f"--out={tmp_path}",
+        timeout=REAL_RUN_TIMEOUT,
+    )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     x, y = data
