@@ -152,7 +152,6 @@ class _Worker:
             for v in self.model.non_trainable_variables
             if average_non_trainable and v.dtype.startswith("float")
         ]
-
         # Restored at each run: the iteration count, moments and (a variable
         # in Keras 3) the learning rate as the user configured them.
         self._fresh_optimizer = [v.numpy() for v in self.model.optimizer.variables]
@@ -192,11 +191,14 @@ class Simulation:
     Example:
 
     ```python
+    from keras_fda import partition
+    from keras_fda.simulation import Simulation
+
     model = make_model()
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
-    sim = keras_fda.Simulation(model, num_workers=10)
-    parts = keras_fda.partition.iid(len(x), num_workers=10)
+    sim = Simulation(model, num_workers=10)
+    parts = partition.iid(len(x), num_workers=10)
     history = sim.run(keras_fda.FDA("linear", threshold=2.5), x, y, parts,
                       epochs=5, validation_data=(x_test, y_test))
     print(history.first_reaching("accuracy", 0.9))
@@ -453,9 +455,11 @@ def simulate(model, trigger, x, y, partitions, **kwargs):
     Example:
 
     ```python
-    history = keras_fda.simulate(model, keras_fda.FDA("linear", threshold=2.5),
-                                 x, y, keras_fda.partition.iid(len(x), 10),
-                                 epochs=5, validation_data=(x_test, y_test))
+    from keras_fda.simulation import simulate
+
+    history = simulate(model, keras_fda.FDA("linear", threshold=2.5),
+                       x, y, partition.iid(len(x), 10),
+                       epochs=5, validation_data=(x_test, y_test))
     ```
     """
     return Simulation(model, len(partitions)).run(trigger, x, y, partitions, **kwargs)
