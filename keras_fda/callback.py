@@ -214,9 +214,10 @@ class FDACallback(keras.callbacks.Callback):
 
     @contextlib.contextmanager
     def _collective(self, where):
-        """Turns TF's errors from a failed collective into one that says what happened."""
+        """Bounds the collectives inside by the cluster's timeout; explains failures."""
         try:
-            yield
+            with self.cluster.transport.deadline():
+                yield
         except cluster_lib.PEER_FAILURES as e:
             transport = self.cluster.transport
             step = int(self._averager.steps.numpy()) if self._averager else 0

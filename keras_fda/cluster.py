@@ -149,7 +149,8 @@ def connect(timeout_seconds=DEFAULT_TIMEOUT_SECONDS):
         )
     options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=float(timeout_seconds))
     strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
-    _current = Cluster(CollectiveTransport(strategy, len(workers), index), strategy)
+    transport = CollectiveTransport(strategy, len(workers), index, timeout_seconds)
+    _current = Cluster(transport, strategy)
     return _current
 
 

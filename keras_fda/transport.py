@@ -7,9 +7,14 @@ TensorFlow's own collective runtime (gRPC, ring all-reduce) through a
 collectives: the user's model is built outside its scope and stays local.
 """
 
+import contextlib
+import threading
+import time
 import zlib
 
 import tensorflow as tf
+from tensorflow.python.eager import context
+from tensorflow.python.framework import errors
 
 _REDUCE_OPS = {"mean": tf.distribute.ReduceOp.MEAN, "sum": tf.distribute.ReduceOp.SUM}
 
@@ -35,6 +40,15 @@ class Transport:
     def all_gather(self, tensor):
         """Stacks every worker's `tensor` along a new leading axis (worker order)."""
         raise NotImplementedError
+
+    def deadline(self):
+        """A context manager bounding how long the collectives run inside it may wait.
+
+        Drivers wrap each call of a compiled step in it. A collective still
+        waiting when the deadline passes fails with `DeadlineExceededError`
+        (and the collective runtime of this process cannot be used again).
+        """
+        return contextlib.nullcontext()
 
 
 class LocalTransport(Transport):
@@ -69,9 +83,9 @@ class CollectiveTransport(Transport):
             program start (see `keras_fda.connect`). Only its collectives are used.
         num_workers: number of worker processes in the cluster.
         worker_index: this worker's index in the cluster.
-        timeout_seconds: how long an all-reduce waits for the other workers
-            before failing with `DeadlineExceededError`; None takes the
-            strategy's `CommunicationOptions.timeout_seconds` (0 or None: no limit).
+        timeout_seconds: how long the collectives inside one `deadline()`
+            block may wait for the other workers before they are aborted with
+            `DeadlineExceededError` (None or 0: no limit).
     """
 
     # Far above the group keys the strategy hands out (1, 2, ... per device
@@ -84,10 +98,8 @@ class CollectiveTransport(Transport):
         self.num_workers = int(num_workers)
         self.worker_index = int(worker_index)
         self._device = strategy.extended.worker_devices[0]
-        if timeout_seconds is None:
-            options = getattr(strategy.extended, "_communication_options", None)
-            timeout_seconds = getattr(options, "timeout_seconds", None)
         self.timeout_seconds = float(timeout_seconds or 0.0)
+        self._watchdog = _Watchdog(self.timeout_seconds) if self.timeout_seconds else None
         # Collectives that share this resource are ordered by tf.function's
         # automatic control dependencies: each worker issues them in program
         # order, so no two with the same instance key are ever in flight.
@@ -114,7 +126,11 @@ class CollectiveTransport(Transport):
                     ordering_token=[self._ordering_token.handle],
                     merge_op="Add",
                     final_op="Div" if op == "mean" else "Id",
-                    timeout_seconds=self.timeout_seconds,
+                    # No per-op timeout: TF gives each timed collective a
+                    # thread that sleeps for the whole timeout, thousands per
+                    # minute at one collective per step. `deadline()` bounds
+                    # the wait with one watchdog thread instead.
+                    timeout_seconds=0.0,
                 )
         local = self._local(tensor)
         reduced = self.strategy.extended.batch_reduce_to(reduce_op, [(local, local)])[0]
@@ -124,8 +140,50 @@ class CollectiveTransport(Transport):
         local = self._local(tf.expand_dims(tf.convert_to_tensor(tensor), 0))
         return self.strategy.gather(local, axis=0)
 
+    def deadline(self):
+        if self._watchdog is None:
+            return contextlib.nullcontext()
+        return self._watchdog.guard()
+
     def __repr__(self):
         return f"CollectiveTransport(num_workers={self.num_workers}, worker_index={self.worker_index})"
+
+
+class _Watchdog:
+    """Aborts this process's pending collectives when a guarded block overruns.
+
+    One daemon thread polls the deadline of the block in progress, so the
+    per-step cost is two attribute writes.
+    """
+
+    def __init__(self, timeout_seconds):
+        self.timeout_seconds = timeout_seconds
+        self._deadline = None
+        self._thread = None
+
+    @contextlib.contextmanager
+    def guard(self):
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._watch, name="keras_fda-watchdog", daemon=True)
+            self._thread.start()
+        self._deadline = time.monotonic() + self.timeout_seconds
+        try:
+            yield
+        finally:
+            self._deadline = None
+
+    def _watch(self):
+        period = min(1.0, self.timeout_seconds / 10)
+        while True:
+            time.sleep(period)
+            deadline = self._deadline
+            if deadline is not None and time.monotonic() > deadline:
+                self._deadline = None
+                context.context().abort_collective_ops(
+                    errors.DEADLINE_EXCEEDED,
+                    f"no answer from the other workers within {self.timeout_seconds:g} s "
+                    "(keras_fda.connect(timeout_seconds=...))",
+                )
 
 
 def _instance_key(tensor, op):

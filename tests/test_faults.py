@@ -75,6 +75,48 @@ def test_a_killed_worker_makes_the_survivor_fail_with_a_clear_error(tmp_path):
             p.wait(timeout=30)
 
 
+def test_a_live_but_silent_peer_makes_the_survivor_fail_within_the_timeout(tmp_path):
+    """Worker 1 stops answering (paused, connection open): worker 0's watchdog fires."""
+    timeout = 8
+    ports = launch_lib.free_ports(2)
+    args = long_run_args(tmp_path, timeout)
+    args[args.index("--pid_after_step")] = "--pause_after_step"
+    args.append("--pause_only_last")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, WORKER, *map(str, args)],
+            cwd=REPO, env=launch_lib.worker_env(ports, i), start_new_session=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        wait_for_file(tmp_path / "pid1", procs)
+        output, _ = procs[0].communicate(timeout=timeout + 60)
+        assert procs[0].returncode != 0
+        assert "PeerFailureError: Worker 0 of 2 could not complete the collective" in output
+        assert f"no answer from the other workers within {timeout} s" in output
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=30)
+
+
+def test_collective_timeouts_do_not_cost_a_thread_per_step(tmp_path):
+    """TF gives every collective with its own timeout a thread sleeping that long;
+    at one collective per step that exhausted the process's threads in minutes."""
+    result = launch(
+        2, WORKER, "--out", tmp_path, "--threshold", 1e9, "--repeat",
+        "--steps_per_epoch", 150, "--epochs", 2, "--collective_timeout", 600, timeout=150,
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    for i in range(2):
+        run = load(tmp_path, i)
+        assert len(run["syncs"]) == 300
+        assert run["threads"] < 150, run["threads"]
+
+
 def test_the_launcher_names_the_worker_that_died_and_stops_the_rest(tmp_path):
     command = [
         sys.executable, "-m", "keras_fda.launch", "--workers", "2", "--timeout", "150",

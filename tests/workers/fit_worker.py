@@ -39,6 +39,8 @@ parser.add_argument("--backup_dir", default=None,
                     help="use keras.callbacks.BackupAndRestore in DIR/worker{i}")
 parser.add_argument("--pause_after_step", type=int, default=None,
                     help="write DIR/pid{i} after this step and wait to be killed")
+parser.add_argument("--pause_only_last", action="store_true",
+                    help="only the last worker pauses at --pause_after_step")
 parser.add_argument("--collective_timeout", type=float, default=60)
 parser.add_argument("--pid_after_step", type=int, default=None,
                     help="write DIR/pid{i} after this step (for tests that kill workers)")
@@ -71,7 +73,8 @@ class Recorder(keras.callbacks.Callback):
         if len(self.logs) in (args.pid_after_step, args.pause_after_step):
             with open(os.path.join(args.out, f"pid{cluster.worker_index}"), "w") as f:
                 f.write(str(os.getpid()))
-            if len(self.logs) == args.pause_after_step:
+            last = cluster.worker_index == cluster.num_workers - 1
+            if len(self.logs) == args.pause_after_step and (last or not args.pause_only_last):
                 signal.pause()  # a deterministic point for the test to kill this worker
         self.weights.append(flat_weights(self.model))
         self.trainable.append(flat_weights(self.model, trainable_only=True))
@@ -181,6 +184,7 @@ def main():
         threshold=np.array([l["fda/threshold"] for l in after.logs]),
         comm_bytes=np.array([l["fda/comm_bytes"] for l in after.logs]),
         final=flat_weights(model),
+        threads=len(os.listdir("/proc/self/task")),
         trainable_shapes=json.dumps([list(w.shape) for w in model.trainable_weights]),
         stats=json.dumps(
             dict(
