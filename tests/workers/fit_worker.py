@@ -65,9 +65,11 @@ class Recorder(keras.callbacks.Callback):
         super().__init__()
         self.weights, self.trainable, self.logs = [], [], []
 
-    def on_train_begin(self, logs=None):
-        self.initial = flat_weights(self.model)
-        self.initial_trainable = flat_weights(self.model, trainable_only=True)
+    def on_train_batch_begin(self, batch, logs=None):
+        # FDACallback takes worker 0's weights just before the first step.
+        if not self.logs:
+            self.initial = flat_weights(self.model)
+            self.initial_trainable = flat_weights(self.model, trainable_only=True)
 
     def on_train_batch_end(self, batch, logs=None):
         if len(self.logs) in (args.pid_after_step, args.pause_after_step):
