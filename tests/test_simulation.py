@@ -112,6 +112,11 @@ def test_batch_schedule_reads_each_partition_in_shuffled_passes():
     np.testing.assert_array_equal(order, batch_schedule(parts, 2, 5, seed=1))
 
 
+# The benchmark's data lives next to the checkout (../shared/data), not in it.
+BENCHMARK_DATA = ROOT.parent / "shared" / "data" / "femnist_subset.npz"
+
+
+@pytest.mark.skipif(not BENCHMARK_DATA.exists(), reason=f"no benchmark data at {BENCHMARK_DATA}")
 def test_benchmark_smoke_run_writes_table_csv_and_plot(tmp_path):
     result = subprocess.run(
         [sys.executable, "benchmarks/comm_to_accuracy.py", "--preset=smoke",
