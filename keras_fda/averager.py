@@ -71,12 +71,22 @@ class WorkerAverager:
             r.assign(v)
         self.steps_since_sync.assign(0)
 
-    def _average(self):
-        """Averages across workers; returns False (and assigns nothing) on NaN/Inf."""
-        mean = self.transport.all_reduce(_flatten(self.averaged), "mean")
-        # Every worker sees the same mean, so all of them refuse it together.
-        finite = tf.reduce_all(tf.math.is_finite(mean))
-        return tf.cond(finite, lambda: self._adopt(mean), lambda: tf.constant(False))
+    def _average(self, active=None):
+        """Averages the variables across workers; returns `(adopted, active_fraction)`.
+
+        With `active`, the 'still training' flag rides in the same all-reduce.
+        Nothing is assigned if the mean is NaN/Inf or a worker has stopped;
+        every worker sees the same mean, so all of them refuse it together.
+        """
+        flat = _flatten(self.averaged)
+        if active is None:
+            mean, active_fraction = self.transport.all_reduce(flat, "mean"), tf.constant(1.0)
+        else:
+            mean, active_fraction = self._exchange(flat, active)
+        # A mean of K ones is exactly 1.0 in float32.
+        usable = (active_fraction >= 1.0) & tf.reduce_all(tf.math.is_finite(mean))
+        adopted = tf.cond(usable, lambda: self._adopt(mean), lambda: tf.constant(False))
+        return adopted, active_fraction
 
     def _adopt(self, mean):
         self._assign_flat(mean)
@@ -92,16 +102,24 @@ class WorkerAverager:
         self.syncs.assign_add(1)
         return tf.constant(True)
 
-    def _exchange(self, local_state, active):
-        """All-reduces this worker's state with a trailing 'still training' flag.
+    def _exchange(self, payload, active):
+        """All-reduces `payload` with a trailing 'still training' flag.
 
-        The flag is the one float keras_fda adds to the trigger's state: a
+        The flag is the one float keras_fda adds to each step's message: a
         worker that stops early sends 0 in place of a step's message, so the
         others learn it from the collective they are already waiting in.
         """
-        message = tf.concat([tf.cast(local_state, tf.float32), [active]], 0)
+        message = tf.concat([tf.cast(payload, tf.float32), [active]], 0)
         mean = self.transport.all_reduce(message, "mean")
         return mean[:-1], mean[-1]
+
+    def _planned_sync(self, steps_since_sync):
+        """A stateless trigger's decision, known from the step count alone."""
+        statistic = self.trigger.statistic(None, steps_since_sync)
+        return tf.cast(statistic, tf.float32), self.trigger.should_sync(statistic, steps_since_sync)
+
+    def _flag_only(self, active):
+        return tf.constant(False), self._exchange(tf.zeros([0]), active)[1]
 
     @tf.function
     def step(self):
@@ -116,28 +134,35 @@ class WorkerAverager:
         """
         self.steps.assign_add(1)
         steps_since_sync = self.steps_since_sync.assign_add(1)
+        # Every predicate below depends only on all-reduced values and the
+        # shared step count, so all workers take the same branch and join the
+        # same collectives.
         if self.trigger.state_size:
             drift = [v - r for v, r in zip(self.variables, self.reference)]
             local = self.trigger.local_state(drift, [s.read_value() for s in self.round_state])
+            mean_state, active_fraction = self._exchange(local, 1.0)
+            statistic = tf.cast(self.trigger.statistic(mean_state, steps_since_sync), tf.float32)
+            finite = tf.math.is_finite(statistic)
+            decided = (
+                self.trigger.should_sync(statistic, steps_since_sync)
+                & (active_fraction >= 1.0)
+                & finite
+            )
+            synced = tf.cond(decided, lambda: self._average()[0], lambda: tf.constant(False))
+            healthy = finite & (synced | ~decided)
         else:
-            local = tf.zeros([0])
-        mean_state, active_fraction = self._exchange(local, 1.0)
-        # A mean of K ones is exactly 1.0 in float32.
-        peers_active = active_fraction >= 1.0
-        statistic = tf.cast(
-            self.trigger.statistic(mean_state if self.trigger.state_size else None, steps_since_sync),
-            tf.float32,
-        )
-        finite = tf.math.is_finite(statistic)
-        # The predicate depends only on all-reduced values and the shared step
-        # count, so every worker takes the same branch and joins its collective.
-        decided = self.trigger.should_sync(statistic, steps_since_sync) & peers_active & finite
-        synced = tf.cond(decided, self._average, lambda: tf.constant(False))
+            # Decided before any exchange: on sync steps the flag rides in the
+            # weights' all-reduce, so a synchronous step costs one collective.
+            statistic, decided = self._planned_sync(steps_since_sync)
+            synced, active_fraction = tf.cond(
+                decided, lambda: self._average(1.0), lambda: self._flag_only(1.0)
+            )
+            healthy = synced | ~decided | (active_fraction < 1.0)
         return {
             "statistic": statistic,
             "synced": synced,
-            "peers_active": peers_active,
-            "healthy": finite & (synced | ~decided),
+            "peers_active": active_fraction >= 1.0,
+            "healthy": healthy,
         }
 
     @tf.function
@@ -145,15 +170,30 @@ class WorkerAverager:
         """Tells the other workers that this one stopped; returns True if any still trains.
 
         Pairs with the others' next `step` (or their own `stop`): the message
-        has the same shape, with the 'still training' flag at 0.
+        has that step's shape, with the 'still training' flag at 0.
         """
-        _, active_fraction = self._exchange(tf.zeros([self.trigger.state_size]), 0.0)
+        if self.trigger.state_size:
+            _, active_fraction = self._exchange(tf.zeros([self.trigger.state_size]), 0.0)
+        else:
+            _, decided = self._planned_sync(self.steps_since_sync + 1)
+            active_fraction = tf.cond(
+                decided,
+                lambda: self._exchange(tf.zeros([self.num_params]), 0.0)[1],
+                lambda: self._flag_only(0.0)[1],
+            )
         return active_fraction > 0.0
 
     @tf.function
     def finish(self, force):
-        """Averages once more if `force` or steps remain since the last sync."""
-        return tf.cond(force | (self.steps_since_sync > 0), self._average, lambda: tf.constant(False))
+        """Averages once more if `force` or steps remain since the last sync.
+
+        Returns:
+            A dict: `synced`, and `healthy` (False if the average was NaN/Inf
+            and nothing was assigned).
+        """
+        attempted = force | (self.steps_since_sync > 0)
+        synced = tf.cond(attempted, lambda: self._average()[0], lambda: tf.constant(False))
+        return {"synced": synced, "healthy": synced | ~attempted}
 
     def communication(self):
         """The `CommunicationStats` of the steps and syncs so far."""

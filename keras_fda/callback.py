@@ -326,8 +326,14 @@ class FDACallback(keras.callbacks.Callback):
             # A worker that already saw a peer stop must not announce its own
             # stop: the others are no longer stepping and would not answer it.
             early = self._peer_stopped or bool(self._averager.stop())
-            synced = bool(self._averager.finish(early))
-        self._record(logs, synced=synced, force=True)
+            result = self._averager.finish(early)
+        if not bool(result["healthy"]):
+            raise FloatingPointError(
+                "FDA's final synchronization at train end found NaN or Inf in the "
+                "average of the workers' weights, so the workers keep their own weights. "
+                "A worker's training diverged: lower the learning rate or clip gradients."
+            )
+        self._record(logs, synced=bool(result["synced"]), force=True)
         if self._dashboard is not None:
             self._dashboard.close()
             self._dashboard = None

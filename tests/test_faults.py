@@ -151,15 +151,23 @@ def load(out, index):
     [
         # A finite dataset shorter than steps_per_epoch: Keras ends each of the
         # last worker's epochs after 6 of 8 steps ("ran out of data").
-        (["--steps_per_epoch", 8, "--extra_rows_on_last", -32], 12),
+        (["--threshold", 0.05, "--steps_per_epoch", 8, "--extra_rows_on_last", -32], 12),
         # A callback (as EarlyStopping would) stops the last worker mid-epoch.
-        (["--steps_per_epoch", 8, "--repeat", "--stop_at_step_on_last", 5], 5),
+        (["--threshold", 0.05, "--steps_per_epoch", 8, "--repeat", "--stop_at_step_on_last", 5], 5),
+        # Stateless triggers: the stop must mirror the others' next message,
+        # the weights' all-reduce on a sync step (6) or the bare flag (5).
+        (["--trigger", "synchronous", "--repeat", "--steps_per_epoch", 8,
+          "--stop_at_step_on_last", 5], 5),
+        (["--trigger", "periodic", "--tau", 3, "--repeat", "--steps_per_epoch", 8,
+          "--stop_at_step_on_last", 5], 5),
+        (["--trigger", "periodic", "--tau", 3, "--repeat", "--steps_per_epoch", 8,
+          "--stop_at_step_on_last", 4], 4),
     ],
 )
 def test_a_worker_that_stops_early_stops_everyone_with_identical_weights(
     tmp_path, args, steps_of_last
 ):
-    result = launch(2, WORKER, "--out", tmp_path, "--threshold", 0.05, *args, timeout=120)
+    result = launch(2, WORKER, "--out", tmp_path, *args, timeout=120)
     assert result.returncode == 0, result.stdout[-3000:]
     first, last = load(tmp_path, 0), load(tmp_path, 1)
     assert len(last["syncs"]) == steps_of_last

@@ -59,9 +59,9 @@ def test_finish_syncs_only_if_steps_remain():
     var = tf.Variable([0.0])
     averager = WorkerAverager(triggers.Periodic(2), LocalTransport(), [var])
     averager.step()
-    assert bool(averager.finish(False))
-    assert not bool(averager.finish(False))
-    assert bool(averager.finish(True))
+    assert bool(averager.finish(False)["synced"])
+    assert not bool(averager.finish(False)["synced"])
+    assert bool(averager.finish(True)["synced"])
 
 
 def test_linear_round_state_follows_the_global_step():
