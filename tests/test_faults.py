@@ -1,5 +1,6 @@
 """Faults across real worker processes: each must end in a clear error, never a hang."""
 
+import contextlib
 import json
 import os
 import signal
@@ -49,39 +50,10 @@ def long_run_args(out, timeout):
     ]
 
 
-def test_a_killed_worker_makes_the_survivor_fail_with_a_clear_error(tmp_path):
-    """Without the launcher: the survivor must notice by itself, within the timeout."""
-    timeout = 20
+@contextlib.contextmanager
+def workers_without_launcher(args):
+    """Two workers started as the launcher would, but left alone when one fails."""
     ports = launch_lib.free_ports(2)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, WORKER, *map(str, long_run_args(tmp_path, timeout))],
-            cwd=REPO, env=launch_lib.worker_env(ports, i), start_new_session=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for i in range(2)
-    ]
-    try:
-        victim = wait_for_file(tmp_path / "pid1", procs)
-        os.kill(victim, signal.SIGKILL)
-        output, _ = procs[0].communicate(timeout=timeout + 60)
-        assert procs[0].returncode != 0
-        assert "PeerFailureError: Worker 0 of 2 could not complete the collective after step" in output
-        assert "Another worker probably died" in output
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait(timeout=30)
-
-
-def test_a_live_but_silent_peer_makes_the_survivor_fail_within_the_timeout(tmp_path):
-    """Worker 1 stops answering (paused, connection open): worker 0's watchdog fires."""
-    timeout = 8
-    ports = launch_lib.free_ports(2)
-    args = long_run_args(tmp_path, timeout)
-    args[args.index("--pid_after_step")] = "--pause_after_step"
-    args.append("--pause_only_last")
     procs = [
         subprocess.Popen(
             [sys.executable, WORKER, *map(str, args)],
@@ -91,16 +63,37 @@ def test_a_live_but_silent_peer_makes_the_survivor_fail_within_the_timeout(tmp_p
         for i in range(2)
     ]
     try:
-        wait_for_file(tmp_path / "pid1", procs)
-        output, _ = procs[0].communicate(timeout=timeout + 60)
-        assert procs[0].returncode != 0
-        assert "PeerFailureError: Worker 0 of 2 could not complete the collective" in output
-        assert f"no answer from the other workers within {timeout} s" in output
+        yield procs
     finally:
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
             p.wait(timeout=30)
+
+
+def test_a_killed_worker_makes_the_survivor_fail_with_a_clear_error(tmp_path):
+    """Without the launcher: the survivor must notice by itself, within the timeout."""
+    timeout = 20
+    with workers_without_launcher(long_run_args(tmp_path, timeout)) as procs:
+        victim = wait_for_file(tmp_path / "pid1", procs)
+        os.kill(victim, signal.SIGKILL)
+        output, _ = procs[0].communicate(timeout=timeout + 60)
+    assert procs[0].returncode != 0
+    assert "PeerFailureError: Worker 0 of 2 could not complete the collective after step" in output
+    assert "Another worker probably died" in output
+
+
+def test_a_live_but_silent_peer_makes_the_survivor_fail_within_the_timeout(tmp_path):
+    """Worker 1 stops answering (paused, connection open): worker 0's watchdog fires."""
+    timeout = 8
+    args = long_run_args(tmp_path, timeout)
+    args[args.index("--pid_after_step")] = "--pause_after_step"
+    with workers_without_launcher([*args, "--pause_only_last"]) as procs:
+        wait_for_file(tmp_path / "pid1", procs)
+        output, _ = procs[0].communicate(timeout=timeout + 60)
+    assert procs[0].returncode != 0
+    assert "PeerFailureError: Worker 0 of 2 could not complete the collective" in output
+    assert f"no answer from the other workers within {timeout} s" in output
 
 
 def test_collective_timeouts_do_not_cost_a_thread_per_step(tmp_path):
