@@ -1,0 +1,392 @@
+"""`FDAStrategy`: Federated Dynamic Averaging as a `tf.distribute` strategy.
+
+One process, several devices (GPUs, or logical CPUs in tests). Each replica
+trains its own copy of the model on its shard of every global batch, with no
+per-step gradient all-reduce. After every step, inside the same compiled
+train step, each replica computes the trigger's local state from its drift,
+the states are averaged with the strategy's collectives, and the replicas'
+weights are averaged (also with the strategy's collectives) only when the
+trigger fires. The trigger objects, estimators and accounting are the ones
+`FDACallback` and the simulator use; this module is only the in-graph driver
+(the analogue of `keras_fda.averager.WorkerAverager`).
+
+How it plugs into Keras (why it is built this way):
+
+* `FDAStrategy` IS a `tf.distribute.MirroredStrategy` (over the devices of
+  the strategy it is given), so Keras records it as the model's strategy and
+  calls its `run` for every compiled step. `run` recognizes the model's
+  `train_step` and wraps it with the FDA check; any other function run by
+  this strategy (the test and predict steps of `evaluate` / `predict`) first
+  synchronizes the models that drifted, so they see the averaged model.
+* Keras weights made in a MirroredStrategy scope are MirroredVariables with
+  aggregation NONE: an update in replica context touches the local copy only,
+  so replicas can diverge. Keras 3's optimizer, however, always all-reduces
+  the gradients (`_all_reduce_sum_gradients`); the strategy replaces that
+  method on the model's optimizer instance by the identity, and multiplies
+  the gradients by the replica count before `apply` (Keras divides the loss
+  by it), so clipping, weight decay and the update see the replica's own
+  full gradient.
+* Collectives inside `tf.cond` must be issued in cross-replica context:
+  the decision and the averaging run in a `merge_call`.
+"""
+
+import functools
+
+import keras
+import tensorflow as tf
+
+from keras_fda import triggers as triggers_lib
+from keras_fda.accounting import CommunicationStats
+
+_MEAN = tf.distribute.ReduceOp.MEAN
+# Model methods that read the weights in cross-replica context (which silently
+# returns replica 0's copy): the strategy synchronizes before each of them.
+_READERS = ("save", "save_weights", "get_weights", "export")
+
+
+class _ModelState:
+    """The FDA state of one model under an `FDAStrategy` (mirrored variables)."""
+
+    def __init__(self, strategy, model, trigger, average_non_trainable):
+        self.strategy = strategy
+        self.trigger = trigger
+        self.variables = [w.value for w in model.trainable_weights]
+        extra = []
+        if average_non_trainable:
+            extra = [w.value for w in model.non_trainable_weights if w.dtype.startswith("float")]
+        self.averaged = self.variables + extra
+        self.num_params = sum(int(v.shape.num_elements()) for v in self.averaged)
+        trigger.build([v.shape for v in self.variables])
+        # Created eagerly even when first seen while Keras traces its train
+        # function. Mirrored (one copy per replica) so that replica-context
+        # reads are local; they are only assigned in cross-replica context,
+        # so the copies stay equal. The replicas are equal here (fresh model).
+        with tf.init_scope(), strategy.scope():
+            self.reference = [
+                tf.Variable(v.read_value(), trainable=False, name="fda_reference")
+                for v in self.variables
+            ]
+            self.round_state = [
+                tf.Variable(x, trainable=False, name="fda_round_state")
+                for x in trigger.initial_round_state()
+            ]
+            self.steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="fda_steps")
+            self.syncs = tf.Variable(0, dtype=tf.int64, trainable=False, name="fda_syncs")
+            self.steps_since_sync = tf.Variable(
+                0, dtype=tf.int64, trainable=False, name="fda_steps_since_sync"
+            )
+        self.synchronize = tf.function(self._synchronize_if_drifted)
+
+    # --- replica context -------------------------------------------------
+
+    def replica_step(self, train_step, *args, **kwargs):
+        """The model's train step followed by the FDA check (per replica)."""
+        logs = train_step(*args, **kwargs)
+        reads = [v.read_value() for v in self.averaged]  # this replica's copy
+        if self.trigger.state_size:
+            drift = [w - r.read_value() for w, r in zip(reads, self.reference)]
+            local = self.trigger.local_state(drift, [s.read_value() for s in self.round_state])
+            local = tf.cast(local, tf.float32)
+        else:
+            local = tf.zeros([0])
+        fda_logs = tf.distribute.get_replica_context().merge_call(
+            self._decide, args=(local, reads)
+        )
+        logs = dict(logs)
+        logs.update(fda_logs)
+        return logs
+
+    def _replica_sync(self):
+        reads = [v.read_value() for v in self.averaged]
+        return tf.distribute.get_replica_context().merge_call(self._sync_if_drifted, args=(reads,))
+
+    # --- cross-replica context -------------------------------------------
+
+    def _decide(self, strategy, local, reads):
+        """Averages the states, asks the trigger, maybe averages the weights."""
+        self.steps.assign_add(1)
+        self.steps_since_sync.assign_add(1)
+        steps_since_sync = self.steps_since_sync.read_value()
+        mean_state = None
+        if self.trigger.state_size:
+            mean_state = strategy.reduce(_MEAN, local, axis=None)
+        statistic = tf.cast(self.trigger.statistic(mean_state, steps_since_sync), tf.float32)
+        # One tf.cond in one graph: every replica is averaged or none is.
+        decided = self.trigger.should_sync(statistic, steps_since_sync) & tf.math.is_finite(
+            statistic
+        )
+        tf.cond(decided, lambda: self._average(strategy, reads), lambda: tf.constant(False))
+        return self._logs(statistic)
+
+    def _sync_if_drifted(self, strategy, reads):
+        return tf.cond(
+            self.steps_since_sync.read_value() > 0,
+            lambda: self._average(strategy, reads),
+            lambda: tf.constant(False),
+        )
+
+    def _average(self, strategy, reads):
+        """Assigns every replica the mean of the replicas' `reads`; False on NaN/Inf."""
+        # The per-replica READS, not the variables: given a MirroredVariable
+        # the strategy assumes its copies are equal and returns it unchanged.
+        means = strategy.extended.batch_reduce_to(_MEAN, [(r, r) for r in reads])
+        per_device = [strategy.experimental_local_results(m) for m in means]
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(m[0])) for m in per_device])
+
+        def adopt():
+            for variable, values in zip(self.averaged, per_device):
+                for copy, value in zip(variable.values, values):
+                    copy.assign(value)
+            new = [m[0] for m in per_device[: len(self.variables)]]
+            global_step = [n - r.read_value() for n, r in zip(new, self.reference)]
+            next_round = self.trigger.next_round_state(
+                [s.read_value() for s in self.round_state], global_step
+            )
+            for s, value in zip(self.round_state, next_round):
+                s.assign(value)
+            for r, value in zip(self.reference, new):
+                r.assign(value)
+            self.steps_since_sync.assign(0)
+            self.syncs.assign_add(1)
+            return tf.constant(True)
+
+        return tf.cond(finite, adopt, lambda: tf.constant(False))
+
+    def _logs(self, statistic):
+        k = self.strategy.num_replicas_in_sync
+        steps = tf.cast(self.steps.read_value(), tf.float64)
+        syncs = tf.cast(self.syncs.read_value(), tf.float64)
+        # CommunicationStats.paper_bytes, in the graph.
+        paper_bytes = (syncs + 1.0) * (2.0 * k * 4 * self.num_params) + (
+            float(self.trigger.state_bytes * k) * steps
+        )
+        return {
+            "fda/variance": statistic,
+            "fda/threshold": tf.constant(self.trigger.threshold, tf.float32),
+            "fda/syncs": syncs,
+            "fda/comm_bytes": paper_bytes,
+        }
+
+    # --- eager -----------------------------------------------------------
+
+    def _synchronize_if_drifted(self):
+        return tf.distribute.MirroredStrategy.run(self.strategy, self._replica_sync)
+
+    def communication(self):
+        return CommunicationStats(
+            num_workers=self.strategy.num_replicas_in_sync,
+            num_params=self.num_params,
+            state_bytes=self.trigger.state_bytes,
+            steps=int(self.steps.numpy()),
+            syncs=int(self.syncs.numpy()),
+        )
+
+
+class FDAStrategy(tf.distribute.MirroredStrategy):
+    """Federated Dynamic Averaging across the replicas of a `MirroredStrategy`.
+
+    A drop-in replacement for the strategy: build and compile the model in
+    `scope()`, then call `fit`. Each replica trains its own copy of the model
+    on its shard of each global batch (no gradient all-reduce; each replica's
+    optimizer state stays its own, as in the paper). After every step the
+    compiled train step computes the trigger's local state on each replica,
+    averages it with the strategy's collectives, and averages the weights
+    only when the trigger fires (for FDA: when the variance estimate is
+    strictly greater than `threshold`).
+
+    What `evaluate`, `predict` and saving see: the averaged model. Before
+    running any other step function (test, predict) and before the model's
+    `save`, `save_weights`, `get_weights` and `export`, the strategy
+    synchronizes the replicas if they drifted since the last sync. That is a
+    real synchronization: it is counted in `fda/syncs` and `communication`,
+    and the next FDA round starts from it. Reading a weight directly (e.g.
+    `model.weights[0].numpy()`) returns replica 0's copy: call
+    `strategy.synchronize()` first. Unlike `FDACallback`, `fit` does not
+    synchronize at its end; the first of these reads does.
+
+    What is averaged: the trainable weights and, if `average_non_trainable`,
+    the non-trainable float weights. (Weights whose aggregation is not NONE,
+    such as BatchNorm moving statistics, are kept equal across replicas by
+    tf.distribute itself on every update.)
+
+    Logs: every batch and epoch gets `fda/variance` (the trigger's
+    statistic), `fda/threshold`, `fda/syncs` and `fda/comm_bytes`
+    (paper-formula bytes so far, all replicas), as with `FDACallback`.
+
+    Not supported (clear errors): base strategies other than
+    `tf.distribute.MirroredStrategy` (MultiWorkerMirroredStrategy: use
+    `keras_fda.FDACallback`, one process per worker), `steps_per_execution`
+    other than 1, `jit_compile=True`, `LossScaleOptimizer`, an optimizer
+    created outside `scope()`, models without trainable weights.
+
+    Args:
+        strategy: the `tf.distribute.MirroredStrategy` whose devices (and
+            cross-device ops) to use.
+        threshold: Theta. FDA syncs when the estimate is strictly greater.
+        variant: the variance estimator: "linear" (default), "naive",
+            "sketch", "exact", or a `keras_fda.estimators.VarianceEstimator`.
+        trigger: None for FDA, or "synchronous", "periodic", "kamp", or a
+            `keras_fda.triggers.SyncTrigger` (then `threshold` and `variant`
+            are not used).
+        tau: steps between syncs for the "periodic" trigger.
+        average_non_trainable: also average non-trainable float weights at
+            each sync (default True, as `FDACallback`).
+
+    Attributes:
+        communication: the `keras_fda.CommunicationStats` of the last model
+            trained under this strategy.
+
+    Example:
+
+    ```python
+    strategy = keras_fda.FDAStrategy(
+        tf.distribute.MirroredStrategy(), threshold=1.5, variant="linear")
+    with strategy.scope():
+        model = make_model()
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy",
+                      metrics=["accuracy"])
+    model.fit(dataset, epochs=5)
+    model.evaluate(test_dataset)      # synchronizes first
+    print(strategy.communication.summary())
+    ```
+    """
+
+    def __init__(
+        self,
+        strategy,
+        threshold=None,
+        variant="linear",
+        *,
+        trigger=None,
+        tau=None,
+        average_non_trainable=True,
+    ):
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            raise ValueError(
+                "FDAStrategy does not support MultiWorkerMirroredStrategy: Keras 3.15's "
+                "model.fit is broken under multi-worker tf.distribute (keras-team/keras#20585), "
+                "and FDA across processes needs no gradient all-reduce anyway. Use "
+                "keras_fda.FDACallback with keras_fda.connect() (one process per worker, "
+                "the model built outside any strategy scope)."
+            )
+        if type(strategy) is not tf.distribute.MirroredStrategy:
+            raise TypeError(
+                "FDAStrategy wraps a tf.distribute.MirroredStrategy, got "
+                f"{type(strategy).__name__}. For several processes use keras_fda.FDACallback."
+            )
+        self.trigger = triggers_lib.get(trigger, threshold=threshold, variant=variant, tau=tau)
+        self.average_non_trainable = bool(average_non_trainable)
+        self._states = []
+        # A MirroredStrategy over the same devices: Keras then calls this
+        # object's `run` for every compiled step.
+        super().__init__(
+            devices=strategy.extended.worker_devices,
+            cross_device_ops=strategy.extended._cross_device_ops,  # None: TF's default
+        )
+
+    @property
+    def communication(self):
+        if not self._states:
+            raise ValueError("No communication yet: no model has been trained under FDAStrategy.")
+        return self._states[-1][1].communication()
+
+    def synchronize(self, model=None):
+        """Averages the replicas of `model` (default: every trained model) if they drifted.
+
+        Returns True if a synchronization happened.
+        """
+        synced = False
+        for owner, state in self._states:
+            if model is None or owner is model:
+                result = state.synchronize()
+                synced = bool(self.experimental_local_results(result)[0]) or synced
+        return synced
+
+    def run(self, fn, args=(), kwargs=None, options=None):
+        owner = getattr(fn, "__self__", None)
+        if isinstance(owner, keras.Model) and getattr(fn, "__name__", None) == "train_step":
+            state = self._state_for(owner)
+            fn = functools.partial(state.replica_step, fn)
+        else:
+            # evaluate / predict / any other step: never on divergent copies.
+            for _, state in self._states:
+                state._synchronize_if_drifted()
+        return super().run(fn, args=args, kwargs=kwargs, options=options)
+
+    def _state_for(self, model):
+        for owner, state in self._states:
+            if owner is model:
+                return state
+        self._check(model)
+        self._make_optimizer_local(model.optimizer)
+        state = _ModelState(self, model, self.trigger, self.average_non_trainable)
+        self._states.append((model, state))
+        for name in _READERS:
+            original = getattr(model, name, None)
+            if original is not None:
+                # Set on the instance, bypassing Keras' attribute tracking.
+                object.__setattr__(model, name, self._synchronized(model, original))
+        return state
+
+    def _synchronized(self, model, method):
+        @functools.wraps(method)
+        def wrapper(*args, **kwargs):
+            self.synchronize(model)
+            return method(*args, **kwargs)
+
+        return wrapper
+
+    def _check(self, model):
+        if getattr(model, "distribute_strategy", None) is not self:
+            raise ValueError("Build and compile the model inside FDAStrategy.scope().")
+        if not model.trainable_weights:
+            raise ValueError("FDAStrategy needs a model with trainable weights.")
+        if getattr(model, "steps_per_execution", 1) != 1:
+            raise ValueError(
+                "FDAStrategy checks after every step and needs steps_per_execution=1 in "
+                f"model.compile(), got {model.steps_per_execution}."
+            )
+        if getattr(model, "jit_compile", False):
+            raise ValueError(
+                "FDAStrategy's train step uses merge_call, which XLA cannot compile: pass "
+                "jit_compile=False to model.compile()."
+            )
+        optimizer = getattr(model, "optimizer", None)
+        if optimizer is None:
+            raise ValueError("FDAStrategy needs a model compiled with an optimizer.")
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            raise TypeError(
+                "FDAStrategy does not support LossScaleOptimizer (mixed_float16); use a "
+                "float32 or bfloat16 policy."
+            )
+        if getattr(optimizer, "_distribution_strategy", None) is not self:
+            raise ValueError(
+                "The optimizer was created outside FDAStrategy.scope(): create it (or pass "
+                "its name to compile) inside the scope."
+            )
+
+    def _make_optimizer_local(self, optimizer):
+        """Keeps the optimizer's updates on each replica's own copy."""
+        num_replicas = self.num_replicas_in_sync
+        original_apply = optimizer.apply
+
+        def apply(grads, trainable_variables=None):
+            # Keras divided the loss by the replica count, expecting a SUM
+            # all-reduce; undo it before clipping and weight decay.
+            grads = [_scale(g, num_replicas) for g in grads]
+            return original_apply(grads, trainable_variables)
+
+        object.__setattr__(optimizer, "apply", apply)
+        object.__setattr__(optimizer, "_all_reduce_sum_gradients", list)
+
+
+def _scale(gradient, factor):
+    if gradient is None:
+        return None
+    if isinstance(gradient, tf.IndexedSlices):
+        return tf.IndexedSlices(
+            gradient.values * tf.cast(factor, gradient.values.dtype),
+            gradient.indices,
+            gradient.dense_shape,
+        )
+    return gradient * tf.cast(factor, gradient.dtype)

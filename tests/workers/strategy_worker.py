@@ -1,0 +1,172 @@
+"""One FDAStrategy scenario on N logical CPU devices, in a fresh process.
+
+Logical devices must be configured before TensorFlow initializes, which the
+pytest process has already done, so tests/test_strategy.py runs this script.
+
+    python strategy_worker.py --devices 2 --scenario simulator --trigger fda --out DIR
+
+Scenarios (results in DIR/result.npz):
+  simulator: digits (the quickstart data), non-IID shares; FDAStrategy and
+      keras_fda.Simulation train from the same weights on the same batches.
+      Saves per-step syncs and statistics of both, the largest difference
+      between replicas after each step, and the test accuracy of both.
+  mirrored: trigger "synchronous" with SGD vs plain MirroredStrategy (the
+      same math: the average of local SGD steps is the step on the mean
+      gradient). Saves the largest weight difference.
+"""
+
+import argparse
+import os
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--devices", type=int, default=2)
+parser.add_argument("--scenario", choices=["simulator", "mirrored"], default="simulator")
+parser.add_argument("--trigger", default="fda")
+parser.add_argument("--threshold", type=float, default=1.5)
+parser.add_argument("--tau", type=int, default=5)
+parser.add_argument("--steps", type=int, default=60)
+parser.add_argument("--optimizer", default="adam")
+parser.add_argument("--out", required=True)
+args = parser.parse_args()
+
+import tensorflow as tf  # noqa: E402
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration()] * args.devices
+)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.datasets import load_digits  # noqa: E402
+
+from keras_fda import partition, triggers  # noqa: E402
+from keras_fda.simulation import Simulation, batch_schedule  # noqa: E402
+from keras_fda.strategy import FDAStrategy  # noqa: E402
+
+K, BATCH = args.devices, 16
+
+
+def digits():
+    data = load_digits()
+    x = (data.images / 16.0).astype("float32").reshape(-1, 64)
+    y = data.target.astype("int32")
+    order = np.random.default_rng(1234).permutation(len(x))
+    x, y = x[order], y[order]
+    cut = int(0.8 * len(x))
+    return x[:cut], y[:cut], x[cut:], y[cut:]
+
+
+def make_model():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [keras.Input((64,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dense(10)]
+    )
+
+
+def compile_model(model, optimizer):
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        jit_compile=False,
+    )
+
+
+def make_trigger():
+    return triggers.get(args.trigger, threshold=args.threshold, tau=args.tau)
+
+
+class Recorder(keras.callbacks.Callback):
+    """Per step: fda logs and the largest difference between replicas."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs, self.statistic, self.spread = [], [], []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.syncs.append(logs["fda/syncs"])
+        self.statistic.append(logs["fda/variance"])
+        self.spread.append(spread(self.model))
+
+
+def spread(model):
+    return max(
+        float(np.max(np.abs(c.numpy() - w.value.values[0].numpy())))
+        for w in model.trainable_weights
+        for c in w.value.values[1:]
+    )
+
+
+def simulator_scenario():
+    x, y, x_test, y_test = digits()
+    parts = partition.sorted_by_label(y, K, fraction=0.5, seed=0)
+    schedule = batch_schedule(parts, BATCH, args.steps, seed=0)  # [steps, K, BATCH]
+    # Global batch t = the K workers' batches of step t, replica k gets slice k.
+    flat = schedule.reshape(-1)
+    dataset = tf.data.Dataset.from_tensor_slices((x[flat], y[flat])).batch(K * BATCH)
+
+    strategy = FDAStrategy(
+        tf.distribute.MirroredStrategy(), trigger=make_trigger(), average_non_trainable=True
+    )
+    with strategy.scope():
+        model = make_model()
+        compile_model(model, args.optimizer)
+    initial = model.get_weights()
+    recorder = Recorder()
+    model.fit(dataset, epochs=1, verbose=0, callbacks=[recorder])
+    before_eval = spread(model)
+    strategy_eval = model.evaluate(x_test, y_test, verbose=0, return_dict=True)
+    after_eval = spread(model)
+    stats = strategy.communication
+
+    reference = make_model()
+    compile_model(reference, args.optimizer)
+    reference.set_weights(initial)
+    history = Simulation(reference, K).run(
+        make_trigger(), x, y, parts, batch_size=BATCH, steps=args.steps, seed=0,
+        validation_data=(x_test, y_test),
+    )
+    sim_accuracy = float(history.evaluations["accuracy"][-1])
+    np.savez(
+        os.path.join(args.out, "result.npz"),
+        syncs=np.array(recorder.syncs),
+        statistic=np.array(recorder.statistic),
+        spread=np.array(recorder.spread),
+        spread_before_eval=before_eval,
+        spread_after_eval=after_eval,
+        accuracy=strategy_eval["accuracy"],
+        sim_synced=history.synced,
+        sim_statistic=history.statistic,
+        sim_accuracy=sim_accuracy,
+        comm=np.array([stats.steps, stats.syncs, stats.paper_bytes, stats.num_params]),
+        sim_comm=np.array([
+            history.communication().steps, history.communication().syncs,
+            history.communication().paper_bytes, history.num_params,
+        ]),
+    )
+
+
+def mirrored_scenario():
+    x, y, _, _ = digits()
+    n = args.steps * K * BATCH
+    dataset = tf.data.Dataset.from_tensor_slices((x[:n], y[:n])).batch(K * BATCH)
+    results = []
+    for strategy in (
+        FDAStrategy(tf.distribute.MirroredStrategy(), trigger="synchronous"),
+        tf.distribute.MirroredStrategy(),
+    ):
+        with strategy.scope():
+            model = make_model()
+            compile_model(model, keras.optimizers.SGD(0.1))
+        model.fit(dataset, epochs=1, verbose=0)
+        results.append(model.get_weights())
+    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(*results))
+    moved = max(float(np.max(np.abs(a - b))) for a, b in zip(results[0], make_model().get_weights()))
+    np.savez(os.path.join(args.out, "result.npz"), diff=diff, moved=moved)
+
+
+if args.scenario == "simulator":
+    simulator_scenario()
+else:
+    mirrored_scenario()
