@@ -17,6 +17,7 @@ _EXPORTS = {
     "PeerFailureError": "keras_fda.cluster",
     "CommunicationStats": "keras_fda.accounting",
     "FDACallback": "keras_fda.callback",
+    "FDAStrategy": "keras_fda.strategy",
     "VarianceEstimator": "keras_fda.estimators",
     "NaiveEstimator": "keras_fda.estimators",
     "LinearEstimator": "keras_fda.estimators",
