@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from keras_fda import triggers as triggers_lib
 from keras_fda.accounting import CommunicationStats
+from keras_fda.tensorboard import Dashboard
 
 
 def batch_schedule(partitions, batch_size, num_steps, seed=0):
@@ -338,8 +339,10 @@ class Simulation:
             eval_batch_size: batch size of the evaluation.
             seed: seed of every worker's data order (see `batch_schedule`).
             csv_path: if given, the evaluations are written there as CSV.
-            tensorboard_dir: if given, evaluations and the per-step statistic
-                are written there as TensorBoard scalars.
+            tensorboard_dir: if given, the FDA dashboard of
+                `keras_fda.tensorboard.Dashboard` (per step, in the run
+                `<dir>/fda`) and the evaluations (scalars `simulation/*`, in
+                `<dir>/simulation`) are written there.
             verbose: 1 prints one line per evaluation.
 
         Returns:
@@ -369,9 +372,11 @@ class Simulation:
         self._reset()
         step = self._build_step(trigger, tf.convert_to_tensor(x), tf.convert_to_tensor(y))
         schedule = batch_schedule(partitions, batch_size, num_steps, seed)
-        writer = None
+        writer = dashboard = None
         if tensorboard_dir:
-            writer = tf.summary.create_file_writer(os.fspath(tensorboard_dir))
+            writer = tf.summary.create_file_writer(os.path.join(tensorboard_dir, "simulation"))
+            dashboard = Dashboard(os.fspath(tensorboard_dir))
+        last_sync = 0
         history = SimulationHistory(
             trigger=trigger.name or type(trigger).__name__,
             threshold=float(trigger.threshold),
@@ -393,7 +398,7 @@ class Simulation:
                 )
                 rows.append(row)
                 if writer:
-                    self._write_summaries(writer, history, rows)
+                    self._write_summaries(writer, row)
                 if verbose:
                     print(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
             if t == num_steps:
@@ -404,11 +409,25 @@ class Simulation:
             history.synced[t] = synced.numpy()
             train_loss = float(loss)
             history.step_seconds[t] = time.perf_counter() - start
+            if dashboard:
+                stats = history.communication(t + 1)
+                if history.synced[t]:
+                    dashboard.write_sync(t + 1, t + 1 - last_sync)
+                    last_sync = t + 1
+                dashboard.write_step(
+                    t + 1,
+                    statistic=float(history.statistic[t]),
+                    threshold=history.threshold,
+                    syncs=stats.syncs,
+                    steps_since_sync=t + 1 - last_sync,
+                    stats=stats,
+                )
         history.evaluations = {k: np.array([r[k] for r in rows]) for k in rows[0]}
         if csv_path:
             history.to_csv(csv_path)
         if writer:
             writer.close()
+            dashboard.close()
         return history
 
     def _evaluation_row(self, history, t, train_loss, validation_data, eval_batch_size):
@@ -429,12 +448,8 @@ class Simulation:
         return row
 
     @staticmethod
-    def _write_summaries(writer, history, rows):
-        row = rows[-1]
-        previous = rows[-2]["step"] if len(rows) > 1 else 0
+    def _write_summaries(writer, row):
         with writer.as_default():
-            for t in range(previous, row["step"]):
-                tf.summary.scalar("fda/variance", history.statistic[t], step=t + 1)
             for name, value in row.items():
                 if name != "step":
                     tf.summary.scalar(f"simulation/{name}", value, step=row["step"])

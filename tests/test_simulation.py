@@ -14,6 +14,7 @@ from keras_fda.simulation import Simulation, batch_schedule
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import sim_vs_real_worker as setup  # noqa: E402  (shared with the real workers)
+from test_tensorboard import read_run  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 REAL_RUN_TIMEOUT = 120  # seconds for two TensorFlow worker processes
@@ -94,7 +95,13 @@ def test_history_accounting_csv_and_tensorboard(tmp_path, data):
     assert history.first_reaching("accuracy", 0.0)["step"] == 0
     assert history.first_reaching("accuracy", 1.1) is None
     assert (tmp_path / "h.csv").read_text().splitlines()[0].startswith("step,epoch,syncs")
-    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    dashboard = read_run(str(tmp_path / "tb" / "fda"))
+    assert [step for step, _ in dashboard["fda/syncs"]] == list(range(1, 21))
+    assert float(dashboard["fda/syncs"][-1][1]) == 6
+    assert float(dashboard["fda/bytes_sent"][-1][1]) == pytest.approx(stats.paper_bytes, rel=1e-6)
+    assert len(dashboard["fda/round_length"]) == 6
+    evaluations = read_run(str(tmp_path / "tb" / "simulation"))
+    assert [step for step, _ in evaluations["simulation/accuracy"]] == [0, 5, 10, 15, 20]
 
     # A second run starts afresh: same trigger and seed, same history.
     again = sim.run(keras_fda.Periodic(3), x, y, parts, batch_size=6, epochs=2,
