@@ -50,6 +50,17 @@ def test_communication_before_fit_is_a_clear_error():
         keras_fda.FDACallback(threshold=1.0).communication
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_rejects_models_that_are_not_compiled_or_not_built(compiled):
+    model = keras.Sequential([keras.layers.Dense(3)])  # no Input: not built
+    if compiled:
+        model.compile(optimizer="adam", loss="mse")
+    fda = keras_fda.FDACallback(threshold=1.0)
+    fda.set_model(model)
+    with pytest.raises(ValueError, match="compiled model" if not compiled else "built model"):
+        fda.on_train_begin()
+
+
 def test_rejects_steps_per_execution_above_one():
     model = compiled_model(steps_per_execution=2)
     with pytest.raises(ValueError, match="steps_per_execution=1"):

@@ -41,6 +41,8 @@ parser.add_argument("--pause_after_step", type=int, default=None,
                     help="write DIR/pid{i} after this step and wait to be killed")
 parser.add_argument("--pause_only_last", action="store_true",
                     help="only the last worker pauses at --pause_after_step")
+parser.add_argument("--unknown_length", action="store_true",
+                    help="hide the dataset's length from Keras (as a generator would)")
 parser.add_argument("--collective_timeout", type=float, default=60)
 parser.add_argument("--pid_after_step", type=int, default=None,
                     help="write DIR/pid{i} after this step (for tests that kill workers)")
@@ -142,6 +144,8 @@ def main():
     data = tf.data.Dataset.from_tensor_slices((x, y))
     if args.repeat:
         data = data.repeat()
+    if args.unknown_length:
+        data = data.filter(lambda *_: True)
     data = data.batch(args.batch_size)
     fda = keras_fda.FDACallback(
         threshold=args.threshold, variant=args.variant, trigger=args.trigger, tau=args.tau
