@@ -59,10 +59,13 @@ class FDACallback(keras.callbacks.Callback):
     the non-trainable float weights (BatchNorm moving statistics). Optimizer
     state (Adam moments, momentum) stays local on each worker, as in the paper.
 
-    At train begin the workers check that they agree on the number of steps
-    per epoch and on the model, and take worker 0's initial weights. At train
-    end they synchronize once more, so every worker leaves `fit` with
-    identical weights.
+    Before the first step the workers check that they agree on the number of
+    steps per epoch and on the model, and take worker 0's initial weights. If
+    one worker's `fit` ends early (its data ran out, or a callback stopped it),
+    the others stop after their next step instead of hanging. At train end the
+    workers synchronize once more, so every worker leaves `fit` with identical
+    weights. The FDA state (reference weights, counters) is saved in the
+    model's weight files, so `keras.callbacks.BackupAndRestore` resumes it.
 
     Logs: every batch and epoch gets `fda/variance` (the trigger's statistic:
     the variance estimate for FDA), `fda/threshold`, `fda/syncs` and
