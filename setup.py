@@ -40,9 +40,12 @@ setup(
         "cpu": ["tensorflow-cpu" + TENSORFLOW],
         "gpu": ["tensorflow[and-cuda]" + TENSORFLOW],
         "examples": ["scikit-learn>=1.3", "matplotlib>=3.7"],
+        "benchmarks": ["scikit-learn>=1.3", "matplotlib>=3.7"],
         # setuptools and wheel: tests/test_packaging.py builds the wheel without build isolation.
         "test": ["pytest>=8", "scikit-learn>=1.3", "tensorboard" + TENSORFLOW,
                  "setuptools>=61", "wheel>=0.37",
+                 # The benchmark smoke test (tests/test_simulation.py) draws its plot.
+                 "matplotlib>=3.7",
                  # The TensorBoard dashboard's browser test (issue 5), with Debian's chromium.
                  "selenium>=4.10"],
     },
