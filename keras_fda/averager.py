@@ -19,7 +19,72 @@ def _flatten(tensors):
     return tf.concat([tf.reshape(tf.cast(t, tf.float32), [-1]) for t in tensors], 0)
 
 
-class WorkerAverager:
+class AveragingState:
+    """The state of dynamic averaging over `variables`, shared by the drivers.
+
+    Holds the reference weights `w0` agreed at the last synchronization, the
+    trigger's round state and the counters, and advances them at a sync. The
+    drivers differ only in where the variables live and how they average.
+
+    Args:
+        trigger: a built-in or custom `keras_fda.triggers.SyncTrigger`.
+        variables: the tf.Variables whose drift is monitored and averaged
+            (a model's trainable weights).
+        extra_variables: tf.Variables averaged at each sync but not monitored
+            (e.g. BatchNorm moving statistics).
+    """
+
+    def __init__(self, trigger, variables, extra_variables=()):
+        self.trigger = trigger
+        self.variables = list(variables)
+        self.averaged = self.variables + list(extra_variables)
+        self.num_params = sum(int(v.shape.num_elements()) for v in self.averaged)
+        trigger.build([v.shape for v in self.variables])
+        self.reference = [
+            tf.Variable(v.read_value(), trainable=False, name="fda_reference")
+            for v in self.variables
+        ]
+        self.round_state = [
+            tf.Variable(x, trainable=False, name="fda_round_state")
+            for x in trigger.initial_round_state()
+        ]
+        self.steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="fda_steps")
+        self.syncs = tf.Variable(0, dtype=tf.int64, trainable=False, name="fda_syncs")
+        self.steps_since_sync = tf.Variable(
+            0, dtype=tf.int64, trainable=False, name="fda_steps_since_sync"
+        )
+
+    def state_variables(self):
+        """Every variable of the averaging state, for checkpoints (fixed order)."""
+        return [*self.reference, *self.round_state, self.steps, self.syncs, self.steps_since_sync]
+
+    def _start_round(self, new_reference):
+        """After a sync: `new_reference` (the averaged trainable values) becomes w0."""
+        global_step = [n - r.read_value() for n, r in zip(new_reference, self.reference)]
+        next_round = self.trigger.next_round_state(
+            [s.read_value() for s in self.round_state], global_step
+        )
+        for s, value in zip(self.round_state, next_round):
+            s.assign(value)
+        for r, value in zip(self.reference, new_reference):
+            r.assign(value)
+        self.steps_since_sync.assign(0)
+        self.syncs.assign_add(1)
+        return tf.constant(True)
+
+    def communication(self, num_workers, control_bytes=0):
+        """The `CommunicationStats` of the steps and syncs so far."""
+        return CommunicationStats(
+            num_workers=num_workers,
+            num_params=self.num_params,
+            state_bytes=self.trigger.state_bytes,
+            steps=int(self.steps.numpy()),
+            syncs=int(self.syncs.numpy()),
+            control_bytes=control_bytes,
+        )
+
+
+class WorkerAverager(AveragingState):
     """Dynamic averaging of `variables` (plus `extra_variables`) across workers.
 
     Args:
@@ -32,28 +97,8 @@ class WorkerAverager:
     """
 
     def __init__(self, trigger, transport, variables, extra_variables=()):
-        self.trigger = trigger
+        super().__init__(trigger, variables, extra_variables)
         self.transport = transport
-        self.variables = list(variables)
-        self.averaged = self.variables + list(extra_variables)
-        trigger.build([v.shape for v in self.variables])
-        self.reference = [
-            tf.Variable(v, trainable=False, name="fda_reference") for v in self.variables
-        ]
-        self.round_state = [
-            tf.Variable(x, trainable=False, name="fda_round_state")
-            for x in trigger.initial_round_state()
-        ]
-        self.steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="fda_steps")
-        self.syncs = tf.Variable(0, dtype=tf.int64, trainable=False, name="fda_syncs")
-        self.steps_since_sync = tf.Variable(
-            0, dtype=tf.int64, trainable=False, name="fda_steps_since_sync"
-        )
-        self.num_params = sum(int(v.shape.num_elements()) for v in self.averaged)
-
-    def state_variables(self):
-        """Every variable of the averaging state, for checkpoints (fixed order)."""
-        return [*self.reference, *self.round_state, self.steps, self.syncs, self.steps_since_sync]
 
     def _assign_flat(self, flat):
         sizes = [int(v.shape.num_elements()) for v in self.averaged]
@@ -90,17 +135,7 @@ class WorkerAverager:
 
     def _adopt(self, mean):
         self._assign_flat(mean)
-        global_step = [v - r for v, r in zip(self.variables, self.reference)]
-        next_round = self.trigger.next_round_state(
-            [s.read_value() for s in self.round_state], global_step
-        )
-        for s, value in zip(self.round_state, next_round):
-            s.assign(value)
-        for r, v in zip(self.reference, self.variables):
-            r.assign(v)
-        self.steps_since_sync.assign(0)
-        self.syncs.assign_add(1)
-        return tf.constant(True)
+        return self._start_round([v.read_value() for v in self.variables])
 
     def _exchange(self, payload, active):
         """All-reduces `payload` with a trailing 'still training' flag.
@@ -196,12 +231,5 @@ class WorkerAverager:
         return {"synced": synced, "healthy": synced | ~attempted}
 
     def communication(self):
-        """The `CommunicationStats` of the steps and syncs so far."""
-        return CommunicationStats(
-            num_workers=self.transport.num_workers,
-            num_params=self.num_params,
-            state_bytes=self.trigger.state_bytes,
-            steps=int(self.steps.numpy()),
-            syncs=int(self.syncs.numpy()),
-            control_bytes=4,
-        )
+        """The `CommunicationStats` so far; 4 control bytes per step on the wire."""
+        return super().communication(self.transport.num_workers, control_bytes=4)

@@ -36,7 +36,7 @@ import keras
 import tensorflow as tf
 
 from keras_fda import triggers as triggers_lib
-from keras_fda.accounting import CommunicationStats
+from keras_fda.averager import AveragingState
 
 _MEAN = tf.distribute.ReduceOp.MEAN
 # Model methods that read the weights in cross-replica context (which silently
@@ -44,37 +44,20 @@ _MEAN = tf.distribute.ReduceOp.MEAN
 _READERS = ("save", "save_weights", "get_weights", "export")
 
 
-class _ModelState:
+class _ModelState(AveragingState):
     """The FDA state of one model under an `FDAStrategy` (mirrored variables)."""
 
     def __init__(self, strategy, model, trigger, average_non_trainable):
         self.strategy = strategy
-        self.trigger = trigger
-        self.variables = [w.value for w in model.trainable_weights]
         extra = []
         if average_non_trainable:
             extra = [w.value for w in model.non_trainable_weights if w.dtype.startswith("float")]
-        self.averaged = self.variables + extra
-        self.num_params = sum(int(v.shape.num_elements()) for v in self.averaged)
-        trigger.build([v.shape for v in self.variables])
         # Created eagerly even when first seen while Keras traces its train
         # function. Mirrored (one copy per replica) so that replica-context
         # reads are local; they are only assigned in cross-replica context,
         # so the copies stay equal. The replicas are equal here (fresh model).
         with tf.init_scope(), strategy.scope():
-            self.reference = [
-                tf.Variable(v.read_value(), trainable=False, name="fda_reference")
-                for v in self.variables
-            ]
-            self.round_state = [
-                tf.Variable(x, trainable=False, name="fda_round_state")
-                for x in trigger.initial_round_state()
-            ]
-            self.steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="fda_steps")
-            self.syncs = tf.Variable(0, dtype=tf.int64, trainable=False, name="fda_syncs")
-            self.steps_since_sync = tf.Variable(
-                0, dtype=tf.int64, trainable=False, name="fda_steps_since_sync"
-            )
+            super().__init__(trigger, [w.value for w in model.trainable_weights], extra)
         self.synchronize = tf.function(self._synchronize_if_drifted)
 
     # --- replica context -------------------------------------------------
@@ -137,18 +120,7 @@ class _ModelState:
             for variable, values in zip(self.averaged, per_device):
                 for copy, value in zip(variable.values, values):
                     copy.assign(value)
-            new = [m[0] for m in per_device[: len(self.variables)]]
-            global_step = [n - r.read_value() for n, r in zip(new, self.reference)]
-            next_round = self.trigger.next_round_state(
-                [s.read_value() for s in self.round_state], global_step
-            )
-            for s, value in zip(self.round_state, next_round):
-                s.assign(value)
-            for r, value in zip(self.reference, new):
-                r.assign(value)
-            self.steps_since_sync.assign(0)
-            self.syncs.assign_add(1)
-            return tf.constant(True)
+            return self._start_round([m[0] for m in per_device[: len(self.variables)]])
 
         return tf.cond(finite, adopt, lambda: tf.constant(False))
 
@@ -173,13 +145,7 @@ class _ModelState:
         return tf.distribute.MirroredStrategy.run(self.strategy, self._replica_sync)
 
     def communication(self):
-        return CommunicationStats(
-            num_workers=self.strategy.num_replicas_in_sync,
-            num_params=self.num_params,
-            state_bytes=self.trigger.state_bytes,
-            steps=int(self.steps.numpy()),
-            syncs=int(self.syncs.numpy()),
-        )
+        return super().communication(self.strategy.num_replicas_in_sync)
 
 
 class FDAStrategy(tf.distribute.MirroredStrategy):
