@@ -40,11 +40,16 @@ PRESETS = {
         evaluations_per_epoch=2, taus=[4], kamp=[8e-5], fda={"linear": [4e-5]}, test_samples=500,
         efficiency_rounds=1,
     ),
+    # < 10 min on 2 shared cores: every strategy family, both tasks, LeNet-5, K=10;
+    # two points per sweep (a short and a long period; the paper's c = 4e-5 and a
+    # large threshold), 62 classes over 2 epochs (500 steps) and one
+    # interleaved efficiency round.
     "quick": dict(
-        tasks=["digits", "femnist62"], models=["lenet5"], workers=[10], epochs=3, writers=400,
-        evaluations_per_epoch=3, taus=[16, 64, 256], kamp=[1.6e-4],
-        fda={"naive": [1.6e-4], "linear": [4e-5, 1.6e-4, 6.4e-4], "sketch": [1.6e-4]},
-        test_samples=None, efficiency_rounds=3,
+        tasks=["digits", "femnist62"], models=["lenet5"], workers=[10],
+        epochs={"digits": 3, "femnist62": 2}, writers=400,
+        evaluations_per_epoch=3, taus=[32, 256], kamp=[1.6e-4],
+        fda={"naive": [1.6e-4], "linear": [4e-5, 6.4e-4], "sketch": [1.6e-4]},
+        test_samples=None, efficiency_rounds=1,
     ),
     "full": dict(
         tasks=["digits", "femnist62"], models=["lenet5", "cnn"], workers=[10, 40], epochs=8,
@@ -68,7 +73,20 @@ flags.DEFINE_string("name", None, "Output file stem; default comm_to_accuracy_<p
 flags.DEFINE_list("tasks", None, "Override: digits, femnist62.")
 flags.DEFINE_list("models", None, "Override: lenet5, cnn.")
 flags.DEFINE_list("workers", None, "Override: values of K.")
-flags.DEFINE_float("epochs", None, "Override: epochs per run.")
+flags.DEFINE_float("epochs", None, "Override: epochs per run (every task).")
+flags.DEFINE_string(
+    "partition", "by_writer",
+    "How samples go to workers: by_writer (whole writers, natural non-IID), "
+    "sorted:FRACTION (keras_fda.partition.sorted_by_label, the paper's label skew), "
+    "dirichlet:ALPHA (keras_fda.partition.dirichlet) or iid.",
+)
+flags.DEFINE_list("taus", None, "Override: periodic taus.")
+flags.DEFINE_list("kamp", None, "Override: Kamp thresholds as multiples c of d.")
+flags.DEFINE_list("fda_naive", None, "Override: naive FDA thresholds as c (empty: none).")
+flags.DEFINE_list("fda_linear", None, "Override: linear FDA thresholds as c (empty: none).")
+flags.DEFINE_list("fda_sketch", None, "Override: sketch FDA thresholds as c (empty: none).")
+flags.DEFINE_integer("evaluations_per_epoch", None, "Override: evaluations per epoch.")
+flags.DEFINE_integer("efficiency_rounds", None, "Override: interleaved efficiency rounds.")
 flags.DEFINE_list(
     "target_fractions", ["0.2", "0.35", "0.5"],
     "Targets: the accuracy synchronous averaging reaches after these fractions of the run "
@@ -120,13 +138,42 @@ def load_task(data, task, writers):
     )
 
 
+def make_partitions(spec, writers, labels, num_workers, seed):
+    """K index arrays per --partition (see its help)."""
+    from keras_fda import partition
+
+    kind, _, arg = spec.partition(":")
+    if kind == "by_writer" and not arg:
+        return partition.by_writer(writers, num_workers, seed=seed)
+    if kind == "iid" and not arg:
+        return partition.iid(len(labels), num_workers, seed=seed)
+    if kind == "sorted" and arg:
+        return partition.sorted_by_label(labels, num_workers, float(arg), seed=seed)
+    if kind == "dirichlet" and arg:
+        return partition.dirichlet(labels, num_workers, float(arg), seed=seed)
+    raise app.UsageError(
+        f"--partition={spec!r}: use by_writer, iid, sorted:FRACTION or dirichlet:ALPHA."
+    )
+
+
+def partition_text(spec):
+    kind, _, arg = spec.partition(":")
+    return {
+        "by_writer": "whole writers per worker (`partition.by_writer`)",
+        "iid": "IID (`partition.iid`)",
+        "sorted": f"label skew: a fraction {arg} of the samples sorted by label and cut into K "
+        "blocks, the rest IID (`partition.sorted_by_label`)",
+        "dirichlet": f"label skew Dirichlet(alpha={arg}) (`partition.dirichlet`)",
+    }[kind]
+
+
 def strategies(preset, num_params):
     """(family, param, trigger) for every run of the grid; thresholds are c * d."""
     import keras_fda
 
     yield "synchronous", 0.0, keras_fda.Synchronous()
     for tau in preset["taus"]:
-        yield "periodic", float(tau), keras_fda.Periodic(tau)
+        yield "periodic", float(tau), keras_fda.Periodic(int(tau))
     for c in preset["kamp"]:
         yield "kamp", c * num_params, keras_fda.Kamp(c * num_params)
     for variant, grid in preset["fda"].items():
@@ -309,7 +356,6 @@ def main(argv):
     del argv
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import models
-    from keras_fda import partition
     from keras_fda.simulation import Simulation
 
     preset_name = "quick" if FLAGS.quick else FLAGS.preset
@@ -321,6 +367,18 @@ def main(argv):
         preset["workers"] = [int(k) for k in FLAGS.workers]
     if FLAGS.epochs:
         preset["epochs"] = FLAGS.epochs
+    for key in ("taus", "kamp"):
+        if getattr(FLAGS, key) is not None:
+            preset[key] = [float(v) for v in getattr(FLAGS, key)]
+    preset["fda"] = dict(preset["fda"])
+    for variant in ("naive", "linear", "sketch"):
+        values = getattr(FLAGS, f"fda_{variant}")
+        if values is not None:
+            preset["fda"][variant] = [float(v) for v in values]
+    for key in ("evaluations_per_epoch", "efficiency_rounds"):
+        if getattr(FLAGS, key):
+            preset[key] = getattr(FLAGS, key)
+    make_partitions(FLAGS.partition, [0], np.zeros(1), 1, 0)  # a bad spec fails before training
     fractions = [float(f) for f in FLAGS.target_fractions]
     name = FLAGS.name or f"comm_to_accuracy_{preset_name}"
     out_dir = ROOT / FLAGS.out_dir
@@ -344,8 +402,8 @@ def main(argv):
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared); "
         "Keras simulator `keras_fda.simulation.Simulation`.",
         "",
-        f"Adam (Keras defaults), batch {BATCH_SIZE} per worker, whole writers per worker "
-        "(`partition.by_writer`), accuracy of the averaged model on the task's test set, "
+        f"Adam (Keras defaults), batch {BATCH_SIZE} per worker, "
+        f"{partition_text(FLAGS.partition)}, accuracy of the averaged model on the task's test set, "
         f"evaluated {preset['evaluations_per_epoch']} times per epoch. Bytes: the paper's formula "
         "`(syncs + 1) * 2 * K * 4 * d + state_bytes * steps * K`. Targets: what synchronous "
         f"averaging reaches after {', '.join(map(str, fractions))} of the run, rounded down "
@@ -357,6 +415,9 @@ def main(argv):
     efficiency_rows = []
     for task in preset["tasks"]:
         x, y, writers, x_test, y_test, classes = load_task(data, task, preset["writers"])
+        epochs = preset["epochs"]
+        if isinstance(epochs, dict):
+            epochs = epochs[task]
         if preset["test_samples"]:
             x_test, y_test = x_test[: preset["test_samples"]], y_test[: preset["test_samples"]]
         for model_name in preset["models"]:
@@ -364,14 +425,14 @@ def main(argv):
                 model = models.build(model_name, classes, FLAGS.seed)
                 num_params = model.count_params()
                 sim = Simulation(model, workers)
-                parts = partition.by_writer(writers, workers, seed=FLAGS.seed)
+                parts = make_partitions(FLAGS.partition, writers, y, workers, FLAGS.seed)
                 plain, measured = measure_efficiency(
                     sim, model_name, classes, x, y, parts, FLAGS.seed, preset["efficiency_rounds"]
                 )
                 runs = []
                 for family, param, trigger in strategies(preset, num_params):
                     history = sim.run(
-                        trigger, x, y, parts, batch_size=BATCH_SIZE, epochs=preset["epochs"],
+                        trigger, x, y, parts, batch_size=BATCH_SIZE, epochs=epochs,
                         evaluations_per_epoch=preset["evaluations_per_epoch"],
                         validation_data=(x_test, y_test), seed=FLAGS.seed,
                     )  # fmt: skip
@@ -389,7 +450,9 @@ def main(argv):
                              "family": family, "param": param,
                              **{k: v[i].item() for k, v in ev.items()}}
                         )  # fmt: skip
-                title = f"{task}, {model_name}, K={workers}"
+                title = f"{task}, {model_name}, K={workers}, {epochs:g} epochs"
+                if FLAGS.partition != "by_writer":
+                    title += f", {FLAGS.partition}"
                 sweep_ms = {
                     family: float(np.median([steady_ms_per_step(r.history) for r in members]))
                     for family in FAMILIES

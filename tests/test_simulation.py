@@ -70,6 +70,26 @@ def test_synchronous_equals_plain_averaging_after_every_step(data):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_sketch_shortcut_keeps_the_decisions_of_one_sketch_per_worker(data):
+    """FDA sketch sketches the mean drift once (linearity); a subclass takes the K-sketch path."""
+
+    class PerWorkerSketch(keras_fda.SketchEstimator):
+        pass  # not the stock class: the simulator sketches each worker separately
+
+    x, y = data
+    parts = keras_fda.partition.iid(len(x), 3, seed=0)
+    sim = Simulation(setup.make_model(), 3)
+    runs = {}
+    for name, estimator in [("fast", keras_fda.SketchEstimator(depth=3, width=20, seed=1)),
+                            ("general", PerWorkerSketch(depth=3, width=20, seed=1))]:
+        runs[name] = sim.run(keras_fda.FDA(estimator, threshold=0.05), x, y, parts,
+                             batch_size=8, steps=30)  # fmt: skip
+    assert 0 < runs["fast"].synced.sum() < 30  # both branches exercised
+    np.testing.assert_array_equal(runs["fast"].synced, runs["general"].synced)
+    np.testing.assert_allclose(runs["fast"].statistic, runs["general"].statistic,
+                               rtol=1e-4, atol=1e-6)  # fmt: skip
+
+
 def test_history_accounting_csv_and_tensorboard(tmp_path, data):
     x, y = data
     model = setup.make_model()
