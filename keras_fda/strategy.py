@@ -1,7 +1,8 @@
 """`FDAStrategy`: Federated Dynamic Averaging as a `tf.distribute` strategy.
 
-One process, several devices (GPUs, or logical CPUs in tests). Each replica
-trains its own copy of the model on its shard of every global batch, with no
+Several devices of one process (`MirroredStrategy`: GPUs, or logical CPUs in
+tests), or the replicas of a cluster of processes
+(`MultiWorkerMirroredStrategy`: TF_CONFIG, gRPC). Each replica trains its own copy of the model on its shard of every global batch, with no
 per-step gradient all-reduce. After every step, inside the same compiled
 train step, each replica computes the trigger's local state from its drift,
 the states are averaged with the strategy's collectives, and the replicas'
@@ -28,12 +29,20 @@ How it plugs into Keras (why it is built this way):
   full gradient.
 * Collectives inside `tf.cond` must be issued in cross-replica context:
   the decision and the averaging run in a `merge_call`.
+* `FDAStrategy(...)` returns an instance of one of two concrete classes,
+  a `MirroredStrategy` or a `MultiWorkerMirroredStrategy`, because Keras
+  and TF choose code paths by the strategy's class. The multi-worker one
+  reuses the given strategy's collective runtime (a process configures it
+  only once) and works around Keras 3.15's multi-worker `fit`
+  (keras-team/keras#20585).
 """
 
 import functools
+import weakref
 
 import keras
 import tensorflow as tf
+from tensorflow.python.distribute import values as distribute_values
 
 from keras_fda import triggers as triggers_lib
 from keras_fda.averager import AveragingState
@@ -142,14 +151,14 @@ class _ModelState(AveragingState):
     # --- eager -----------------------------------------------------------
 
     def _synchronize_if_drifted(self):
-        return tf.distribute.MirroredStrategy.run(self.strategy, self._replica_sync)
+        return tf.distribute.Strategy.run(self.strategy, self._replica_sync)
 
     def communication(self):
         return super().communication(self.strategy.num_replicas_in_sync)
 
 
-class FDAStrategy(tf.distribute.MirroredStrategy):
-    """Federated Dynamic Averaging across the replicas of a `MirroredStrategy`.
+class FDAStrategy(tf.distribute.Strategy):
+    """Federated Dynamic Averaging across the replicas of a tf.distribute strategy.
 
     A drop-in replacement for the strategy: build and compile the model in
     `scope()`, then call `fit`. Each replica trains its own copy of the model
@@ -179,15 +188,29 @@ class FDAStrategy(tf.distribute.MirroredStrategy):
     statistic), `fda/threshold`, `fda/syncs` and `fda/comm_bytes`
     (paper-formula bytes so far, all replicas), as with `FDACallback`.
 
-    Not supported (clear errors): base strategies other than
-    `tf.distribute.MirroredStrategy` (MultiWorkerMirroredStrategy: use
-    `keras_fda.FDACallback`, one process per worker), `steps_per_execution`
-    other than 1, `jit_compile=True`, `LossScaleOptimizer`, an optimizer
+    Multi-worker clusters: given a `tf.distribute.MultiWorkerMirroredStrategy`
+    (created at program start, as TF requires), the replicas are those of
+    every worker and the FDA state and weights are averaged with the
+    cluster's collectives. Each worker's `fit` logs its own replicas' loss
+    and metrics (Keras would otherwise all-reduce every logged value at
+    every step); the `fda/*` values are the same on every worker. As with
+    any MultiWorkerMirroredStrategy, every worker must call `fit`,
+    `evaluate`, `predict` and `save` (a sync is a collective). The given
+    strategy object is taken over: use the `FDAStrategy` from then on.
+
+    Checkpoints (`ModelCheckpoint`, `BackupAndRestore`) save the averaged
+    model. The FDA counters are not in them: a restored run starts a new
+    round from the restored weights and counts from zero.
+
+    Not supported (clear errors): other base strategies (one process per
+    worker without tf.distribute: `keras_fda.FDACallback`),
+    `steps_per_execution` other than 1, `jit_compile=True`, `LossScaleOptimizer`, an optimizer
     created outside `scope()`, models without trainable weights.
 
     Args:
-        strategy: the `tf.distribute.MirroredStrategy` whose devices (and
-            cross-device ops) to use.
+        strategy: the `tf.distribute.MirroredStrategy` (one machine) or
+            `tf.distribute.MultiWorkerMirroredStrategy` (a cluster) whose
+            devices and collectives to use.
         threshold: Theta. FDA syncs when the estimate is strictly greater.
         variant: the variance estimator: "linear" (default), "naive",
             "sketch", "exact", or a `keras_fda.estimators.VarianceEstimator`.
@@ -217,6 +240,16 @@ class FDAStrategy(tf.distribute.MirroredStrategy):
     ```
     """
 
+    def __new__(cls, strategy=None, *args, **kwargs):
+        # An instance of the concrete class for the given strategy's kind, so
+        # that Keras and TF take the code paths they have for that kind.
+        if cls is FDAStrategy:
+            if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+                cls = _MultiWorkerFDAStrategy
+            else:
+                cls = _MirroredFDAStrategy
+        return super().__new__(cls)
+
     def __init__(
         self,
         strategy,
@@ -227,28 +260,18 @@ class FDAStrategy(tf.distribute.MirroredStrategy):
         tau=None,
         average_non_trainable=True,
     ):
-        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-            raise ValueError(
-                "FDAStrategy does not support MultiWorkerMirroredStrategy: Keras 3.15's "
-                "model.fit is broken under multi-worker tf.distribute (keras-team/keras#20585), "
-                "and FDA across processes needs no gradient all-reduce anyway. Use "
-                "keras_fda.FDACallback with keras_fda.connect() (one process per worker, "
-                "the model built outside any strategy scope)."
-            )
-        if type(strategy) is not tf.distribute.MirroredStrategy:
-            raise TypeError(
-                "FDAStrategy wraps a tf.distribute.MirroredStrategy, got "
-                f"{type(strategy).__name__}. For several processes use keras_fda.FDACallback."
-            )
         self.trigger = triggers_lib.get(trigger, threshold=threshold, variant=variant, tau=tau)
         self.average_non_trainable = bool(average_non_trainable)
         self._states = []
-        # A MirroredStrategy over the same devices: Keras then calls this
-        # object's `run` for every compiled step.
-        super().__init__(
-            devices=strategy.extended.worker_devices,
-            cross_device_ops=strategy.extended._cross_device_ops,  # None: TF's default
-        )
+        self._adopt(strategy)
+
+    def _adopt(self, strategy):
+        """Initializes the tf.distribute side over `strategy`'s devices."""
+        raise NotImplementedError
+
+    def _train_logs(self, logs):
+        """What the train step's `run` returns to Keras."""
+        return logs
 
     @property
     def communication(self):
@@ -273,10 +296,10 @@ class FDAStrategy(tf.distribute.MirroredStrategy):
         if isinstance(owner, keras.Model) and getattr(fn, "__name__", None) == "train_step":
             state = self._state_for(owner)
             fn = functools.partial(state.replica_step, fn)
-        else:
-            # evaluate / predict / any other step: never on divergent copies.
-            for _, state in self._states:
-                state._synchronize_if_drifted()
+            return self._train_logs(super().run(fn, args=args, kwargs=kwargs, options=options))
+        # evaluate / predict / any other step: never on divergent copies.
+        for _, state in self._states:
+            state._synchronize_if_drifted()
         return super().run(fn, args=args, kwargs=kwargs, options=options)
 
     def _state_for(self, model):
@@ -344,6 +367,62 @@ class FDAStrategy(tf.distribute.MirroredStrategy):
 
         object.__setattr__(optimizer, "apply", apply)
         object.__setattr__(optimizer, "_all_reduce_sum_gradients", list)
+
+
+
+class _MirroredFDAStrategy(FDAStrategy, tf.distribute.MirroredStrategy):
+    """`FDAStrategy` over the devices of one process."""
+
+    def _adopt(self, strategy):
+        if type(strategy) is not tf.distribute.MirroredStrategy:
+            raise TypeError(
+                "FDAStrategy wraps a tf.distribute.MirroredStrategy or "
+                f"MultiWorkerMirroredStrategy, got {type(strategy).__name__}. For processes "
+                "without tf.distribute use keras_fda.FDACallback."
+            )
+        # A MirroredStrategy over the same devices: Keras then calls this
+        # object's `run` for every compiled step.
+        tf.distribute.MirroredStrategy.__init__(
+            self,
+            devices=strategy.extended.worker_devices,
+            cross_device_ops=strategy.extended._cross_device_ops,  # None: TF's default
+        )
+
+
+class _MultiWorkerFDAStrategy(FDAStrategy, tf.distribute.MultiWorkerMirroredStrategy):
+    """`FDAStrategy` over the replicas of a multi-worker cluster."""
+
+    def _adopt(self, strategy):
+        if isinstance(strategy, FDAStrategy):
+            raise TypeError("The strategy is already an FDAStrategy.")
+        # A process can configure TF's collective runtime only once, so this
+        # strategy reuses the given one's (as tf.distribute's own deepcopy
+        # does) instead of building a second one.
+        tf.distribute.Strategy.__init__(self, strategy.extended)
+        self.extended._container_strategy_weakref = weakref.ref(self)
+
+    def reduce(self, reduce_op, value, axis=None):
+        # Keras 3.15 under a multi-worker strategy (keras-team/keras#20585)
+        # reduces a whole (x, y) batch in one call and scalars along axis 0.
+        def reduce_one(v):
+            scalar = axis is not None and getattr(v, "shape", None) is not None and v.shape.rank == 0
+            return super(_MultiWorkerFDAStrategy, self).reduce(
+                reduce_op, v, None if scalar else axis
+            )
+
+        return tf.nest.map_structure(reduce_one, value)
+
+    def _train_logs(self, logs):
+        # Keras would all-reduce every logged value at every step, the
+        # traffic FDA exists to avoid. Each worker logs the mean over its
+        # own replicas, marked mirrored: Keras' MEAN reduction then returns
+        # it as is (the fda/* values are equal on every worker anyway).
+        def local(value):
+            results = self.experimental_local_results(value)
+            mean = results[0] if len(results) == 1 else tf.reduce_mean(tf.stack(results), 0)
+            return distribute_values.Mirrored((mean,))
+
+        return tf.nest.map_structure(local, logs)
 
 
 def _scale(gradient, factor):

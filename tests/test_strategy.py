@@ -1,8 +1,10 @@
-"""FDAStrategy on 2 and 4 logical CPU devices.
+"""FDAStrategy on 2 and 4 logical CPU devices, and over 2 worker processes.
 
 Each scenario runs tests/workers/strategy_worker.py in a fresh process (the
 logical devices must be configured before TensorFlow initializes); the
-scenarios start together and the tests read their results.
+scenarios start together and the tests read their results. The multi-worker
+scenario runs the same script in 2 processes under a real
+MultiWorkerMirroredStrategy (TF_CONFIG, gRPC on 127.0.0.1).
 """
 
 import os
@@ -15,6 +17,7 @@ import pytest
 import tensorflow as tf
 
 from keras_fda.strategy import FDAStrategy
+from conftest import launch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -52,6 +55,18 @@ def results(tmp_path_factory):
         assert process.returncode == 0, f"{name}:\n{output[-4000:]}"
         loaded[name] = dict(np.load(out / "result.npz"))
     return loaded
+
+
+@pytest.fixture(scope="module")
+def multiworker(tmp_path_factory):
+    out = tmp_path_factory.mktemp("multiworker")
+    result = launch(
+        2, "tests/workers/strategy_worker.py", "--scenario", "multiworker",
+        "--trigger", "fda", "--threshold", "0.3", "--steps", "150", "--out", out,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return [dict(np.load(out / f"result_{i}.npz")) for i in range(2)]
 
 
 def _sync_steps(result):
@@ -107,6 +122,39 @@ def test_synchronous_trigger_equals_mirrored_strategy_with_sgd(results):
     r = results["mirrored2"]
     assert r["moved"] > 0.05
     assert r["diff"] < 1e-5
+
+
+def test_multiworker_decisions_and_accuracy_match_the_simulator(multiworker):
+    first, second = multiworker
+    synced = _sync_steps(first)
+    assert 2 <= synced.sum() < len(synced)
+    np.testing.assert_array_equal(synced, first["sim_synced"])
+    np.testing.assert_allclose(first["statistic"], first["sim_statistic"], rtol=1e-4, atol=1e-5)
+    # The FDA decision is one value all-reduced: bit-identical on every worker.
+    np.testing.assert_array_equal(first["statistic"], second["statistic"])
+    assert abs(first["accuracy"] - first["sim_accuracy"]) < 0.02
+    assert first["accuracy"] == second["accuracy"]
+
+
+def test_multiworker_replicas_diverge_between_syncs_and_are_equal_after(multiworker):
+    first, second = multiworker
+    synced = _sync_steps(first)
+    difference = np.max(np.abs(first["weights"] - second["weights"]), axis=1)
+    assert np.all(difference[synced] == 0.0)
+    assert np.all(difference[~synced] > 0.0)
+    # evaluate() synchronized the last round: one model on every worker.
+    np.testing.assert_array_equal(first["final_weights"], second["final_weights"])
+
+
+def test_multiworker_logs_are_each_workers_own_and_totals_match(multiworker):
+    first, second = multiworker
+    # No per-step all-reduce of the metrics: each worker logs its own loss.
+    assert np.any(first["loss"] != second["loss"])
+    steps, syncs, paper_bytes, num_params = first["comm"]
+    sim_steps, sim_syncs, sim_paper_bytes, _ = first["sim_comm"]
+    assert (steps, syncs) == (sim_steps, sim_syncs + 1)  # + the sync before evaluate()
+    assert paper_bytes - sim_paper_bytes == 2 * 2 * 4 * num_params
+    np.testing.assert_array_equal(first["comm"], second["comm"])
 
 
 def test_unsupported_strategies_and_settings_raise_clear_errors():

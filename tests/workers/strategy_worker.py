@@ -13,6 +13,10 @@ Scenarios (results in DIR/result.npz):
   mirrored: trigger "synchronous" with SGD vs plain MirroredStrategy (the
       same math: the average of local SGD steps is the step on the mean
       gradient). Saves the largest weight difference.
+  multiworker: the simulator scenario over a MultiWorkerMirroredStrategy, one
+      replica per worker process (run under `python -m keras_fda.launch`).
+      Each worker saves its per-step weights to DIR/result_<index>.npz; the
+      test compares the workers.
 """
 
 import argparse
@@ -20,7 +24,9 @@ import os
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--devices", type=int, default=2)
-parser.add_argument("--scenario", choices=["simulator", "mirrored"], default="simulator")
+parser.add_argument(
+    "--scenario", choices=["simulator", "mirrored", "multiworker"], default="simulator"
+)
 parser.add_argument("--trigger", default="fda")
 parser.add_argument("--threshold", type=float, default=1.5)
 parser.add_argument("--tau", type=int, default=5)
@@ -29,12 +35,23 @@ parser.add_argument("--optimizer", default="adam")
 parser.add_argument("--out", required=True)
 args = parser.parse_args()
 
+import json  # noqa: E402
+
 import tensorflow as tf  # noqa: E402
 
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(
-    cpu, [tf.config.LogicalDeviceConfiguration()] * args.devices
-)
+if args.scenario == "multiworker":
+    # Before any other TF op: the collective runtime is configured at startup.
+    base_strategy = tf.distribute.MultiWorkerMirroredStrategy(
+        communication_options=tf.distribute.experimental.CommunicationOptions(timeout_seconds=120)
+    )
+    TASK = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+else:
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * args.devices
+    )
+    base_strategy = tf.distribute.MirroredStrategy()
+    TASK = 0
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -44,7 +61,7 @@ from keras_fda import partition, triggers  # noqa: E402
 from keras_fda.simulation import Simulation, batch_schedule  # noqa: E402
 from keras_fda.strategy import FDAStrategy  # noqa: E402
 
-K, BATCH = args.devices, 16
+K, BATCH = base_strategy.num_replicas_in_sync, 16
 
 
 def digits():
@@ -78,23 +95,32 @@ def make_trigger():
 
 
 class Recorder(keras.callbacks.Callback):
-    """Per step: fda logs and the largest difference between replicas."""
+    """Per step: fda logs, the largest difference between this process's
+    replicas and this process's first replica's weights."""
 
     def __init__(self):
         super().__init__()
-        self.syncs, self.statistic, self.spread = [], [], []
+        self.syncs, self.statistic, self.spread, self.weights = [], [], [], []
+        self.loss = []
 
     def on_train_batch_end(self, batch, logs=None):
-        self.syncs.append(logs["fda/syncs"])
-        self.statistic.append(logs["fda/variance"])
+        self.loss.append(float(logs["loss"]))
+        self.syncs.append(float(logs["fda/syncs"]))
+        self.statistic.append(float(logs["fda/variance"]))
         self.spread.append(spread(self.model))
+        self.weights.append(
+            np.concatenate([w.value.values[0].numpy().ravel() for w in self.model.trainable_weights])
+        )
 
 
 def spread(model):
     return max(
-        float(np.max(np.abs(c.numpy() - w.value.values[0].numpy())))
-        for w in model.trainable_weights
-        for c in w.value.values[1:]
+        (
+            float(np.max(np.abs(c.numpy() - w.value.values[0].numpy())))
+            for w in model.trainable_weights
+            for c in w.value.values[1:]
+        ),
+        default=0.0,
     )
 
 
@@ -105,10 +131,13 @@ def simulator_scenario():
     # Global batch t = the K workers' batches of step t, replica k gets slice k.
     flat = schedule.reshape(-1)
     dataset = tf.data.Dataset.from_tensor_slices((x[flat], y[flat])).batch(K * BATCH)
+    # Every worker reads the same global batches and keeps its replicas'
+    # slice of each, as the replicas of one process do.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    dataset = dataset.with_options(options)
 
-    strategy = FDAStrategy(
-        tf.distribute.MirroredStrategy(), trigger=make_trigger(), average_non_trainable=True
-    )
+    strategy = FDAStrategy(base_strategy, trigger=make_trigger(), average_non_trainable=True)
     with strategy.scope():
         model = make_model()
         compile_model(model, args.optimizer)
@@ -128,9 +157,13 @@ def simulator_scenario():
         validation_data=(x_test, y_test),
     )
     sim_accuracy = float(history.evaluations["accuracy"][-1])
+    name = "result.npz" if args.scenario == "simulator" else f"result_{TASK}.npz"
     np.savez(
-        os.path.join(args.out, "result.npz"),
+        os.path.join(args.out, name),
+        weights=np.array(recorder.weights),
+        final_weights=np.concatenate([w.ravel() for w in model.get_weights()]),
         syncs=np.array(recorder.syncs),
+        loss=np.array(recorder.loss),
         statistic=np.array(recorder.statistic),
         spread=np.array(recorder.spread),
         spread_before_eval=before_eval,
@@ -166,7 +199,7 @@ def mirrored_scenario():
     np.savez(os.path.join(args.out, "result.npz"), diff=diff, moved=moved)
 
 
-if args.scenario == "simulator":
-    simulator_scenario()
-else:
+if args.scenario == "mirrored":
     mirrored_scenario()
+else:
+    simulator_scenario()
