@@ -12,7 +12,7 @@ from absl import logging
 from keras_fda import cluster as cluster_lib
 from keras_fda import triggers as triggers_lib
 from keras_fda.averager import WorkerAverager
-from keras_fda.tensorboard import Dashboard
+from keras_fda.tensorboard import Dashboard, standardize_update_freq
 
 
 class _CheckpointedState(keras.layers.Layer):
@@ -129,7 +129,7 @@ class FDACallback(keras.callbacks.Callback):
         self.trigger = triggers_lib.get(trigger, threshold=threshold, variant=variant, tau=tau)
         self.average_non_trainable = bool(average_non_trainable)
         self.log_dir = log_dir
-        self.update_freq = update_freq
+        self.update_freq = standardize_update_freq(update_freq)
         self._dashboard = None
         self._last_sync_step = 0
         self._cluster = cluster

@@ -37,6 +37,7 @@ How it plugs into Keras (why it is built this way):
   (keras-team/keras#20585).
 """
 
+import atexit
 import functools
 import weakref
 
@@ -45,7 +46,9 @@ import tensorflow as tf
 from tensorflow.python.distribute import values as distribute_values
 
 from keras_fda import triggers as triggers_lib
+from keras_fda.accounting import CommunicationStats
 from keras_fda.averager import AveragingState
+from keras_fda.tensorboard import Dashboard, standardize_update_freq
 
 _MEAN = tf.distribute.ReduceOp.MEAN
 # Model methods that read the weights in cross-replica context (which silently
@@ -56,8 +59,9 @@ _READERS = ("save", "save_weights", "get_weights", "export")
 class _ModelState(AveragingState):
     """The FDA state of one model under an `FDAStrategy` (mirrored variables)."""
 
-    def __init__(self, strategy, model, trigger, average_non_trainable):
+    def __init__(self, strategy, model, trigger, average_non_trainable, dashboard=None):
         self.strategy = strategy
+        self.dashboard = dashboard
         extra = []
         if average_non_trainable:
             extra = [w.value for w in model.non_trainable_weights if w.dtype.startswith("float")]
@@ -107,8 +111,47 @@ class _ModelState(AveragingState):
         decided = self.trigger.should_sync(statistic, steps_since_sync) & tf.math.is_finite(
             statistic
         )
-        tf.cond(decided, lambda: self._average(strategy, reads), lambda: tf.constant(False))
+        synced = tf.cond(
+            decided, lambda: self._average(strategy, reads), lambda: tf.constant(False)
+        )
+        if self.dashboard is not None:
+            self._write_dashboard(statistic, synced, round_length=steps_since_sync)
         return self._logs(statistic)
+
+    def _write_dashboard(self, statistic, synced, round_length):
+        """Hands this step's values to the chief's `Dashboard` (host Python)."""
+        steps = self.steps.read_value()
+        # Only the steps that write leave the graph.
+        due = synced | (steps % self.dashboard.update_freq == 0)
+        values = [
+            steps, statistic, synced, round_length, self.syncs.read_value(),
+            self.steps_since_sync.read_value(),
+        ]
+        def write():
+            tf.py_function(self._dashboard_step, values, Tout=[])
+            return tf.constant(True)
+
+        tf.cond(due, write, lambda: tf.constant(False))
+
+    def _dashboard_step(self, steps, statistic, synced, round_length, syncs, steps_since_sync):
+        steps, syncs = int(steps), int(syncs)
+        if bool(synced):
+            self.dashboard.write_sync(steps, int(round_length))
+        stats = CommunicationStats(
+            num_workers=self.strategy.num_replicas_in_sync,
+            num_params=self.num_params,
+            state_bytes=self.trigger.state_bytes,
+            steps=steps,
+            syncs=syncs,
+        )
+        self.dashboard.write_step(
+            steps,
+            statistic=float(statistic),
+            threshold=self.trigger.threshold,
+            syncs=syncs,
+            steps_since_sync=int(steps_since_sync),
+            stats=stats,
+        )
 
     def _sync_if_drifted(self, strategy, reads):
         return tf.cond(
@@ -220,6 +263,11 @@ class FDAStrategy(tf.distribute.Strategy):
         tau: steps between syncs for the "periodic" trigger.
         average_non_trainable: also average non-trainable float weights at
             each sync (default True, as `FDACallback`).
+        log_dir: if set, the chief writes the FDA dashboard (see
+            `keras_fda.tensorboard`) to `<log_dir>/fda`, next to the runs of
+            `keras.callbacks.TensorBoard(log_dir)`, on the same step axis.
+        update_freq: write the dashboard every this many steps (an int, or
+            "batch" for every step); syncs are always written.
 
     Attributes:
         communication: the `keras_fda.CommunicationStats` of the last model
@@ -259,11 +307,26 @@ class FDAStrategy(tf.distribute.Strategy):
         trigger=None,
         tau=None,
         average_non_trainable=True,
+        log_dir=None,
+        update_freq=1,
     ):
         self.trigger = triggers_lib.get(trigger, threshold=threshold, variant=variant, tau=tau)
         self.average_non_trainable = bool(average_non_trainable)
+        if standardize_update_freq(update_freq) == "epoch":
+            raise ValueError(
+                "FDAStrategy writes its dashboard from the compiled train step, which has no "
+                'notion of epochs: pass update_freq as a number of steps (or "batch").'
+            )
+        self.log_dir = log_dir
+        self.update_freq = standardize_update_freq(update_freq)
+        self._dashboard = None
         self._states = []
         self._adopt(strategy)
+        if log_dir is not None and self.extended.should_save_summary:
+            # The chief's only; the values are the same on every worker.
+            self._dashboard = Dashboard(log_dir, update_freq)
+            # The writer flushes every few seconds; the rest when Python exits.
+            atexit.register(self._dashboard.close)
 
     def _adopt(self, strategy):
         """Initializes the tf.distribute side over `strategy`'s devices."""
@@ -289,6 +352,8 @@ class FDAStrategy(tf.distribute.Strategy):
             if model is None or owner is model:
                 result = state.synchronize()
                 synced = bool(self.experimental_local_results(result)[0]) or synced
+        if self._dashboard is not None:
+            self._dashboard.flush()
         return synced
 
     def run(self, fn, args=(), kwargs=None, options=None):
@@ -308,7 +373,9 @@ class FDAStrategy(tf.distribute.Strategy):
                 return state
         self._check(model)
         self._make_optimizer_local(model.optimizer)
-        state = _ModelState(self, model, self.trigger, self.average_non_trainable)
+        state = _ModelState(
+            self, model, self.trigger, self.average_non_trainable, self._dashboard
+        )
         self._states.append((model, state))
         for name in _READERS:
             original = getattr(model, name, None)

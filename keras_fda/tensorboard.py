@@ -62,6 +62,23 @@ def layout():
     return layout_pb2.Layout(category=[layout_pb2.Category(title=CATEGORY, chart=charts)])
 
 
+def standardize_update_freq(update_freq):
+    """`update_freq` as a positive int or "epoch"; ValueError otherwise.
+
+    Every worker checks it, not only the chief that writes, so that a bad
+    value stops all of them before training.
+    """
+    if update_freq == "batch":
+        return 1
+    if update_freq != "epoch" and (
+        isinstance(update_freq, bool) or not isinstance(update_freq, int) or update_freq < 1
+    ):
+        raise ValueError(
+            f'update_freq must be a positive int, "batch" or "epoch", got {update_freq!r}.'
+        )
+    return update_freq
+
+
 class Dashboard:
     """Writes the FDA dashboard (scalars, round-length histogram, custom-scalars layout).
 
@@ -98,15 +115,7 @@ class Dashboard:
     """
 
     def __init__(self, log_dir, update_freq=1, run="fda"):
-        if update_freq == "batch":
-            update_freq = 1
-        if update_freq != "epoch" and (
-            isinstance(update_freq, bool) or not isinstance(update_freq, int) or update_freq < 1
-        ):
-            raise ValueError(
-                f'update_freq must be a positive int, "batch" or "epoch", got {update_freq!r}.'
-            )
-        self.update_freq = update_freq
+        self.update_freq = standardize_update_freq(update_freq)
         self.log_dir = os.path.join(log_dir, run)
         # A large queue so that the writer does not flush every few steps (7
         # events a step), but at most every 5 s so the dashboard stays live.

@@ -1,10 +1,15 @@
-"""Shared helpers for tests that start real worker processes on 127.0.0.1."""
+"""Shared test helpers: real worker processes on 127.0.0.1, and reading TensorBoard event files."""
 
 import os
+import re
 import subprocess
 import sys
 
 import pytest
+import tensorflow as tf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.plugins.custom_scalar import metadata as custom_scalar_metadata
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,3 +33,53 @@ def launch(num_workers, script, *args, timeout=150):
 @pytest.fixture
 def run_workers():
     return launch
+
+
+# --- TensorBoard event files (the FDA dashboard) ---
+
+SCALAR_TAGS = [
+    "fda/variance",
+    "fda/threshold",
+    "fda/syncs",
+    "fda/steps_since_sync",
+    "fda/bytes_sent",
+    "fda/bytes_synchronous",
+    "fda/savings",
+]
+
+
+def read_run(run_dir):
+    """`{tag: [(step, numpy value), ...]}` of a run's TF2 summaries (all kept, none sampled)."""
+    accumulator = EventAccumulator(run_dir, size_guidance={"tensors": 0})
+    accumulator.Reload()
+    return {
+        tag: [(e.step, tf.make_ndarray(e.tensor_proto)) for e in accumulator.Tensors(tag)]
+        for tag in accumulator.Tags()["tensors"]
+    }
+
+
+def read_layout(events):
+    (step, serialized), = events[custom_scalar_metadata.CONFIG_SUMMARY_TAG]
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(serialized.item())
+    return layout
+
+
+def check_layout(events):
+    """Every chart regex matches a tag of the run (as the plugin matches: re.match)."""
+    layout = read_layout(events)
+    tags = [t for t in events if t != custom_scalar_metadata.CONFIG_SUMMARY_TAG]
+    charts = {}
+    for category in layout.category:
+        for chart in category.chart:
+            matched = set()
+            for regex in chart.multiline.tag:
+                hits = [t for t in tags if re.match(regex, t)]
+                assert hits, f"{chart.title!r}: {regex!r} matches no tag of {tags}"
+                matched.update(hits)
+            charts[chart.title] = matched
+    # The issue's charts: estimate vs threshold, FDA vs synchronous bytes, syncs.
+    assert {"fda/variance", "fda/threshold"} in charts.values()
+    assert {"fda/bytes_sent", "fda/bytes_synchronous"} in charts.values()
+    assert {"fda/syncs"} in charts.values()
+    return charts

@@ -17,7 +17,7 @@ import pytest
 import tensorflow as tf
 
 from keras_fda.strategy import FDAStrategy
-from conftest import launch
+from conftest import SCALAR_TAGS, check_layout, launch, read_run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -53,7 +53,7 @@ def results(tmp_path_factory):
             process.kill()
             output, _ = process.communicate()
         assert process.returncode == 0, f"{name}:\n{output[-4000:]}"
-        loaded[name] = dict(np.load(out / "result.npz"))
+        loaded[name] = dict(np.load(out / "result.npz"), out=out)
     return loaded
 
 
@@ -66,7 +66,7 @@ def multiworker(tmp_path_factory):
         timeout=240,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return [dict(np.load(out / f"result_{i}.npz")) for i in range(2)]
+    return [dict(np.load(out / f"result_{i}.npz"), out=out) for i in range(2)]
 
 
 def _sync_steps(result):
@@ -157,11 +157,54 @@ def test_multiworker_logs_are_each_workers_own_and_totals_match(multiworker):
     np.testing.assert_array_equal(first["comm"], second["comm"])
 
 
+def check_dashboard(result):
+    """The chief's dashboard holds the strategy's own per-step values and totals."""
+    run = os.path.join(result["out"], "logs", "fda")
+    events = read_run(run)
+    assert set(SCALAR_TAGS) | {"fda/round_length"} <= set(events)
+    check_layout(events)
+    steps = len(result["syncs"])
+    assert [step for step, _ in events["fda/variance"]] == list(range(1, steps + 1))
+    np.testing.assert_allclose(
+        [v for _, v in events["fda/variance"]], result["statistic"], rtol=1e-6
+    )
+    np.testing.assert_array_equal([v for _, v in events["fda/syncs"]], result["syncs"])
+    # Totals after fit: `communication` (read after evaluate) less evaluate()'s sync.
+    _, syncs, paper_bytes, num_params = result["comm"]
+    assert events["fda/syncs"][-1][1] == syncs - 1
+    assert events["fda/bytes_sent"][-1][1] == np.float32(paper_bytes - 2 * 2 * 4 * num_params)
+    # One histogram per sync in fit; the last one counts every round.
+    assert len(events["fda/round_length"]) == syncs - 1
+    assert events["fda/round_length"][-1][1][:, 2].sum() == syncs - 1
+    return events
+
+
+def test_dashboard_on_devices_shares_keras_tensorboard_log_dir(results):
+    r = results["fda2"]
+    fda_events = check_dashboard(r)
+    # keras.callbacks.TensorBoard wrote its own run, on the same step axis.
+    train_events = read_run(os.path.join(r["out"], "logs", "train"))
+    assert not any(tag.startswith("fda/") for tag in train_events)
+    keras_steps = [step for step, _ in train_events["batch_loss"]]
+    assert keras_steps == [step for step, _ in fda_events["fda/variance"]]
+
+
+def test_dashboard_on_a_cluster_is_written_by_the_chief_only(multiworker):
+    chief, _ = multiworker
+    check_dashboard(chief)
+    run = os.path.join(chief["out"], "logs", "fda")
+    assert len([f for f in os.listdir(run) if f.startswith("events.out")]) == 1
+
+
 def test_unsupported_strategies_and_settings_raise_clear_errors():
     with pytest.raises(TypeError, match="MirroredStrategy"):
         FDAStrategy(tf.distribute.OneDeviceStrategy("/cpu:0"), threshold=1.0)
     with pytest.raises(ValueError, match="threshold"):
         FDAStrategy(tf.distribute.MirroredStrategy(["/cpu:0"]))
+    with pytest.raises(ValueError, match="number of steps"):
+        FDAStrategy(tf.distribute.MirroredStrategy(["/cpu:0"]), threshold=1.0, update_freq="epoch")
+    with pytest.raises(ValueError, match="update_freq"):
+        FDAStrategy(tf.distribute.MirroredStrategy(["/cpu:0"]), threshold=1.0, update_freq=0)
     strategy = FDAStrategy(tf.distribute.MirroredStrategy(["/cpu:0"]), threshold=1.0)
     with strategy.scope():
         model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])

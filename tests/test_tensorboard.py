@@ -2,30 +2,17 @@
 
 import importlib.util
 import os
-import re
 import socket
 
 import numpy as np
 import pytest
-import tensorflow as tf
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.custom_scalar import layout_pb2
-from tensorboard.plugins.custom_scalar import metadata as custom_scalar_metadata
+from conftest import SCALAR_TAGS, check_layout, read_layout, read_run
 
 from keras_fda import tensorboard as fda_tensorboard
 from keras_fda.accounting import CommunicationStats
 from keras_fda.tensorboard import Dashboard
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCALAR_TAGS = [
-    "fda/variance",
-    "fda/threshold",
-    "fda/syncs",
-    "fda/steps_since_sync",
-    "fda/bytes_sent",
-    "fda/bytes_synchronous",
-    "fda/savings",
-]
 
 
 def load_demo():
@@ -36,43 +23,6 @@ def load_demo():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def read_run(run_dir):
-    """`{tag: [(step, numpy value), ...]}` of a run's TF2 summaries (all kept, none sampled)."""
-    accumulator = EventAccumulator(run_dir, size_guidance={"tensors": 0})
-    accumulator.Reload()
-    return {
-        tag: [(e.step, tf.make_ndarray(e.tensor_proto)) for e in accumulator.Tensors(tag)]
-        for tag in accumulator.Tags()["tensors"]
-    }
-
-
-def read_layout(events):
-    (step, serialized), = events[custom_scalar_metadata.CONFIG_SUMMARY_TAG]
-    layout = layout_pb2.Layout()
-    layout.ParseFromString(serialized.item())
-    return layout
-
-
-def check_layout(events):
-    """Every chart regex matches a tag of the run (as the plugin matches: re.match)."""
-    layout = read_layout(events)
-    tags = [t for t in events if t != custom_scalar_metadata.CONFIG_SUMMARY_TAG]
-    charts = {}
-    for category in layout.category:
-        for chart in category.chart:
-            matched = set()
-            for regex in chart.multiline.tag:
-                hits = [t for t in tags if re.match(regex, t)]
-                assert hits, f"{chart.title!r}: {regex!r} matches no tag of {tags}"
-                matched.update(hits)
-            charts[chart.title] = matched
-    # The issue's charts: estimate vs threshold, FDA vs synchronous bytes, syncs.
-    assert {"fda/variance", "fda/threshold"} in charts.values()
-    assert {"fda/bytes_sent", "fda/bytes_synchronous"} in charts.values()
-    assert {"fda/syncs"} in charts.values()
-    return charts
 
 
 def drive(log_dir, update_freq, last_step=6):

@@ -9,7 +9,9 @@ Scenarios (results in DIR/result.npz):
   simulator: digits (the quickstart data), non-IID shares; FDAStrategy and
       keras_fda.Simulation train from the same weights on the same batches.
       Saves per-step syncs and statistics of both, the largest difference
-      between replicas after each step, and the test accuracy of both.
+      between replicas after each step, and the test accuracy of both. The
+      strategy writes its dashboard and keras.callbacks.TensorBoard its logs
+      to DIR/logs.
   mirrored: trigger "synchronous" with SGD vs plain MirroredStrategy (the
       same math: the average of local SGD steps is the step on the mean
       gradient). Saves the largest weight difference.
@@ -137,13 +139,20 @@ def simulator_scenario():
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     dataset = dataset.with_options(options)
 
-    strategy = FDAStrategy(base_strategy, trigger=make_trigger(), average_non_trainable=True)
+    log_dir = os.path.join(args.out, "logs")
+    strategy = FDAStrategy(
+        base_strategy, trigger=make_trigger(), average_non_trainable=True, log_dir=log_dir
+    )
     with strategy.scope():
         model = make_model()
         compile_model(model, args.optimizer)
     initial = model.get_weights()
     recorder = Recorder()
-    model.fit(dataset, epochs=1, verbose=0, callbacks=[recorder])
+    callbacks = [recorder]
+    if args.scenario == "simulator":
+        # Keras' own TensorBoard on the same log_dir (one process only).
+        callbacks.append(keras.callbacks.TensorBoard(log_dir, update_freq=1))
+    model.fit(dataset, epochs=1, verbose=0, callbacks=callbacks)
     before_eval = spread(model)
     strategy_eval = model.evaluate(x_test, y_test, verbose=0, return_dict=True)
     after_eval = spread(model)
