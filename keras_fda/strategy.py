@@ -462,6 +462,11 @@ class _MultiWorkerFDAStrategy(FDAStrategy, tf.distribute.MultiWorkerMirroredStra
     def _adopt(self, strategy):
         if isinstance(strategy, FDAStrategy):
             raise TypeError("The strategy is already an FDAStrategy.")
+        if strategy.extended._container_strategy() is not strategy:
+            raise ValueError(
+                "This MultiWorkerMirroredStrategy is already taken over by an FDAStrategy "
+                "(a process has one collective runtime): use that FDAStrategy."
+            )
         # A process can configure TF's collective runtime only once, so this
         # strategy reuses the given one's (as tf.distribute's own deepcopy
         # does) instead of building a second one.

@@ -146,6 +146,10 @@ def test_multiworker_replicas_diverge_between_syncs_and_are_equal_after(multiwor
     np.testing.assert_array_equal(first["final_weights"], second["final_weights"])
 
 
+def test_multiworker_base_strategy_is_taken_over_once(multiworker):
+    assert "already taken over" in str(multiworker[0]["second_error"])
+
+
 def test_multiworker_logs_are_each_workers_own_and_totals_match(multiworker):
     first, second = multiworker
     # No per-step all-reduce of the metrics: each worker logs its own loss.

@@ -143,6 +143,11 @@ def simulator_scenario():
     strategy = FDAStrategy(
         base_strategy, trigger=make_trigger(), average_non_trainable=True, log_dir=log_dir
     )
+    try:
+        FDAStrategy(base_strategy, threshold=1.0)
+        second_error = ""
+    except ValueError as error:  # expected for a multi-worker base: one runtime per process
+        second_error = str(error)
     with strategy.scope():
         model = make_model()
         compile_model(model, args.optimizer)
@@ -172,6 +177,7 @@ def simulator_scenario():
         weights=np.array(recorder.weights),
         final_weights=np.concatenate([w.ravel() for w in model.get_weights()]),
         syncs=np.array(recorder.syncs),
+        second_error=second_error,
         loss=np.array(recorder.loss),
         statistic=np.array(recorder.statistic),
         spread=np.array(recorder.spread),
