@@ -33,7 +33,12 @@ parser.add_argument("--trigger", default="fda")
 parser.add_argument("--threshold", type=float, default=1.5)
 parser.add_argument("--tau", type=int, default=5)
 parser.add_argument("--steps", type=int, default=60)
-parser.add_argument("--optimizer", default="adam")
+parser.add_argument("--optimizer", default="adam", choices=["adam", "sgd_clipped"])
+parser.add_argument("--model", default="sequential", choices=["sequential", "functional", "subclassed"])
+parser.add_argument(
+    "--read", default="predict", choices=["predict", "save"],
+    help="how the drifted model is first read after fit (it must be averaged first)",
+)
 parser.add_argument("--out", required=True)
 args = parser.parse_args()
 
@@ -76,16 +81,43 @@ def digits():
     return x[:cut], y[:cut], x[cut:], y[cut:]
 
 
+@keras.saving.register_keras_serializable("strategy_worker")
+class Subclassed(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = keras.layers.Dense(32, activation="relu")
+        self.out = keras.layers.Dense(10)
+
+    def call(self, inputs):
+        return self.out(self.hidden(inputs))
+
+
 def make_model():
     keras.utils.set_random_seed(0)
+    if args.model == "functional":
+        inputs = keras.Input((64,))
+        hidden = keras.layers.Dense(32, activation="relu")(inputs)
+        return keras.Model(inputs, keras.layers.Dense(10)(hidden))
+    if args.model == "subclassed":
+        model = Subclassed()
+        model(np.zeros((1, 64), "float32"))
+        return model
     return keras.Sequential(
         [keras.Input((64,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dense(10)]
     )
 
 
-def compile_model(model, optimizer):
+def make_optimizer():
+    if args.optimizer == "sgd_clipped":
+        # Clipping and decay must see each replica's own, unscaled gradient
+        # (per-tensor norms here are 0.1-0.5 at the start: the clip is active).
+        return keras.optimizers.SGD(0.1, momentum=0.9, clipnorm=0.1, weight_decay=0.01)
+    return keras.optimizers.Adam()
+
+
+def compile_model(model, optimizer=None):
     model.compile(
-        optimizer=optimizer,
+        optimizer=optimizer or make_optimizer(),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
         jit_compile=False,
@@ -150,7 +182,7 @@ def simulator_scenario():
         second_error = str(error)
     with strategy.scope():
         model = make_model()
-        compile_model(model, args.optimizer)
+        compile_model(model)
     initial = model.get_weights()
     recorder = Recorder()
     callbacks = [recorder]
@@ -158,13 +190,26 @@ def simulator_scenario():
         # Keras' own TensorBoard on the same log_dir (one process only).
         callbacks.append(keras.callbacks.TensorBoard(log_dir, update_freq=1))
     model.fit(dataset, epochs=1, verbose=0, callbacks=callbacks)
-    before_eval = spread(model)
+    # The first read after fit sees the average of the drifted replicas.
+    before_read = spread(model)
+    average = [np.mean([c.numpy() for c in w.value.values], axis=0) for w in model.weights]
+    if args.read == "save":
+        path = os.path.join(args.out, f"model_{TASK}.keras")
+        model.save(path)
+        read = keras.models.load_model(path).predict(x_test, verbose=0)
+    else:
+        read = model.predict(x_test, verbose=0)
+    after_read = spread(model)
+    read_error = np.nan  # a worker of a cluster holds only its own replicas
+    if args.scenario == "simulator":
+        plain = make_model()
+        plain.set_weights(average)
+        read_error = float(np.max(np.abs(read - plain.predict(x_test, verbose=0))))
     strategy_eval = model.evaluate(x_test, y_test, verbose=0, return_dict=True)
-    after_eval = spread(model)
     stats = strategy.communication
 
     reference = make_model()
-    compile_model(reference, args.optimizer)
+    compile_model(reference)
     reference.set_weights(initial)
     history = Simulation(reference, K).run(
         make_trigger(), x, y, parts, batch_size=BATCH, steps=args.steps, seed=0,
@@ -181,8 +226,10 @@ def simulator_scenario():
         loss=np.array(recorder.loss),
         statistic=np.array(recorder.statistic),
         spread=np.array(recorder.spread),
-        spread_before_eval=before_eval,
-        spread_after_eval=after_eval,
+        spread_before_read=before_read,
+        spread_after_read=after_read,
+        read_error=read_error,
+        read_rows=len(read),
         accuracy=strategy_eval["accuracy"],
         sim_synced=history.synced,
         sim_statistic=history.statistic,
