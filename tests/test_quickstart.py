@@ -1,5 +1,6 @@
 """The README's quickstart, end to end through the launcher (small settings)."""
 
+import os
 import re
 
 from conftest import launch
@@ -25,3 +26,24 @@ def test_quickstart_trains_and_reports_savings():
     assert sent < sync_sent and ratio > 1
     # Only the chief prints the summary.
     assert "[worker 1] test accuracy" not in out
+
+
+def test_strategy_cluster_example_trains_with_fewer_bytes(tmp_path):
+    result = launch(
+        2, "examples/strategy_cluster.py", "--epochs=3", f"--tensorboard_dir={tmp_path}",
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-4000:]
+    lines = re.findall(
+        r"\[worker (\d)\] worker \d: test accuracy ([\d.]+), (\d+) syncs in (\d+) steps, "
+        r"([\d.]+)x fewer bytes",
+        result.stdout,
+    )
+    assert sorted(line[0] for line in lines) == ["0", "1"]
+    # One averaged model and one set of FDA counters on every worker.
+    assert lines[0][1:] == lines[1][1:]
+    accuracy, syncs, steps, savings = float(lines[0][1]), *map(int, lines[0][2:4]), float(lines[0][4])
+    assert accuracy > 0.6  # 10 classes: chance is 0.1
+    assert 0 < syncs < steps and savings > 1
+    # The chief's dashboard only.
+    assert sorted(os.listdir(tmp_path)) == ["fda"]
