@@ -72,14 +72,17 @@ class AveragingState:
         self.syncs.assign_add(1)
         return tf.constant(True)
 
-    def communication(self, num_workers, control_bytes=0):
-        """The `CommunicationStats` of the steps and syncs so far."""
+    def communication(self, num_workers, control_bytes=0, *, steps=None, syncs=None):
+        """The `CommunicationStats` of the steps and syncs so far.
+
+        `steps` and `syncs` default to the counters' current values.
+        """
         return CommunicationStats(
             num_workers=num_workers,
             num_params=self.num_params,
             state_bytes=self.trigger.state_bytes,
-            steps=int(self.steps.numpy()),
-            syncs=int(self.syncs.numpy()),
+            steps=int(self.steps.numpy()) if steps is None else steps,
+            syncs=int(self.syncs.numpy()) if syncs is None else syncs,
             control_bytes=control_bytes,
         )
 

@@ -46,7 +46,6 @@ import tensorflow as tf
 from tensorflow.python.distribute import values as distribute_values
 
 from keras_fda import triggers as triggers_lib
-from keras_fda.accounting import CommunicationStats
 from keras_fda.averager import AveragingState
 from keras_fda.tensorboard import Dashboard, standardize_update_freq
 
@@ -127,6 +126,7 @@ class _ModelState(AveragingState):
             steps, statistic, synced, round_length, self.syncs.read_value(),
             self.steps_since_sync.read_value(),
         ]
+
         def write():
             tf.py_function(self._dashboard_step, values, Tout=[])
             return tf.constant(True)
@@ -137,13 +137,8 @@ class _ModelState(AveragingState):
         steps, syncs = int(steps), int(syncs)
         if bool(synced):
             self.dashboard.write_sync(steps, int(round_length))
-        stats = CommunicationStats(
-            num_workers=self.strategy.num_replicas_in_sync,
-            num_params=self.num_params,
-            state_bytes=self.trigger.state_bytes,
-            steps=steps,
-            syncs=syncs,
-        )
+        # This step's snapshot, passed in: no second read of the counters.
+        stats = self.communication(steps=steps, syncs=syncs)
         self.dashboard.write_step(
             steps,
             statistic=float(statistic),
@@ -196,8 +191,8 @@ class _ModelState(AveragingState):
     def _synchronize_if_drifted(self):
         return tf.distribute.Strategy.run(self.strategy, self._replica_sync)
 
-    def communication(self):
-        return super().communication(self.strategy.num_replicas_in_sync)
+    def communication(self, **counters):
+        return super().communication(self.strategy.num_replicas_in_sync, **counters)
 
 
 class FDAStrategy(tf.distribute.Strategy):
