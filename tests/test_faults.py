@@ -52,12 +52,12 @@ def long_run_args(out, timeout):
 
 
 @contextlib.contextmanager
-def workers_without_launcher(args):
+def workers_without_launcher(args, script=WORKER):
     """Two workers started as the launcher would, but left alone when one fails."""
     ports = launch_lib.free_ports(2)
     procs = [
         subprocess.Popen(
-            [sys.executable, WORKER, *map(str, args)],
+            [sys.executable, script, *map(str, args)],
             cwd=REPO, env=launch_lib.worker_env(ports, i), start_new_session=True,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
@@ -95,6 +95,21 @@ def test_a_live_but_silent_peer_makes_the_survivor_fail_within_the_timeout(tmp_p
     assert procs[0].returncode != 0
     assert "PeerFailureError: Worker 0 of 2 could not complete the collective" in output
     assert f"no answer from the other workers within {timeout} s" in output
+
+
+def test_a_crashed_peer_under_fda_strategy_fails_the_survivor(tmp_path):
+    """FDAStrategy over MultiWorkerMirroredStrategy: TF's own collective error, no hang."""
+    args = [
+        "--scenario", "multiworker", "--threshold", 0.3, "--steps", 150, "--die_at_step", 20,
+        "--out", tmp_path,
+    ]
+    with workers_without_launcher(args, script="tests/workers/strategy_worker.py") as procs:
+        output, _ = procs[0].communicate(timeout=150)
+        procs[1].wait(timeout=30)
+    assert procs[1].returncode == 3  # crashed on purpose after step 20
+    assert procs[0].returncode != 0
+    assert "Collective ops is aborted by" in output
+    assert not list(tmp_path.glob("result_*.npz"))  # nobody finished
 
 
 def test_collective_timeouts_do_not_cost_a_thread_per_step(tmp_path):

@@ -39,6 +39,10 @@ parser.add_argument(
     "--read", default="predict", choices=["predict", "save"],
     help="how the drifted model is first read after fit (it must be averaged first)",
 )
+parser.add_argument(
+    "--die_at_step", type=int, default=0,
+    help="multiworker: worker 1 exits abruptly after this step (a crashed peer)",
+)
 parser.add_argument("--out", required=True)
 args = parser.parse_args()
 
@@ -138,6 +142,8 @@ class Recorder(keras.callbacks.Callback):
         self.loss = []
 
     def on_train_batch_end(self, batch, logs=None):
+        if TASK == 1 and batch + 1 == args.die_at_step:
+            os._exit(3)
         self.loss.append(float(logs["loss"]))
         self.syncs.append(float(logs["fda/syncs"]))
         self.statistic.append(float(logs["fda/variance"]))
