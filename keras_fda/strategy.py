@@ -2,8 +2,9 @@
 
 Several devices of one process (`MirroredStrategy`: GPUs, or logical CPUs in
 tests), or the replicas of a cluster of processes
-(`MultiWorkerMirroredStrategy`: TF_CONFIG, gRPC). Each replica trains its own copy of the model on its shard of every global batch, with no
-per-step gradient all-reduce. After every step, inside the same compiled
+(`MultiWorkerMirroredStrategy`: TF_CONFIG, gRPC). Each replica trains its
+own copy of the model on its shard of every global batch, with no per-step
+gradient all-reduce. After every step, inside the same compiled
 train step, each replica computes the trigger's local state from its drift,
 the states are averaged with the strategy's collectives, and the replicas'
 weights are averaged (also with the strategy's collectives) only when the
@@ -241,8 +242,9 @@ class FDAStrategy(tf.distribute.Strategy):
     round from the restored weights and counts from zero.
 
     Not supported (clear errors): other base strategies (one process per
-    worker without tf.distribute: `keras_fda.FDACallback`),
-    `steps_per_execution` other than 1, `jit_compile=True`, `LossScaleOptimizer`, an optimizer
+    worker without tf.distribute: `keras_fda.FDACallback`), a second
+    `FDAStrategy` over the same multi-worker strategy, `steps_per_execution`
+    other than 1, `jit_compile=True`, `LossScaleOptimizer`, an optimizer
     created outside `scope()`, models without trainable weights.
 
     Args:
@@ -472,7 +474,8 @@ class _MultiWorkerFDAStrategy(FDAStrategy, tf.distribute.MultiWorkerMirroredStra
         # Keras 3.15 under a multi-worker strategy (keras-team/keras#20585)
         # reduces a whole (x, y) batch in one call and scalars along axis 0.
         def reduce_one(v):
-            scalar = axis is not None and getattr(v, "shape", None) is not None and v.shape.rank == 0
+            shape = getattr(v, "shape", None)
+            scalar = axis is not None and shape is not None and shape.rank == 0
             return super(_MultiWorkerFDAStrategy, self).reduce(
                 reduce_op, v, None if scalar else axis
             )
