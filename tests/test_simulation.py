@@ -172,3 +172,20 @@ def test_bad_arguments_say_what_to_do(data):
         sim.run("fda", x, y, parts)
     with pytest.raises(ValueError, match="no samples"):
         sim.run(keras_fda.Synchronous(), x, y, [parts[0], np.array([], int)])
+
+
+def test_benchmark_partition_flag_picks_the_partitioner():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import comm_to_accuracy
+    from absl import app
+
+    labels = np.repeat(np.arange(4), 10)
+    writers = np.arange(40) // 5
+    for spec in ("by_writer", "iid", "sorted:1.0", "dirichlet:0.5"):
+        parts = comm_to_accuracy.make_partitions(spec, writers, labels, 4, seed=0)
+        assert sorted(np.concatenate(parts).tolist()) == list(range(40)), spec
+    parts = comm_to_accuracy.make_partitions("sorted:1.0", writers, labels, 4, seed=0)
+    assert [np.unique(labels[p]).tolist() for p in parts] == [[0], [1], [2], [3]]
+    for bad in ("sorted", "dirichlet", "by_writer:2", "random"):
+        with pytest.raises(app.UsageError, match="--partition"):
+            comm_to_accuracy.make_partitions(bad, writers, labels, 4, seed=0)
