@@ -215,8 +215,8 @@ class FDAStrategy(tf.distribute.Strategy):
     real synchronization: it is counted in `fda/syncs` and `communication`,
     and the next FDA round starts from it. Reading a weight directly (e.g.
     `model.weights[0].numpy()`) returns replica 0's copy: call
-    `strategy.synchronize()` first. Unlike `FDACallback`, `fit` does not
-    synchronize at its end; the first of these reads does.
+    `strategy.synchronize()` first. `fit` synchronizes at its end, as
+    `FDACallback` does, so after `fit` every replica holds the averaged model.
 
     What is averaged: the trainable weights and, if `average_non_trainable`,
     the non-trainable float weights. (Weights whose aggregation is not NONE,
@@ -245,7 +245,8 @@ class FDAStrategy(tf.distribute.Strategy):
     worker without tf.distribute: `keras_fda.FDACallback`), a second
     `FDAStrategy` over the same multi-worker strategy, `steps_per_execution`
     other than 1, `jit_compile=True`, `LossScaleOptimizer`, an optimizer
-    created outside `scope()`, models without trainable weights.
+    with `use_ema=True` or created outside `scope()`, models without
+    trainable weights.
 
     Args:
         strategy: the `tf.distribute.MirroredStrategy` (one machine) or
@@ -379,6 +380,14 @@ class FDAStrategy(tf.distribute.Strategy):
             if original is not None:
                 # Set on the instance, bypassing Keras' attribute tracking.
                 object.__setattr__(model, name, self._synchronized(model, original))
+        # Keras calls it once at the end of every fit, on every worker: fit
+        # then leaves one averaged model, as with FDACallback.
+        optimizer = model.optimizer
+        object.__setattr__(
+            optimizer,
+            "finalize_variable_values",
+            self._synchronized(model, optimizer.finalize_variable_values),
+        )
         return state
 
     def _synchronized(self, model, method):
@@ -412,6 +421,11 @@ class FDAStrategy(tf.distribute.Strategy):
                 "FDAStrategy does not support LossScaleOptimizer (mixed_float16); use a "
                 "float32 or bfloat16 policy."
             )
+        if getattr(optimizer, "use_ema", False):
+            raise ValueError(
+                "FDAStrategy does not average the optimizer's moving-average (EMA) weights, "
+                "which differ per replica: compile with an optimizer with use_ema=False."
+            )
         if getattr(optimizer, "_distribution_strategy", None) is not self:
             raise ValueError(
                 "The optimizer was created outside FDAStrategy.scope(): create it (or pass "
@@ -431,7 +445,6 @@ class FDAStrategy(tf.distribute.Strategy):
 
         object.__setattr__(optimizer, "apply", apply)
         object.__setattr__(optimizer, "_all_reduce_sum_gradients", list)
-
 
 
 class _MirroredFDAStrategy(FDAStrategy, tf.distribute.MirroredStrategy):

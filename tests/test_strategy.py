@@ -25,7 +25,10 @@ WORKER = os.path.join(HERE, "workers", "strategy_worker.py")
 
 SCENARIOS = {
     # 2 replicas, linear FDA, against keras_fda.Simulation on the same batches.
-    "fda2": ["--devices", "2", "--trigger", "fda", "--threshold", "0.3", "--steps", "150"],
+    "fda2": [
+        "--devices", "2", "--trigger", "fda", "--threshold", "0.3", "--steps", "150",
+        "--read", "predict",
+    ],
     # 4 replicas, periodic averaging every 5 steps.
     "periodic4": ["--devices", "4", "--trigger", "periodic", "--tau", "5", "--steps", "30"],
     # Synchronous trigger + SGD vs plain MirroredStrategy.
@@ -37,7 +40,7 @@ SCENARIOS = {
     ],
     # A subclassed model.
     "subclassed2": [
-        "--devices", "2", "--model", "subclassed", "--threshold", "0.1", "--steps", "60",
+        "--devices", "2", "--model", "subclassed", "--threshold", "0.1", "--steps", "50",
     ],
 }
 # Compared with keras_fda.Simulation on the same batches and initial weights.
@@ -106,8 +109,17 @@ def test_predict_and_save_see_the_average_of_the_drifted_replicas(results, name)
     r = results[name]  # fda2 reads with predict(), functional2 with save() + load_model()
     assert r["spread_before_read"] > 0.0
     assert r["spread_after_read"] == 0.0
-    assert r["read_rows"] == 360
     assert r["read_error"] < 1e-5
+    assert r["predict_rows"] == 360
+
+
+@pytest.mark.parametrize("name", AGAINST_SIMULATOR)
+def test_fit_ends_with_one_averaged_model(results, name):
+    r = results[name]
+    assert r["spread_after_fit"] == 0.0
+    if name == "subclassed2":  # nothing read the model inside fit: fit's end synced it
+        assert not _sync_steps(r)[-1]
+        assert r["syncs_after_fit"] == r["syncs"][-1] + 1
 
 
 def test_periodic_on_4_devices_syncs_every_tau_steps(results):
@@ -121,7 +133,7 @@ def test_periodic_on_4_devices_syncs_every_tau_steps(results):
 @pytest.mark.parametrize("name", AGAINST_SIMULATOR)
 def test_training_reaches_the_simulator_accuracy(results, name):
     r = results[name]
-    assert r["accuracy"] > 0.3  # 10 classes: chance is 0.1
+    assert r["accuracy"] > 0.2  # 10 classes: chance is 0.1; 50-150 non-IID steps
     assert abs(r["accuracy"] - r["sim_accuracy"]) < 0.02
     assert results["fda2"]["accuracy"] > 0.6
 
@@ -131,7 +143,7 @@ def test_communication_matches_the_simulator_accounting(results):
     steps, syncs, paper_bytes, num_params = r["comm"]
     sim_steps, sim_syncs, sim_paper_bytes, sim_params = r["sim_comm"]
     assert (steps, num_params) == (sim_steps, sim_params)
-    # One more sync: evaluate() averaged the last round's drift.
+    # One more sync: predict() inside fit, after the last step, averaged its drift.
     assert syncs == sim_syncs + 1
     assert paper_bytes - sim_paper_bytes == 2 * 2 * 4 * num_params
     # The logged fda/comm_bytes is the same formula, in the graph.
@@ -155,7 +167,7 @@ def test_multiworker_decisions_and_accuracy_match_the_simulator(multiworker):
     assert abs(first["accuracy"] - first["sim_accuracy"]) < 0.02
     assert first["accuracy"] == second["accuracy"]
     # predict() gathers every worker's share of the test set.
-    assert first["read_rows"] == second["read_rows"] == 360
+    assert first["predict_rows"] == second["predict_rows"] == 360
 
 
 def test_multiworker_replicas_diverge_between_syncs_and_are_equal_after(multiworker):
@@ -164,8 +176,10 @@ def test_multiworker_replicas_diverge_between_syncs_and_are_equal_after(multiwor
     difference = np.max(np.abs(first["weights"] - second["weights"]), axis=1)
     assert np.all(difference[synced] == 0.0)
     assert np.all(difference[~synced] > 0.0)
-    # evaluate() synchronized the last round: one model on every worker.
-    np.testing.assert_array_equal(first["final_weights"], second["final_weights"])
+    # The end of fit synchronized the last round: one model on every worker.
+    assert not synced[-1]
+    np.testing.assert_array_equal(first["weights_after_fit"], second["weights_after_fit"])
+    assert first["syncs_after_fit"] == first["syncs"][-1] + 1
 
 
 def test_multiworker_base_strategy_is_taken_over_once(multiworker):
@@ -178,7 +192,7 @@ def test_multiworker_logs_are_each_workers_own_and_totals_match(multiworker):
     assert np.any(first["loss"] != second["loss"])
     steps, syncs, paper_bytes, num_params = first["comm"]
     sim_steps, sim_syncs, sim_paper_bytes, _ = first["sim_comm"]
-    assert (steps, syncs) == (sim_steps, sim_syncs + 1)  # + the sync before evaluate()
+    assert (steps, syncs) == (sim_steps, sim_syncs + 1)  # + the sync at the end of fit
     assert paper_bytes - sim_paper_bytes == 2 * 2 * 4 * num_params
     np.testing.assert_array_equal(first["comm"], second["comm"])
 
@@ -195,7 +209,7 @@ def check_dashboard(result):
         [v for _, v in events["fda/variance"]], result["statistic"], rtol=1e-6
     )
     np.testing.assert_array_equal([v for _, v in events["fda/syncs"]], result["syncs"])
-    # Totals after fit: `communication` (read after evaluate) less evaluate()'s sync.
+    # Totals of the steps: `communication` less the sync after the last step.
     _, syncs, paper_bytes, num_params = result["comm"]
     assert events["fda/syncs"][-1][1] == syncs - 1
     assert events["fda/bytes_sent"][-1][1] == np.float32(paper_bytes - 2 * 2 * 4 * num_params)
@@ -236,4 +250,11 @@ def test_unsupported_strategies_and_settings_raise_clear_errors():
         model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
         model.compile(optimizer="sgd", loss="mse", steps_per_execution=2, jit_compile=False)
     with pytest.raises(ValueError, match="steps_per_execution"):
+        model.fit(np.zeros((8, 3)), np.zeros((8, 1)), batch_size=4, verbose=0)
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+        model.compile(
+            optimizer=keras.optimizers.SGD(use_ema=True), loss="mse", jit_compile=False
+        )
+    with pytest.raises(ValueError, match="use_ema=False"):
         model.fit(np.zeros((8, 3)), np.zeros((8, 1)), batch_size=4, verbose=0)

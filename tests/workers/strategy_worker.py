@@ -36,8 +36,9 @@ parser.add_argument("--steps", type=int, default=60)
 parser.add_argument("--optimizer", default="adam", choices=["adam", "sgd_clipped"])
 parser.add_argument("--model", default="sequential", choices=["sequential", "functional", "subclassed"])
 parser.add_argument(
-    "--read", default="predict", choices=["predict", "save"],
-    help="how the drifted model is first read after fit (it must be averaged first)",
+    "--read", default="none", choices=["none", "predict", "save"],
+    help="after the last step, inside fit, read the drifted model this way (it must be "
+    "averaged first); with none, the end of fit averages it",
 )
 parser.add_argument(
     "--die_at_step", type=int, default=0,
@@ -136,10 +137,12 @@ class Recorder(keras.callbacks.Callback):
     """Per step: fda logs, the largest difference between this process's
     replicas and this process's first replica's weights."""
 
-    def __init__(self):
+    def __init__(self, x_test):
         super().__init__()
         self.syncs, self.statistic, self.spread, self.weights = [], [], [], []
         self.loss = []
+        self.x_test = x_test
+        self.read = {}
 
     def on_train_batch_end(self, batch, logs=None):
         if TASK == 1 and batch + 1 == args.die_at_step:
@@ -148,9 +151,33 @@ class Recorder(keras.callbacks.Callback):
         self.syncs.append(float(logs["fda/syncs"]))
         self.statistic.append(float(logs["fda/variance"]))
         self.spread.append(spread(self.model))
-        self.weights.append(
-            np.concatenate([w.value.values[0].numpy().ravel() for w in self.model.trainable_weights])
+        self.weights.append(local_weights(self.model))
+        if args.read != "none" and batch + 1 == args.steps:
+            self.read_drifted_model()
+
+    def read_drifted_model(self):
+        """predict() or save() must see the average of the drifted replicas."""
+        model = self.model
+        average = [np.mean([c.numpy() for c in w.value.values], axis=0) for w in model.weights]
+        before = spread(model)
+        if args.read == "save":
+            path = os.path.join(args.out, "model.keras")
+            model.save(path)
+            read = keras.models.load_model(path).predict(self.x_test, verbose=0)
+        else:
+            read = model.predict(self.x_test, verbose=0)
+        plain = make_model()
+        plain.set_weights(average)
+        self.read = dict(
+            spread_before_read=before,
+            spread_after_read=spread(model),
+            read_error=float(np.max(np.abs(read - plain.predict(self.x_test, verbose=0)))),
         )
+
+
+def local_weights(model):
+    """This process's first replica's trainable weights, without a sync."""
+    return np.concatenate([w.value.values[0].numpy().ravel() for w in model.trainable_weights])
 
 
 def spread(model):
@@ -190,27 +217,19 @@ def simulator_scenario():
         model = make_model()
         compile_model(model)
     initial = model.get_weights()
-    recorder = Recorder()
+    recorder = Recorder(x_test)
     callbacks = [recorder]
     if args.scenario == "simulator":
         # Keras' own TensorBoard on the same log_dir (one process only).
         callbacks.append(keras.callbacks.TensorBoard(log_dir, update_freq=1))
     model.fit(dataset, epochs=1, verbose=0, callbacks=callbacks)
-    # The first read after fit sees the average of the drifted replicas.
-    before_read = spread(model)
-    average = [np.mean([c.numpy() for c in w.value.values], axis=0) for w in model.weights]
-    if args.read == "save":
-        path = os.path.join(args.out, f"model_{TASK}.keras")
-        model.save(path)
-        read = keras.models.load_model(path).predict(x_test, verbose=0)
-    else:
-        read = model.predict(x_test, verbose=0)
-    after_read = spread(model)
-    read_error = np.nan  # a worker of a cluster holds only its own replicas
-    if args.scenario == "simulator":
-        plain = make_model()
-        plain.set_weights(average)
-        read_error = float(np.max(np.abs(read - plain.predict(x_test, verbose=0))))
+    after_fit = dict(
+        spread_after_fit=spread(model),
+        weights_after_fit=local_weights(model),
+        syncs_after_fit=strategy.communication.syncs,
+    )
+    # Every worker's share of the test set, gathered.
+    predict_rows = len(model.predict(x_test, verbose=0))
     strategy_eval = model.evaluate(x_test, y_test, verbose=0, return_dict=True)
     stats = strategy.communication
 
@@ -226,16 +245,14 @@ def simulator_scenario():
     np.savez(
         os.path.join(args.out, name),
         weights=np.array(recorder.weights),
-        final_weights=np.concatenate([w.ravel() for w in model.get_weights()]),
         syncs=np.array(recorder.syncs),
         second_error=second_error,
         loss=np.array(recorder.loss),
         statistic=np.array(recorder.statistic),
         spread=np.array(recorder.spread),
-        spread_before_read=before_read,
-        spread_after_read=after_read,
-        read_error=read_error,
-        read_rows=len(read),
+        **recorder.read,
+        **after_fit,
+        predict_rows=predict_rows,
         accuracy=strategy_eval["accuracy"],
         sim_synced=history.synced,
         sim_statistic=history.statistic,
