@@ -35,6 +35,7 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # app.run would print TF's INFO lines
+    keras.utils.set_random_seed(0)
     strategy = keras_fda.FDAStrategy(
         base_strategy, threshold=FLAGS.threshold, variant=FLAGS.variant, log_dir=FLAGS.tensorboard_dir
     )

@@ -280,8 +280,8 @@ class FDAStrategy(tf.distribute.Strategy):
         model = make_model()
         model.compile(optimizer="adam", loss="sparse_categorical_crossentropy",
                       metrics=["accuracy"])
-    model.fit(dataset, epochs=5)
-    model.evaluate(test_dataset)      # synchronizes first
+    model.fit(dataset, epochs=5)      # ends with a sync
+    model.evaluate(test_dataset)
     print(strategy.communication.summary())
     ```
     """
