@@ -1,20 +1,24 @@
 """Per-step time of FDAStrategy (no sync) vs plain MirroredStrategy, in one run.
 
-Both strategies use the same logical CPU devices, model, batch and data. The
+All sections use the same logical CPU devices, model, batch and data. The
 FDA threshold is set so high that no synchronization happens: the measured
 difference is the per-step cost of the in-graph check (local state, one small
-all-reduce, the cond) plus keeping updates local (no gradient all-reduce).
+all-reduce, the cond) plus keeping updates local (no gradient all-reduce). A
+third section adds the dashboard written at every step (`log_dir`,
+`update_freq=1`: one host callback per step).
 
     python benchmarks/strategy_overhead.py --devices 2 --model lenet5 --steps 200 --rounds 3
 
-Sections are interleaved (round 1: mirrored, fda; round 2: ...); each step is
+Sections are interleaved (round 1: mirrored, fda, fda + dashboard; round 2: ...); each step is
 timed between consecutive `on_train_batch_end` calls; the first `--warmup`
 steps of each section are dropped. Prints a markdown table.
 """
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 parser = argparse.ArgumentParser()
@@ -82,10 +86,16 @@ dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(global_batch).repeat(
 
 sections = {
     "MirroredStrategy (gradient all-reduce every step)": setup(tf.distribute.MirroredStrategy()),
-    f"FDAStrategy {args.variant}, no sync": None,
 }
 fda = FDAStrategy(tf.distribute.MirroredStrategy(), threshold=1e30, variant=args.variant)
 sections[f"FDAStrategy {args.variant}, no sync"] = setup(fda)
+# The same, writing the dashboard every step (a host callback per step).
+dashboard_dir = tempfile.mkdtemp()
+fda_dashboard = FDAStrategy(
+    tf.distribute.MirroredStrategy(), threshold=1e30, variant=args.variant,
+    log_dir=dashboard_dir, update_freq=1,
+)
+sections[f"FDAStrategy {args.variant}, no sync, dashboard every step"] = setup(fda_dashboard)
 samples = {name: [] for name in sections}
 for _ in range(args.rounds):
     for name, model in sections.items():
@@ -93,7 +103,8 @@ for _ in range(args.rounds):
         model.fit(dataset, steps_per_epoch=args.steps + args.warmup, epochs=1, verbose=0,
                   callbacks=[timer])
         samples[name].extend(np.diff(timer.times[args.warmup:]) * 1e3)
-assert fda.communication.syncs == 0
+assert fda.communication.syncs == 0 and fda_dashboard.communication.syncs == 0
+shutil.rmtree(dashboard_dir)
 
 d = sum(int(np.prod(w.shape)) for w in sections[name].trainable_weights)
 print(f"devices={args.devices} model={args.model} d={d} batch/replica={args.batch} "
