@@ -186,6 +186,19 @@ def test_multiworker_base_strategy_is_taken_over_once(multiworker):
     assert "already taken over" in str(multiworker[0]["second_error"])
 
 
+def test_multiworker_train_step_all_reduces_only_fda_state_weights_and_input_check(multiworker):
+    first, _ = multiworker
+    origins, sizes = list(first["all_reduce_origins"]), list(first["all_reduce_sizes"])
+    num_params = int(first["comm"][3])
+    # Traced (Keras traces the replica step twice here): FDA's 2-value state,
+    # the weights (in the sync branch, run only on a sync) and TF's one-value
+    # input check; no all-reduce of logged metrics.
+    assert "other" not in origins, list(zip(origins, sizes))
+    fda = [n for o, n in zip(origins, sizes) if o == "fda"]
+    assert set(fda) == {2, num_params} and fda.count(2) == fda.count(num_params)
+    assert {n for o, n in zip(origins, sizes) if o == "input"} == {1}
+
+
 def test_multiworker_logs_are_each_workers_own_and_totals_match(multiworker):
     first, second = multiworker
     # No per-step all-reduce of the metrics: each worker logs its own loss.

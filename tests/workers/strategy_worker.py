@@ -48,6 +48,7 @@ parser.add_argument("--out", required=True)
 args = parser.parse_args()
 
 import json  # noqa: E402
+import traceback  # noqa: E402
 
 import tensorflow as tf  # noqa: E402
 
@@ -74,6 +75,39 @@ from keras_fda.simulation import Simulation, batch_schedule  # noqa: E402
 from keras_fda.strategy import FDAStrategy  # noqa: E402
 
 K, BATCH = base_strategy.num_replicas_in_sync, 16
+
+
+def record_all_reduces():
+    """Every all-reduce TF's collectives emit, as (origin, number of values).
+
+    Instrumentation of a TF internal, for the test only: it runs when a
+    function is traced, so what the first train step records is what every
+    compiled train step all-reduces. Origins: "input" (TF's distributed
+    input pipeline), "fda" (keras_fda's strategy), "other" (anything else,
+    e.g. Keras all-reducing logged metrics).
+    """
+    from tensorflow.python.distribute import cross_device_utils
+
+    launcher = cross_device_utils.CollectiveReplicaLauncher
+    original = launcher.all_reduce
+    calls = []
+
+    def all_reduce(self, value, *args, **kwargs):
+        files = [frame.filename for frame in traceback.extract_stack()]
+        if any(f.endswith("input_lib.py") for f in files):
+            origin = "input"
+        elif any(f.endswith(os.path.join("keras_fda", "strategy.py")) for f in files):
+            origin = "fda"
+        else:
+            origin = "other"
+        calls.append((origin, int(value.shape.num_elements())))
+        return original(self, value, *args, **kwargs)
+
+    launcher.all_reduce = all_reduce
+    return calls
+
+
+ALL_REDUCES = record_all_reduces() if args.scenario == "multiworker" else []
 
 
 def digits():
@@ -143,8 +177,15 @@ class Recorder(keras.callbacks.Callback):
         self.loss = []
         self.x_test = x_test
         self.read = {}
+        self.first_step_all_reduces = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if batch == 0:
+            self._recorded = len(ALL_REDUCES)
 
     def on_train_batch_end(self, batch, logs=None):
+        if batch == 0:
+            self.first_step_all_reduces = ALL_REDUCES[self._recorded:]
         if TASK == 1 and batch + 1 == args.die_at_step:
             os._exit(3)
         self.loss.append(float(logs["loss"]))
@@ -251,6 +292,8 @@ def simulator_scenario():
         statistic=np.array(recorder.statistic),
         spread=np.array(recorder.spread),
         **recorder.read,
+        all_reduce_origins=np.array([o for o, _ in recorder.first_step_all_reduces], dtype=str),
+        all_reduce_sizes=np.array([n for _, n in recorder.first_step_all_reduces], dtype=int),
         **after_fit,
         predict_rows=predict_rows,
         accuracy=strategy_eval["accuracy"],
