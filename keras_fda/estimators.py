@@ -28,6 +28,10 @@ def squared_norm(tensors):
     return tf.add_n([tf.reduce_sum(tf.square(t)) for t in tensors])
 
 
+def _mean(tensors):
+    return tf.reduce_mean(tf.stack(tensors), axis=0)
+
+
 def dot(a, b):
     """Inner product of two vectors given as equally shaped tensor lists."""
     return tf.add_n([tf.reduce_sum(x * y) for x, y in zip(a, b)])
@@ -82,6 +86,14 @@ class VarianceEstimator:
     def local_state(self, drift, round_state):
         """Summarizes this worker's `drift` as a 1-D float32 tensor."""
         raise NotImplementedError
+
+    def mean_local_state(self, drifts, round_state):
+        """The mean of the local states of several workers' `drifts` (one process).
+
+        What the all-reduce MEAN of their `local_state`s gives; the in-process
+        simulator calls it. Subclasses may override it with an exact shortcut.
+        """
+        return _mean([self.local_state(drift, round_state) for drift in drifts])
 
     def estimate(self, mean_state):
         """The variance estimate V from the workers' averaged local state."""
@@ -205,6 +217,15 @@ class SketchEstimator(VarianceEstimator):
 
     def local_state(self, drift, round_state):
         return tf.concat([tf.reshape(squared_norm(drift), [1]), self.sketch.sketch(drift)], 0)
+
+    def mean_local_state(self, drifts, round_state):
+        if type(self).local_state is not SketchEstimator.local_state:
+            return super().mean_local_state(drifts, round_state)
+        # The sketch is linear: the mean of the K sketches is the sketch of
+        # the mean drift, so one sketch replaces K (equal up to rounding).
+        norms = _mean([squared_norm(drift) for drift in drifts])
+        mean_drift = [_mean(list(copies)) for copies in zip(*drifts)]
+        return tf.concat([tf.reshape(norms, [1]), self.sketch.sketch(mean_drift)], 0)
 
     def estimate(self, mean_state):
         mean_norm = self.sketch.norm_squared(mean_state[1:])

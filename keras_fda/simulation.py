@@ -24,7 +24,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_fda import estimators as estimators_lib
 from keras_fda import triggers as triggers_lib
 from keras_fda.accounting import CommunicationStats
 from keras_fda.tensorboard import Dashboard
@@ -282,7 +281,7 @@ class Simulation:
                     [v[k] - r for v, r in zip(monitored, reference)]
                     for k in range(self.num_workers)
                 ]
-                mean_state = _mean_local_state(trigger, drifts, rounds)
+                mean_state = trigger.mean_local_state(drifts, rounds)
             statistic = trigger.statistic(mean_state, since)
             synced = tf.cond(
                 trigger.should_sync(statistic, since), average, lambda: tf.constant(False)
@@ -469,29 +468,6 @@ class Simulation:
 def _mean(per_worker):
     """The simulator's "all-reduce MEAN": a mean over the K workers' tensors."""
     return tf.reduce_mean(tf.stack(per_worker), axis=0)
-
-
-def _mean_local_state(trigger, drifts, round_state):
-    """The all-reduce MEAN of the K workers' local states, given their drifts.
-
-    In general each worker's `trigger.local_state` is computed and the K
-    states are averaged, as the real path does. One shortcut: the AMS sketch
-    is linear, so for `FDA` with the stock `SketchEstimator` the mean of the K
-    sketches equals the sketch of the mean drift, and one sketch replaces K
-    (the same state up to float rounding; a K-fold saving on the most
-    expensive part of a sketch step). Subclasses that change `local_state`
-    take the general path.
-    """
-    estimator = getattr(trigger, "estimator", None)
-    if (
-        isinstance(trigger, triggers_lib.FDA)
-        and type(trigger).local_state is triggers_lib.FDA.local_state
-        and type(estimator) is estimators_lib.SketchEstimator
-    ):
-        norms = _mean([estimators_lib.squared_norm(drift) for drift in drifts])
-        mean_drift = [_mean(list(copies)) for copies in zip(*drifts)]
-        return tf.concat([tf.reshape(norms, [1]), estimator.sketch.sketch(mean_drift)], 0)
-    return _mean([trigger.local_state(drift, round_state) for drift in drifts])
 
 
 def _fmt(value):

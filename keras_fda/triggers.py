@@ -67,6 +67,16 @@ class SyncTrigger:
         """This worker's 1-D float32 contribution; only called if `state_size > 0`."""
         raise NotImplementedError
 
+    def mean_local_state(self, drifts, round_state):
+        """The mean of several workers' local states (what the all-reduce MEAN gives).
+
+        The in-process simulator calls it with all K drifts; override only
+        with an exact shortcut.
+        """
+        return tf.reduce_mean(
+            tf.stack([self.local_state(drift, round_state) for drift in drifts]), axis=0
+        )
+
     def statistic(self, mean_state, steps_since_sync):
         """The monitored value, from the averaged state (None if `state_size == 0`)."""
         del mean_state, steps_since_sync
@@ -113,6 +123,11 @@ class FDA(SyncTrigger):
 
     def local_state(self, drift, round_state):
         return self.estimator.local_state(drift, round_state)
+
+    def mean_local_state(self, drifts, round_state):
+        if type(self).local_state is not FDA.local_state:
+            return super().mean_local_state(drifts, round_state)
+        return self.estimator.mean_local_state(drifts, round_state)
 
     def statistic(self, mean_state, steps_since_sync):
         return self.estimator.estimate(mean_state)

@@ -74,7 +74,8 @@ def test_sketch_shortcut_keeps_the_decisions_of_one_sketch_per_worker(data):
     """FDA sketch sketches the mean drift once (linearity); a subclass takes the K-sketch path."""
 
     class PerWorkerSketch(keras_fda.SketchEstimator):
-        pass  # not the stock class: the simulator sketches each worker separately
+        # The general path: one sketch per worker, then the mean.
+        mean_local_state = keras_fda.estimators.VarianceEstimator.mean_local_state
 
     x, y = data
     parts = keras_fda.partition.iid(len(x), 3, seed=0)
