@@ -173,18 +173,16 @@ class _ModelState(AveragingState):
         return tf.cond(finite, adopt, lambda: tf.constant(False))
 
     def _logs(self, statistic):
-        k = self.strategy.num_replicas_in_sync
-        steps = tf.cast(self.steps.read_value(), tf.float64)
         syncs = tf.cast(self.syncs.read_value(), tf.float64)
-        # CommunicationStats.paper_bytes, in the graph.
-        paper_bytes = (syncs + 1.0) * (2.0 * k * 4 * self.num_params) + (
-            float(self.trigger.state_bytes * k) * steps
+        # CommunicationStats' formula is plain arithmetic: it takes tensors.
+        stats = self.communication(
+            steps=tf.cast(self.steps.read_value(), tf.float64), syncs=syncs
         )
         return {
             "fda/variance": statistic,
             "fda/threshold": tf.constant(self.trigger.threshold, tf.float32),
             "fda/syncs": syncs,
-            "fda/comm_bytes": paper_bytes,
+            "fda/comm_bytes": stats.paper_bytes,
         }
 
     # --- eager -----------------------------------------------------------
@@ -310,19 +308,19 @@ class FDAStrategy(tf.distribute.Strategy):
     ):
         self.trigger = triggers_lib.get(trigger, threshold=threshold, variant=variant, tau=tau)
         self.average_non_trainable = bool(average_non_trainable)
-        if standardize_update_freq(update_freq) == "epoch":
+        self.log_dir = log_dir
+        self.update_freq = standardize_update_freq(update_freq)
+        if self.update_freq == "epoch":
             raise ValueError(
                 "FDAStrategy writes its dashboard from the compiled train step, which has no "
                 'notion of epochs: pass update_freq as a number of steps (or "batch").'
             )
-        self.log_dir = log_dir
-        self.update_freq = standardize_update_freq(update_freq)
         self._dashboard = None
         self._states = []
         self._adopt(strategy)
         if log_dir is not None and self.extended.should_save_summary:
             # The chief's only; the values are the same on every worker.
-            self._dashboard = Dashboard(log_dir, update_freq)
+            self._dashboard = Dashboard(log_dir, self.update_freq)
             # The writer flushes every few seconds; the rest when Python exits.
             atexit.register(self._dashboard.close)
 
