@@ -119,12 +119,14 @@ def main(argv):
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    fda = keras_fda.FDACallback(
-        threshold=FLAGS.threshold,
-        variant=FLAGS.variant,
-        trigger=FLAGS.trigger,
-        tau=FLAGS.tau,
-    )
+    # Each trigger takes only its own arguments (others are a ValueError).
+    trigger_args = {
+        "fda": dict(threshold=FLAGS.threshold, variant=FLAGS.variant),
+        "kamp": dict(threshold=FLAGS.threshold),
+        "periodic": dict(tau=FLAGS.tau),
+        "synchronous": {},
+    }[FLAGS.trigger]
+    fda = keras_fda.FDACallback(trigger=FLAGS.trigger, **trigger_args)
     model.fit(
         dataset,
         epochs=FLAGS.epochs,

@@ -79,8 +79,8 @@ class FDACallback(keras.callbacks.Callback):
             "sketch", "exact", or a `keras_fda.estimators.VarianceEstimator`
             instance (e.g. `SketchEstimator(depth=5, width=250)`).
         trigger: None for FDA, or "synchronous", "periodic", "kamp", or a
-            `keras_fda.triggers.SyncTrigger` (then `threshold` and `variant`
-            are not used).
+            `keras_fda.triggers.SyncTrigger`. Arguments the chosen trigger
+            does not use (`threshold`, `variant`, `tau`) are a `ValueError`.
         tau: steps between syncs for the "periodic" trigger.
         average_non_trainable: also average non-trainable float weights at each
             sync (default True; the paper did not).
@@ -116,7 +116,7 @@ class FDACallback(keras.callbacks.Callback):
     def __init__(
         self,
         threshold=None,
-        variant="linear",
+        variant=None,
         *,
         trigger=None,
         tau=None,

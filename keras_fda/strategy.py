@@ -254,8 +254,8 @@ class FDAStrategy(tf.distribute.Strategy):
         variant: the variance estimator: "linear" (default), "naive",
             "sketch", "exact", or a `keras_fda.estimators.VarianceEstimator`.
         trigger: None for FDA, or "synchronous", "periodic", "kamp", or a
-            `keras_fda.triggers.SyncTrigger` (then `threshold` and `variant`
-            are not used).
+            `keras_fda.triggers.SyncTrigger`. Arguments the chosen trigger
+            does not use (`threshold`, `variant`, `tau`) are a `ValueError`.
         tau: steps between syncs for the "periodic" trigger.
         average_non_trainable: also average non-trainable float weights at
             each sync (default True, as `FDACallback`).
@@ -298,7 +298,7 @@ class FDAStrategy(tf.distribute.Strategy):
         self,
         strategy,
         threshold=None,
-        variant="linear",
+        variant=None,
         *,
         trigger=None,
         tau=None,

@@ -210,23 +210,45 @@ class Kamp(SyncTrigger):
         return f"Kamp(threshold={self.threshold})"
 
 
-def get(trigger=None, *, threshold=None, variant="linear", tau=None):
+def get(trigger=None, *, threshold=None, variant=None, tau=None):
     """Resolves the trigger arguments of the drivers into a `SyncTrigger`.
 
     Args:
         trigger: a `SyncTrigger`, or one of "fda" (default), "synchronous",
             "periodic", "kamp".
         threshold: Theta for "fda" and "kamp".
-        variant: estimator name or instance for "fda".
+        variant: estimator name or instance for "fda" (default "linear").
         tau: period for "periodic".
+
+    Raises:
+        ValueError: for an unknown trigger, a missing argument, or an argument
+            that the chosen trigger does not use (it would be silently ignored).
     """
+    given = {"threshold": threshold, "variant": variant, "tau": tau}
+    name = "fda" if trigger is None else trigger
+    uses = {"fda": ("threshold", "variant"), "kamp": ("threshold",),
+            "periodic": ("tau",), "synchronous": ()}
+    if isinstance(trigger, SyncTrigger):
+        name, used = repr(trigger), ()
+    elif name in uses:
+        used = uses[name]
+    else:
+        raise ValueError(
+            f"Unknown trigger {trigger!r}. Use 'fda', 'synchronous', 'periodic', 'kamp' "
+            "or a keras_fda.triggers.SyncTrigger instance."
+        )
+    unused = sorted(k for k, v in given.items() if v is not None and k not in used)
+    if unused:
+        raise ValueError(
+            f"The {name} trigger does not use {', '.join(unused)}; remove "
+            f"{' and '.join(f'{k}=' for k in unused)} (it would be ignored)."
+        )
     if isinstance(trigger, SyncTrigger):
         return trigger
-    name = "fda" if trigger is None else trigger
     if name == "fda":
         if threshold is None:
             raise ValueError("FDA needs a threshold, e.g. FDACallback(threshold=1.5).")
-        return FDA(variant, threshold)
+        return FDA("linear" if variant is None else variant, threshold)
     if name == "kamp":
         if threshold is None:
             raise ValueError("The 'kamp' trigger needs a threshold.")
@@ -235,9 +257,4 @@ def get(trigger=None, *, threshold=None, variant="linear", tau=None):
         if tau is None:
             raise ValueError("The 'periodic' trigger needs tau (steps between syncs).")
         return Periodic(tau)
-    if name == "synchronous":
-        return Synchronous()
-    raise ValueError(
-        f"Unknown trigger {trigger!r}. Use 'fda', 'synchronous', 'periodic', 'kamp' "
-        "or a keras_fda.triggers.SyncTrigger instance."
-    )
+    return Synchronous()

@@ -83,6 +83,12 @@ def test_rejects_models_built_in_a_strategy_scope():
         (dict(threshold=1.0, variant="cubic"), "Unknown FDA variant"),
         (dict(trigger="gossip"), "Unknown trigger"),
         (dict(trigger="periodic"), "needs tau"),
+        (dict(trigger="synchronous", threshold=1.5), "does not use threshold"),
+        (dict(trigger="periodic", tau=4, threshold=1.0, variant="naive"),
+         "does not use threshold, variant"),
+        (dict(trigger="kamp", threshold=1.0, tau=3), "does not use tau"),
+        (dict(threshold=1.0, tau=3), "does not use tau"),
+        (dict(trigger=keras_fda.Periodic(4), threshold=1.0), "does not use threshold"),
     ],
 )
 def test_bad_arguments_say_what_to_do(kwargs, message):

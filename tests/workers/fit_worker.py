@@ -17,7 +17,7 @@ import keras_fda
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
 parser.add_argument("--trigger", default="fda")
-parser.add_argument("--variant", default="linear")
+parser.add_argument("--variant", default=None)
 parser.add_argument("--threshold", type=float, default=None)
 parser.add_argument("--tau", type=int, default=None)
 parser.add_argument("--model", choices=["mlp", "linear"], default="mlp")

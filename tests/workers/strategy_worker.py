@@ -164,7 +164,11 @@ def compile_model(model, optimizer=None):
 
 
 def make_trigger():
-    return triggers.get(args.trigger, threshold=args.threshold, tau=args.tau)
+    if args.trigger == "periodic":
+        return triggers.get("periodic", tau=args.tau)
+    if args.trigger == "synchronous":
+        return triggers.get("synchronous")
+    return triggers.get(args.trigger, threshold=args.threshold)
 
 
 class Recorder(keras.callbacks.Callback):
