@@ -35,14 +35,16 @@ setup(
     zip_safe=False,
     python_requires=">=3.11",  # Keras 3.15 requires Python >= 3.11
     # TensorFlow itself comes from an extra so that users pick the CPU or CUDA build.
-    install_requires=[KERAS, "numpy>=1.26", "absl-py>=2.0"],
+    # tensorboard: the dashboard module is part of the callback. tensorflow-cpu 2.21 no longer
+    # depends on it, so a user's `pip install keras-fda[cpu]` would otherwise crash at import.
+    install_requires=[KERAS, "numpy>=1.26", "absl-py>=2.0", "tensorboard" + TENSORFLOW],
     extras_require={
         "cpu": ["tensorflow-cpu" + TENSORFLOW],
         "gpu": ["tensorflow[and-cuda]" + TENSORFLOW],
         "examples": ["scikit-learn>=1.3", "matplotlib>=3.7"],
         "benchmarks": ["scikit-learn>=1.3", "matplotlib>=3.7"],
         # setuptools and wheel: tests/test_packaging.py builds the wheel without build isolation.
-        "test": ["pytest>=8", "scikit-learn>=1.3", "tensorboard" + TENSORFLOW,
+        "test": ["pytest>=8", "scikit-learn>=1.3",
                  "setuptools>=61", "wheel>=0.37",
                  # The benchmark smoke test (tests/test_simulation.py) draws its plot.
                  "matplotlib>=3.7",

@@ -133,6 +133,7 @@ def main(argv):
         steps_per_epoch=steps_per_epoch,
         callbacks=[fda],
         verbose=FLAGS.verbose,
+        shuffle=False,  # tf.data shuffles; Keras warns that its own shuffle would be ignored
     )
 
     # After fit every worker holds the same averaged model.
@@ -142,11 +143,7 @@ def main(argv):
         print(f"workers: {cluster.num_workers}, trigger: {fda.trigger}")
         print(f"test accuracy of the averaged model: {accuracy:.4f}")
         print(f"syncs: {stats.syncs} in {stats.steps} steps")
-        print(
-            f"FDA sent {stats.paper_bytes / 1e6:.2f} MB; synchronous averaging would "
-            f"have sent {stats.synchronous_paper_bytes / 1e6:.2f} MB "
-            f"({stats.savings:.1f} times more)"
-        )
+        print(stats.summary())
 
 
 if __name__ == "__main__":

@@ -71,8 +71,15 @@ class CommunicationStats:
         return self.synchronous_paper_bytes / self.paper_bytes
 
     def summary(self):
-        """One line for humans: FDA bytes vs synchronous bytes."""
+        """One line for humans: FDA bytes vs synchronous bytes (K >= 2)."""
         mb = 1e6
+        if self.num_workers == 1:
+            # The formula would count a model upload per sync, but a lone worker has no one
+            # to send to: claiming savings there would be a ratio of two fictions.
+            return (
+                f"One worker: nothing was sent (FDA communicates only between workers) "
+                f"[d={self.num_params}, {self.steps} steps]"
+            )
         return (
             f"FDA sent {self.paper_bytes / mb:.2f} MB; synchronous averaging would have "
             f"sent {self.synchronous_paper_bytes / mb:.2f} MB ({self.savings:.1f} times more) "

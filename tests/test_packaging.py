@@ -23,9 +23,15 @@ VERSION = re.search(
 ).group(1)
 MODULES = sorted(p.name for p in (REPO / "keras_fda").glob("*.py"))
 DATA_SUFFIXES = (".npz", ".npy", ".h5", ".keras", ".csv", ".png", ".json", ".pyc", ".so")
-IGNORE = shutil.ignore_patterns(
+_IGNORE_NAMES = shutil.ignore_patterns(
     ".git", "bazel-*", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "logs", "tmp"
 )
+
+
+def IGNORE(directory, names):
+    """Build outputs, caches and any virtualenv a user made inside the checkout (.venv ...)."""
+    ignored = set(_IGNORE_NAMES(directory, names))
+    return ignored | {n for n in names if os.path.isfile(os.path.join(directory, n, "pyvenv.cfg"))}
 
 
 def run(*command, **kwargs):
@@ -85,6 +91,8 @@ def test_wheel_metadata(wheel_path):
     assert metadata["Requires-Python"] == ">=3.11"
     requires = [r.replace(" ", "") for r in metadata.get_all("Requires-Dist")]
     assert "keras<3.16,>=3.15" in requires
+    # The dashboard is part of the callback: tensorboard is a dependency, not a test extra.
+    assert "tensorboard<2.22,>=2.21" in requires
     assert {"cpu", "gpu", "examples", "test"} <= set(metadata.get_all("Provides-Extra"))
     assert 'tensorflow-cpu<2.22,>=2.21;extra=="cpu"' in requires
     assert 'tensorflow[and-cuda]<2.22,>=2.21;extra=="gpu"' in requires
@@ -93,12 +101,29 @@ def test_wheel_metadata(wheel_path):
     assert "keras-fda-launch = keras_fda.launch:main" in entry_points
 
 
+def dependency_paths():
+    """The directories this interpreter imports installed packages from.
+
+    Whatever the suite runs in (a venv, the system Python, conda), these hold
+    TensorFlow, Keras and the rest. `venv.create(system_site_packages=True)`
+    would see the base interpreter's instead, which lacks them in a venv.
+    """
+    return [
+        p for p in sys.path
+        if os.path.isdir(p) and pathlib.Path(p).name in ("site-packages", "dist-packages")
+    ]
+
+
 def test_wheel_installs_into_a_fresh_venv_and_imports(wheel_path, tmp_path):
-    # System site-packages provide TensorFlow and Keras (installing them again is minutes);
-    # keras_fda itself must come from the venv, not from the checkout.
+    # Installing TensorFlow again would take minutes: the venv sees this interpreter's
+    # packages through a .pth file. Directories listed there are not scanned for .pth files
+    # themselves, so an editable install of the checkout stays invisible: keras_fda must
+    # come from the wheel.
     env_dir = tmp_path / "venv"
-    venv.create(env_dir, system_site_packages=True, with_pip=False)
+    venv.create(env_dir, with_pip=False)
     python = env_dir / "bin" / "python"
+    (site_packages,) = env_dir.glob("lib/python*/site-packages")
+    (site_packages / "dependencies.pth").write_text("\n".join(dependency_paths()) + "\n")
     run(sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index",
         "--disable-pip-version-check", wheel_path)
     result = run(

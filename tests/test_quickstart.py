@@ -2,8 +2,10 @@
 
 import os
 import re
+import subprocess
+import sys
 
-from conftest import launch
+from conftest import REPO, launch
 
 
 def test_quickstart_trains_and_reports_savings():
@@ -47,3 +49,16 @@ def test_strategy_cluster_example_trains_with_fewer_bytes(tmp_path):
     assert 0 < syncs < steps and savings > 1
     # The chief's dashboard only.
     assert sorted(os.listdir(tmp_path)) == ["fda"]
+
+
+def test_quickstart_alone_claims_no_savings():
+    # Without TF_CONFIG the program is one local worker: nothing crosses a network.
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "examples", "quickstart.py"), "--epochs=1"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "workers: 1" in result.stdout
+    assert "One worker: nothing was sent" in result.stdout
+    assert "times more" not in result.stdout
