@@ -17,7 +17,7 @@ import pytest
 import tensorflow as tf
 
 from keras_fda.strategy import FDAStrategy
-from conftest import SCALAR_TAGS, check_layout, launch, read_run
+from conftest import SCALAR_TAGS, check_layout, launch, read_dashboard, read_run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -213,7 +213,7 @@ def test_multiworker_logs_are_each_workers_own_and_totals_match(multiworker):
 def check_dashboard(result):
     """The chief's dashboard holds the strategy's own per-step values and totals."""
     run = os.path.join(result["out"], "logs", "fda")
-    events = read_run(run)
+    events = read_dashboard(run)
     assert set(SCALAR_TAGS) | {"fda/round_length"} <= set(events)
     check_layout(events)
     steps = len(result["syncs"])
