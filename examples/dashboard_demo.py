@@ -194,6 +194,9 @@ return all(document, 'tf-custom-scalar-multi-line-chart-card', []).map(card => (
   // Plottable draws each series as an SVG path; an empty chart has none.
   lines: all(card.shadowRoot, 'path.line', [])
     .filter(p => (p.getAttribute('d') || '').length > 10).length,
+  colors: [...new Set(all(card.shadowRoot, 'path.line', [])
+    .filter(p => (p.getAttribute('d') || '').length > 10)
+    .map(p => getComputedStyle(p).stroke))],
   svgs: all(card.shadowRoot, 'svg', []).filter(s => s.getBoundingClientRect().width > 100).length,
 }));
 """
@@ -202,7 +205,8 @@ return all(document, 'tf-custom-scalar-multi-line-chart-card', []).map(card => (
 def rendered_charts(driver, url, expected_charts, timeout=30):
     """Opens the Custom Scalars tab; returns its chart cards once each has drawn a line per tag.
 
-    Returns a list of dicts: `title`, `regexes`, `lines` (drawn series), `svgs`.
+    Returns a list of dicts: `title`, `regexes`, `lines` (drawn series),
+    `colors` (their distinct stroke colours), `svgs`.
     On timeout, returns what was rendered by then.
     """
     # Charts that show every point: no outlier clipping (a setting kept in

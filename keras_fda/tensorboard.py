@@ -1,17 +1,23 @@
 """A TensorBoard dashboard of FDA's communication: how close to a sync, how much was saved.
 
-`Dashboard` writes, into its own run `<log_dir>/fda` (next to the `train` and
-`validation` runs of `keras.callbacks.TensorBoard` on the same `log_dir`):
+`Dashboard` writes two runs of its own, next to the `train` and `validation`
+runs of `keras.callbacks.TensorBoard` on the same `log_dir`: `<log_dir>/fda`
+holds what FDA measured and did, `<log_dir>/fda_reference` the two lines it is
+compared with (``fda/threshold`` and ``fda/bytes_synchronous``). TensorBoard
+colours lines by run, so in the two-line charts the reference is a line of
+another colour, named in the run selector and the tooltip.
 
 =========================  ===========================================================
 Tag                        Value
 =========================  ===========================================================
 ``fda/variance``           the trigger's statistic (FDA: the variance estimate)
-``fda/threshold``          the threshold it is compared with (syncs when greater)
+``fda/threshold``          the threshold it is compared with (syncs when greater);
+                           in the run ``fda_reference``
 ``fda/syncs``              synchronizations so far (the initial broadcast excluded)
 ``fda/steps_since_sync``   local steps since the last synchronization
 ``fda/bytes_sent``         bytes FDA sent so far, whole cluster, paper formula
-``fda/bytes_synchronous``  bytes averaging after every step would have sent (same formula)
+``fda/bytes_synchronous``  bytes averaging after every step would have sent (same
+                           formula); in the run ``fda_reference``
 ``fda/savings``            ``bytes_synchronous / bytes_sent``
 ``fda/round_length``       histogram of the round lengths (steps between syncs) so far,
                            written at each sync
@@ -35,12 +41,18 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import metadata as custom_scalar_metadata
 
 CATEGORY = "FDA communication"
+REFERENCE_RUN_SUFFIX = "_reference"
+# Written to the reference run: each is the other line of a two-line chart.
+REFERENCE_TAGS = ("fda/threshold", "fda/bytes_synchronous")
 
 # Chart title -> the tags it draws. Anchored regexes: the plugin uses
 # re.match, so "fda/syncs" alone would also match a longer tag.
 CHARTS = {
-    "Variance estimate vs threshold": ["fda/variance", "fda/threshold"],
-    "Bytes sent: FDA vs synchronous averaging (paper formula)": [
+    "Variance estimate (run fda) vs threshold (run fda_reference)": [
+        "fda/variance",
+        "fda/threshold",
+    ],
+    "Bytes sent (paper formula): FDA (run fda) vs synchronous averaging (run fda_reference)": [
         "fda/bytes_sent",
         "fda/bytes_synchronous",
     ],
@@ -93,7 +105,8 @@ class Dashboard:
             `"batch"` is 1), or `"epoch"`: only when `write_step(...,
             force=True)` is called (the caller does so at each epoch's end),
             as with `keras.callbacks.TensorBoard(update_freq=...)`.
-        run: the run (subfolder of `log_dir`) to write to.
+        run: the run (subfolder of `log_dir`) to write to; the threshold and
+            the synchronous bytes go to the run `run + "_reference"`.
 
     Example (what `FDACallback(log_dir=...)` does on the chief):
 
@@ -117,10 +130,12 @@ class Dashboard:
     def __init__(self, log_dir, update_freq=1, run="fda"):
         self.update_freq = standardize_update_freq(update_freq)
         self.log_dir = os.path.join(log_dir, run)
+        self.reference_log_dir = self.log_dir + REFERENCE_RUN_SUFFIX
         # A large queue so that the writer does not flush every few steps (7
         # events a step), but at most every 5 s so the dashboard stays live.
-        self._writer = tf.summary.create_file_writer(
-            self.log_dir, max_queue=1000, flush_millis=5000
+        self._writer, self._reference_writer = (
+            tf.summary.create_file_writer(path, max_queue=1000, flush_millis=5000)
+            for path in (self.log_dir, self.reference_log_dir)
         )
         self.round_lengths = []
         with self._writer.as_default(step=0):
@@ -163,13 +178,16 @@ class Dashboard:
             "fda/savings": stats.savings,
         }
         values = {tag: v for tag, v in values.items() if v is not None}
-        # Tensors, not Python numbers, so the compiled writer is traced once
+        # Tensors, not Python numbers, so the compiled writers are traced once
         # (twice at most: with and without the threshold).
-        self._write_scalars(
-            tf.constant(step, tf.int64),
-            tuple(values),
-            tf.constant([float(v) for v in values.values()], tf.float64),
-        )
+        step = tf.constant(step, tf.int64)
+        for writer, tags in (
+            (self._writer, [t for t in values if t not in REFERENCE_TAGS]),
+            (self._reference_writer, [t for t in values if t in REFERENCE_TAGS]),
+        ):
+            self._write_scalars(
+                writer, step, tuple(tags), tf.constant([float(values[t]) for t in tags], tf.float64)
+            )
         return True
 
     def write_sync(self, step, round_length):
@@ -187,8 +205,8 @@ class Dashboard:
     # Compiled: eager tf.summary costs about 0.3 ms per scalar, one graph call
     # writing all of them about 0.1 ms per scalar.
     @tf.function
-    def _write_scalars(self, step, tags, values):
-        with self._writer.as_default(step=step):
+    def _write_scalars(self, writer, step, tags, values):
+        with writer.as_default(step=step):
             for i, tag in enumerate(tags):
                 tf.summary.scalar(tag, values[i])
 
@@ -206,7 +224,9 @@ class Dashboard:
     def flush(self):
         """Writes pending events to disk."""
         self._writer.flush()
+        self._reference_writer.flush()
 
     def close(self):
-        """Flushes and closes the writer."""
+        """Flushes and closes the writers."""
         self._writer.close()
+        self._reference_writer.close()

@@ -58,6 +58,21 @@ def read_run(run_dir):
     }
 
 
+def read_dashboard(run_dir):
+    """The FDA dashboard's events: the run `run_dir` and its reference run, merged.
+
+    Checks the split on the way: the threshold and the synchronous bytes are in
+    the reference run only (so TensorBoard draws them in another colour).
+    """
+    from keras_fda.tensorboard import REFERENCE_RUN_SUFFIX, REFERENCE_TAGS
+
+    events = read_run(run_dir)
+    reference = read_run(os.fspath(run_dir) + REFERENCE_RUN_SUFFIX)
+    assert not set(REFERENCE_TAGS) & set(events), sorted(events)
+    assert set(reference) <= set(REFERENCE_TAGS), sorted(reference)
+    return {**events, **reference}
+
+
 def read_layout(events):
     (step, serialized), = events[custom_scalar_metadata.CONFIG_SUMMARY_TAG]
     layout = layout_pb2.Layout()

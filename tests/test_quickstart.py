@@ -48,7 +48,7 @@ def test_strategy_cluster_example_trains_with_fewer_bytes(tmp_path):
     assert accuracy > 0.6  # 10 classes: chance is 0.1
     assert 0 < syncs < steps and savings > 1
     # The chief's dashboard only.
-    assert sorted(os.listdir(tmp_path)) == ["fda"]
+    assert sorted(os.listdir(tmp_path)) == ["fda", "fda_reference"]
 
 
 def test_quickstart_alone_claims_no_savings():

@@ -6,7 +6,7 @@ import socket
 
 import numpy as np
 import pytest
-from conftest import SCALAR_TAGS, check_layout, read_layout, read_run
+from conftest import SCALAR_TAGS, check_layout, launch, read_dashboard, read_layout, read_run
 
 from keras_fda import tensorboard as fda_tensorboard
 from keras_fda.accounting import CommunicationStats
@@ -66,7 +66,7 @@ def drive(log_dir, update_freq, last_step=6):
 def test_every_tag_at_its_steps_with_its_value(tmp_path):
     expected = drive(tmp_path, update_freq=2)
     assert sorted(expected) == [2, 4, 6]
-    events = read_run(tmp_path / "fda")
+    events = read_dashboard(tmp_path / "fda")
     for tag in SCALAR_TAGS:
         assert [step for step, _ in events[tag]] == [2, 4, 6], tag
         for step, value in events[tag]:
@@ -80,7 +80,7 @@ def test_every_tag_at_its_steps_with_its_value(tmp_path):
 
 def test_round_length_histogram_at_each_sync(tmp_path):
     drive(tmp_path, update_freq=2)
-    histograms = read_run(tmp_path / "fda")["fda/round_length"]
+    histograms = read_dashboard(tmp_path / "fda")["fda/round_length"]
     assert [step for step, _ in histograms] == [3, 5]
     # Rows of (left edge, right edge, count): one round of 3 steps, then also one of 2.
     first, last = histograms[0][1], histograms[1][1]
@@ -92,7 +92,7 @@ def test_round_length_histogram_at_each_sync(tmp_path):
 
 def test_layout_parses_and_names_existing_tags(tmp_path):
     drive(tmp_path, update_freq=1)
-    events = read_run(tmp_path / "fda")
+    events = read_dashboard(tmp_path / "fda")
     charts = check_layout(events)
     assert list(charts) == list(fda_tensorboard.CHARTS)
     assert read_layout(events).category[0].title == fda_tensorboard.CATEGORY
@@ -101,7 +101,7 @@ def test_layout_parses_and_names_existing_tags(tmp_path):
 def test_epoch_update_freq_writes_only_when_forced(tmp_path):
     expected = drive(tmp_path, update_freq="epoch")
     assert sorted(expected) == [6]
-    events = read_run(tmp_path / "fda")
+    events = read_dashboard(tmp_path / "fda")
     assert all([step for step, _ in events[tag]] == [6] for tag in SCALAR_TAGS)
 
 
@@ -110,7 +110,7 @@ def test_threshold_none_is_left_out(tmp_path):
     stats = CommunicationStats(num_workers=2, num_params=10, state_bytes=0, steps=1, syncs=1)
     dashboard.write_step(1, statistic=1.0, threshold=None, syncs=1, steps_since_sync=0, stats=stats)
     dashboard.close()
-    events = read_run(tmp_path / "fda")
+    events = read_dashboard(tmp_path / "fda")
     assert "fda/threshold" not in events
     assert set(SCALAR_TAGS) - {"fda/threshold"} <= set(events)
 
@@ -141,7 +141,7 @@ def last_value(events, tag):
 def test_real_run_logs_match_the_callback_totals(real_run):
     _, log_dir, stats = real_run
     assert stats.steps == REAL_STEPS and stats.syncs >= 2
-    fda_events = read_run(os.path.join(log_dir, "fda"))
+    fda_events = read_dashboard(os.path.join(log_dir, "fda"))
     assert set(SCALAR_TAGS) | {"fda/round_length"} <= set(fda_events)
     check_layout(fda_events)
     assert fda_events["fda/syncs"][-1][0] == REAL_STEPS
@@ -192,10 +192,30 @@ def test_dashboard_renders_in_chromium(real_run, tmp_path):
     assert [c["title"] for c in charts] == list(fda_tensorboard.CHARTS), charts
     for chart, tags in zip(charts, fda_tensorboard.CHARTS.values()):
         assert chart["regexes"] == [f"^{t}$" for t in tags]
-        # One drawn line per tag (only the fda run has these tags), in an SVG plot.
+        # One drawn line per tag (each tag is in one run only), in an SVG plot; the two
+        # lines of a chart are told apart by colour (TensorBoard colours by run).
         assert chart["lines"] == len(tags), chart
+        assert len(chart["colors"]) == len(tags), chart
         assert chart["svgs"] >= 1, chart
     assert screenshot.stat().st_size > 10_000
     # The server was stopped: its port no longer accepts connections.
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_readme_multiworker_recipe_labels_each_workers_logs(tmp_path):
+    result = launch(2, "tests/workers/dashboard_worker.py", tmp_path, timeout=180)
+    assert result.returncode == 0, result.stdout[-4000:]
+    # One labelled run per worker for Keras' logs, the chief's FDA runs, nothing mixed.
+    assert sorted(os.listdir(tmp_path)) == ["fda", "fda_reference", "worker0", "worker1"]
+    fda_events = read_dashboard(tmp_path / "fda")
+    losses = []
+    for worker in ("worker0", "worker1"):
+        run = tmp_path / worker / "train"
+        assert len([f for f in os.listdir(run) if f.startswith("events.out")]) == 1
+        events = read_run(run)
+        assert [s for s, _ in events["batch_loss"]] == list(range(1, 21))
+        assert {s for s, _ in fda_events["fda/variance"]} == set(range(1, 21))
+        losses.append([float(v) for _, v in events["batch_loss"]])
+    # Each worker's run holds its own loss (different data), not a copy of the other's.
+    assert losses[0] != losses[1]
