@@ -2,13 +2,21 @@
 
 TensorFlow's collective runtime must be configured before the program runs
 any TensorFlow op, so `connect()` belongs on the first lines of every worker.
-It reads the standard `TF_CONFIG` environment variable (as written by
-`python -m keras_fda.launch`, Kubernetes operators or by hand). Without
-`TF_CONFIG` the program is a single local worker and everything still works.
+It finds the cluster, in this order, in: a `cluster_resolver` argument (any
+`tf.distribute.cluster_resolver.ClusterResolver`); the standard `TF_CONFIG`
+environment variable (as written by `python -m keras_fda.launch`, Kubeflow's
+TFJob operator or by hand); a SLURM job step (`srun`). Without any of them the
+program is a single local worker and everything still works.
 """
 
+import atexit
 import json
 import os
+import re
+import socket
+import subprocess
+import sys
+import time
 
 import tensorflow as tf
 from tensorflow.python.eager import context
@@ -16,6 +24,16 @@ from tensorflow.python.eager import context
 from keras_fda.transport import CollectiveTransport, LocalTransport
 
 DEFAULT_TIMEOUT_SECONDS = 300.0
+
+# Without SLURM_STEP_RESV_PORTS, SLURM task i listens on
+# SLURM_PORT_BASE + 16 * (SLURM_JOB_ID % 1000) + (its index on its node): two
+# jobs sharing a node get different ports unless their IDs agree mod 1000, and
+# the range stays below Linux's ephemeral ports (32768 and up).
+SLURM_PORT_BASE = 12000
+SLURM_PORTS_PER_JOB = 16
+
+# How long worker 0 waits at exit for the other workers' processes to end.
+EXIT_WAIT_SECONDS = 10.0
 
 _current = None
 
@@ -30,6 +48,32 @@ PEER_FAILURES = (
 
 class PeerFailureError(RuntimeError):
     """A collective with the other workers failed: a peer died, hung or stopped early."""
+
+
+def error_cause(error):
+    """The line of a TensorFlow error that says what went wrong.
+
+    Errors raised inside a `tf.function` start with `Graph execution error:`
+    and the Python stack of the failing op; the cause follows the stack.
+
+    Args:
+        error: a `tf.errors.OpError` (or any exception).
+
+    Returns:
+        That line, e.g. `Collective ops is aborted by: ...`.
+    """
+    message = getattr(error, "message", None) or str(error)
+    lines = message.splitlines()
+    if lines and lines[0].strip() == "Graph execution error:":
+        stack_ends = [i for i, line in enumerate(lines) if line.strip().startswith('File "')]
+        # Lines indented under the last "File" line quote its source code.
+        lines = lines[stack_ends[-1] + 1 :] if stack_ends else lines[1:]
+        lines = [line for line in lines if line[:1].strip()]
+    for line in lines:
+        line = line.strip()
+        if line and not line.startswith(("[[{{node", "Detected at node")):
+            return line
+    return type(error).__name__
 
 
 class Cluster:
@@ -104,21 +148,42 @@ def parse_tf_config(value):
     return workers, index
 
 
-def connect(timeout_seconds=DEFAULT_TIMEOUT_SECONDS):
-    """Joins the cluster described by TF_CONFIG; call it before any other TF op.
+def connect(timeout_seconds=DEFAULT_TIMEOUT_SECONDS, cluster_resolver=None):
+    """Joins the cluster of this worker; call it before any other TF op.
+
+    The cluster comes from `cluster_resolver` if given, else from `TF_CONFIG`,
+    else from the SLURM job step this process runs in (`srun -n N python
+    train.py`: `SLURM_PROCID`, `SLURM_STEP_NUM_TASKS` and the step's nodes,
+    `SLURM_STEP_NODELIST`, expanded with `scontrol show hostnames`; task i
+    listens on a port from `SLURM_STEP_RESV_PORTS` (`srun --resv-ports`) or
+    else on `SLURM_PORT_BASE + 16 * (SLURM_JOB_ID % 1000) + its index on its
+    node`). Without any of them (or with a one-worker cluster) this is a single
+    local worker.
 
     Starts TensorFlow's collective runtime (a gRPC server on this worker's
     address) and returns the `Cluster`. Drivers such as `FDACallback` use the
-    connected cluster by default. Without TF_CONFIG (or with a one-worker
-    TF_CONFIG) this is a single local worker.
+    connected cluster by default. At the end of a program that did not fail,
+    the workers leave together: each waits (up to `timeout_seconds`) until
+    every worker reached its end, and worker 0, which hosts TensorFlow's
+    coordination service, exits last, so no worker reports the service gone.
 
     Args:
         timeout_seconds: how long any collective may wait for the other
             workers before failing with `DeadlineExceededError` instead of
             hanging (for example when a peer died or ran out of data).
+        cluster_resolver: a `tf.distribute.cluster_resolver.ClusterResolver`
+            (e.g. `SimpleClusterResolver`, `KubernetesClusterResolver`) whose
+            cluster consists of `worker` tasks only, with this process's
+            `task_type` and `task_id` set. Takes precedence over `TF_CONFIG`
+            and SLURM.
 
     Returns:
         The `Cluster`.
+
+    Raises:
+        ValueError: if the cluster description (`TF_CONFIG`, the SLURM
+            environment, the resolver) is malformed; the message names the
+            bad field.
 
     Example:
 
@@ -131,14 +196,20 @@ def connect(timeout_seconds=DEFAULT_TIMEOUT_SECONDS):
     global _current
     if not (isinstance(timeout_seconds, (int, float)) and 0 < timeout_seconds < float("inf")):
         raise ValueError(f"timeout_seconds must be a positive number, got {timeout_seconds!r}.")
-    raw = os.environ.get("TF_CONFIG", "").strip()
+    if cluster_resolver is not None and not isinstance(
+        cluster_resolver, tf.distribute.cluster_resolver.ClusterResolver
+    ):
+        raise TypeError(
+            "cluster_resolver must be a tf.distribute.cluster_resolver.ClusterResolver, "
+            f"got {type(cluster_resolver).__name__}."
+        )
     if _current is not None:
         return _current
-    if not raw:
-        _current = Cluster(LocalTransport())
-        return _current
-    workers, index = parse_tf_config(raw)
-    if len(workers) == 1:
+    if cluster_resolver is None:
+        workers, index, cluster_resolver = _cluster_from_environment()
+    else:
+        workers, index = _workers_of(cluster_resolver)
+    if len(workers) <= 1:
         _current = Cluster(LocalTransport())
         return _current
     if context.context()._initialized:
@@ -148,25 +219,275 @@ def connect(timeout_seconds=DEFAULT_TIMEOUT_SECONDS):
             "connect() to the top of the program, before building models or data."
         )
     options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=float(timeout_seconds))
-    strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(
+        cluster_resolver=cluster_resolver, communication_options=options
+    )
     transport = CollectiveTransport(strategy, len(workers), index, timeout_seconds)
     _current = Cluster(transport, strategy)
+    leave_together_at_exit(workers, index, timeout_seconds)
     return _current
 
 
 def current():
-    """The connected cluster, or a single local worker if there is no TF_CONFIG.
+    """The connected cluster, or a single local worker if there is no cluster.
 
     Raises:
-        RuntimeError: if TF_CONFIG describes several workers but `connect()`
-            was not called: training would silently stay local on each worker.
+        RuntimeError: if TF_CONFIG or a SLURM step describes several workers
+            but `connect()` was not called: training would silently stay
+            local on each worker.
     """
     if _current is not None:
         return _current
-    raw = os.environ.get("TF_CONFIG", "").strip()
-    if raw and len(parse_tf_config(raw)[0]) > 1:
+    if len(_cluster_from_environment()[0]) > 1:
         raise RuntimeError(
-            "TF_CONFIG describes a cluster but keras_fda.connect() was not called. "
-            "Call keras_fda.connect() as the first line of the program on every worker."
+            "TF_CONFIG (or the SLURM job step) describes a cluster but keras_fda.connect() "
+            "was not called. Call keras_fda.connect() as the first line of the program on "
+            "every worker."
         )
     return Cluster(LocalTransport())
+
+
+def _cluster_from_environment():
+    """`(worker addresses, this worker's index, resolver or None)` from TF_CONFIG or SLURM.
+
+    No workers (an empty list) means no cluster: a single local worker.
+    """
+    raw = os.environ.get("TF_CONFIG", "").strip()
+    if raw:
+        workers, index = parse_tf_config(raw)
+        return workers, index, None  # MultiWorkerMirroredStrategy reads TF_CONFIG itself
+    step = slurm_cluster(os.environ)
+    if step is None:
+        return [], 0, None
+    workers, index = step
+    resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+        tf.train.ClusterSpec({"worker": workers}),
+        task_type="worker",
+        task_id=index,
+        rpc_layer="grpc",
+        # Listing physical devices does not start TF's runtime.
+        num_accelerators={"GPU": len(tf.config.list_physical_devices("GPU"))},
+    )
+    return workers, index, resolver
+
+
+def _workers_of(resolver):
+    """`(worker addresses, this worker's index)` of a ClusterResolver, validated."""
+    jobs = resolver.cluster_spec().as_dict()
+    if not jobs:
+        return [], 0
+    what = f"The cluster of {type(resolver).__name__}"
+    other_jobs = sorted(set(jobs) - {"worker"})
+    if other_jobs:
+        raise ValueError(
+            f"{what} has jobs {other_jobs}; keras_fda clusters consist of 'worker' tasks only "
+            "(worker 0 acts as chief)."
+        )
+    workers = jobs.get("worker")
+    if not isinstance(workers, list) or not workers:
+        raise ValueError(
+            f"{what} must list its workers densely as ['host:port', ...], got {workers!r}."
+        )
+    if resolver.task_type != "worker":
+        raise ValueError(f"{what}: task_type must be 'worker', got {resolver.task_type!r}.")
+    index = resolver.task_id
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(workers):
+        raise ValueError(
+            f"{what}: task_id must be an integer in [0, {len(workers)}), got {index!r}."
+        )
+    return workers, index
+
+
+# --- SLURM ---
+
+
+def slurm_cluster(environ, expand_hostnames=None):
+    """The cluster of the SLURM job step this process runs in, or None outside one.
+
+    `srun` sets, for every task of a step, `SLURM_STEP_NODELIST` (the step's
+    nodes, compressed as in `node[01-04]`), `SLURM_STEP_TASKS_PER_NODE` (as in
+    `2(x3),1`), `SLURM_PROCID` (the task's rank) and `SLURM_STEP_NUM_TASKS`;
+    an `sbatch` script itself (outside `srun`) is not a step. Tasks are laid
+    out on the nodes as SLURM does: in blocks (the default) or cyclically
+    (`SLURM_DISTRIBUTION=cyclic`).
+
+    Args:
+        environ: the environment to read (e.g. `os.environ`).
+        expand_hostnames: a function from a compressed node list to host
+            names; default: `scontrol show hostnames`.
+
+    Returns:
+        `(worker addresses, this task's index)`, or None outside a step.
+
+    Raises:
+        ValueError: if the SLURM variables are malformed or inconsistent, or
+            `scontrol` is missing; the message names the variable.
+    """
+    if "SLURM_STEP_NODELIST" not in environ or "SLURM_PROCID" not in environ:
+        return None
+    num_tasks = _slurm_int(environ, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS")
+    index = _slurm_int(environ, "SLURM_PROCID")
+    if not 0 <= index < num_tasks:
+        raise ValueError(
+            f"SLURM_PROCID={index} is not a task of this step of {num_tasks} tasks; "
+            "start every task with the same srun."
+        )
+    nodes = (expand_hostnames or _scontrol_hostnames)(environ["SLURM_STEP_NODELIST"])
+    per_node = _tasks_per_node(environ.get("SLURM_STEP_TASKS_PER_NODE", str(num_tasks)))
+    if len(per_node) != len(nodes) or sum(per_node) != num_tasks:
+        raise ValueError(
+            f"SLURM_STEP_TASKS_PER_NODE={environ.get('SLURM_STEP_TASKS_PER_NODE')!r} does not "
+            f"lay out {num_tasks} tasks on the {len(nodes)} nodes of SLURM_STEP_NODELIST="
+            f"{environ['SLURM_STEP_NODELIST']!r}; start the workers with srun, or set TF_CONFIG."
+        )
+    distribution = environ.get("SLURM_DISTRIBUTION", "block").split(":")[0].split(",")[0]
+    if distribution not in ("block", "cyclic"):
+        raise ValueError(
+            f"SLURM_DISTRIBUTION={environ['SLURM_DISTRIBUTION']!r}: keras_fda can place only "
+            "block and cyclic task layouts; use srun --distribution=block, or set TF_CONFIG."
+        )
+    placement = []  # (node, index on the node) of task 0, 1, ...
+    if distribution == "block":
+        for node, count in enumerate(per_node):
+            placement += [(node, local) for local in range(count)]
+    else:
+        for local in range(max(per_node)):
+            placement += [(node, local) for node, count in enumerate(per_node) if local < count]
+    ports = _slurm_ports(environ, max(per_node))
+    workers = [f"{_host(nodes[node])}:{ports[local]}" for node, local in placement]
+    return workers, index
+
+
+def _slurm_int(environ, name, fallback=None):
+    key = name if name in environ or fallback is None else fallback
+    try:
+        return int(environ[key])
+    except KeyError:
+        raise ValueError(f"{name} is not set; start the workers with srun.") from None
+    except ValueError:
+        raise ValueError(f"{key}={environ[key]!r} is not an integer.") from None
+
+
+def _tasks_per_node(value):
+    """`'2(x3),1'` -> `[2, 2, 2, 1]`."""
+    counts = []
+    for part in value.split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not match:
+            raise ValueError(
+                f"SLURM_STEP_TASKS_PER_NODE={value!r} is not of the form '2(x3),1'."
+            )
+        counts += [int(match.group(1))] * int(match.group(2) or 1)
+    return counts
+
+
+def _slurm_ports(environ, needed):
+    """A port per task index on a node: the step's reserved ports, else the documented base."""
+    reserved = environ.get("SLURM_STEP_RESV_PORTS", "").strip()
+    if not reserved:
+        job = _slurm_int(environ, "SLURM_JOB_ID", "SLURM_JOBID")
+        base = SLURM_PORT_BASE + SLURM_PORTS_PER_JOB * (job % 1000)
+        return list(range(base, base + needed))
+    ports = []
+    for part in reserved.split(","):
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part.strip())
+        if not match:
+            raise ValueError(
+                f"SLURM_STEP_RESV_PORTS={reserved!r} is not of the form '12000-12003,12010'."
+            )
+        first, last = int(match.group(1)), int(match.group(2) or match.group(1))
+        ports += range(first, last + 1)
+    if len(ports) < needed:
+        raise ValueError(
+            f"SLURM_STEP_RESV_PORTS={reserved!r} has {len(ports)} ports, but {needed} tasks "
+            f"share a node; reserve at least {needed} (srun --resv-ports={needed})."
+        )
+    return ports
+
+
+def _scontrol_hostnames(nodelist):
+    try:
+        result = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True
+        )
+    except FileNotFoundError:
+        raise ValueError(
+            f"SLURM_STEP_NODELIST={nodelist!r} needs `scontrol show hostnames` to expand, "
+            "but scontrol is not on PATH; add SLURM's bin directory to PATH, or set TF_CONFIG."
+        ) from None
+    hosts = result.stdout.split()
+    if result.returncode or not hosts:
+        raise ValueError(
+            f"`scontrol show hostnames {nodelist}` failed (exit code {result.returncode}): "
+            f"{result.stderr.strip()}"
+        )
+    return hosts
+
+
+def _host(name):
+    return f"[{name}]" if ":" in name else name  # an IPv6 address
+
+
+# --- Leaving the cluster ---
+
+_exit_state = {"registered": False, "failed": False}
+
+
+def leave_together_at_exit(workers, index, timeout_seconds):
+    """Makes the workers of a cluster end their processes in an order that fails no RPC.
+
+    TensorFlow's coordination service runs in worker 0; every worker's agent
+    sends it heartbeats until its process ends. A worker still running when
+    worker 0 has gone logs `Failed to send RPC to coordination service ...
+    Connection refused`; worker 0 still running 10 s after another worker has
+    gone logs that the worker `stopped sending heartbeats`. So at exit each
+    worker waits at a barrier until all reached their end (at most
+    `timeout_seconds`), and worker 0 then waits (at most `EXIT_WAIT_SECONDS`)
+    until the others' servers are gone. A program ending with an uncaught
+    exception leaves at once: its peers will fail anyway. Registered once per
+    process by `connect()`.
+
+    Args:
+        workers: the cluster's worker addresses, `host:port`, in worker order.
+        index: this worker's index.
+        timeout_seconds: the longest wait at the barrier.
+    """
+    if _exit_state["registered"]:
+        return
+    _exit_state["registered"] = True
+    previous_hook = sys.excepthook
+
+    def excepthook(*exc_info):
+        _exit_state["failed"] = True
+        previous_hook(*exc_info)
+
+    sys.excepthook = excepthook
+    atexit.register(_leave, list(workers), index, timeout_seconds)
+
+
+def _leave(workers, index, timeout_seconds):
+    if _exit_state["failed"]:
+        return
+    try:
+        context.context().wait_at_barrier("keras_fda_exit", int(timeout_seconds * 1000))
+    except tf.errors.OpError:
+        return  # a worker failed or is gone: there is no orderly exit to make
+    if index != 0:
+        return
+    deadline = time.monotonic() + EXIT_WAIT_SECONDS
+    others = workers[1:]
+    while others and time.monotonic() < deadline:
+        others = [address for address in others if _listening(address)]
+        if others:
+            time.sleep(0.05)
+
+
+def _listening(address):
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=0.5):
+            return True
+    except socket.timeout:
+        return True  # no answer yet: it may still be there
+    except OSError:
+        return False

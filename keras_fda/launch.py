@@ -4,19 +4,37 @@
 
 Starts `--workers` copies of a training script, each as its own process with
 a `TF_CONFIG` that names all workers on 127.0.0.1 and this worker's index, so
-that `keras_fda.connect()` in the script forms the cluster. Every line the
-workers print (stdout and stderr) appears on the launcher's stdout prefixed
-with the worker index. Everything after the script path is passed verbatim to
-the script.
+that `keras_fda.connect()` in the script forms the cluster. Everything after
+the script path (or after `--`, as in `launch --workers 2 -- train.py`) is
+passed verbatim to the script.
+
+Output: everything the workers print (stdout and stderr) appears on the
+launcher's stdout, each line prefixed with its worker (`[worker 2] Epoch 1/3`),
+lines never mixed. Progress bars redraw their line after a carriage return;
+in a terminal, worker 0's progress bar is shown live, prefixed, and the other
+workers' redrawn lines appear once, in their final state (for Keras: one line
+per epoch), as with Horovod's advice to show progress on rank 0 only;
+`--progress=all` shows every worker's progress live (they take turns on the
+terminal's last line, each with its prefix, like `torchrun --tee` with every
+line labelled). Written to a file or a pipe, every redrawn line appears once,
+in its final state. Output is copied in bounded chunks: a line of any length
+passes without being held in memory.
+
+Network: the workers' TensorFlow gRPC servers listen on all interfaces and
+accept anyone (see README, Security). On Linux the launcher therefore runs
+itself and its workers in a private network namespace that has only loopback,
+where nothing outside the job can reach them (as root, or as any user where
+unprivileged user namespaces are enabled). The workers then cannot reach other
+machines either: `--network=host` runs them in the machine's network, for
+scripts that download data. Where a private namespace cannot be made, the
+launcher says so once and runs the workers in the machine's network.
 
 The job ends as a unit: if any worker fails, the others are stopped and the
 launcher exits with the failed worker's code (128 + N for a worker killed by
 signal N). Ctrl-C or SIGTERM stops all workers (exit code 128 + signal);
-`--timeout` stops them after a time limit (exit code 124). POSIX only.
-
-Note that TensorFlow's gRPC server in each worker listens on all network
-interfaces, not only on 127.0.0.1: run on a trusted network or behind a
-firewall.
+`--timeout` stops them after a time limit (exit code 124). On Linux the
+workers also die with the launcher if it is killed (SIGKILL, the OOM killer).
+POSIX only.
 
 Example:
 
@@ -34,10 +52,15 @@ TF_CONFIG='{"cluster": {"worker": ["127.0.0.1:41235", ...]},
 """
 
 import argparse
+import ctypes
+import errno
+import fcntl
 import json
 import os
+import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -47,6 +70,16 @@ import time
 GRACE_SECONDS = 3.0
 _POLL_SECONDS = 0.05
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Bytes read from a worker at a time, and the most of one unfinished line kept
+# to print it in its final state or to redraw it; longer lines are streamed.
+_CHUNK_BYTES = 65536
+_LINE_BYTES = 16384
+
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+_PR_SET_PDEATHSIG = 1
+_CLONE_NEWUSER = 0x10000000
+_CLONE_NEWNET = 0x40000000
+_SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
 
 
 def _parser():
@@ -64,6 +97,21 @@ def _parser():
     parser.add_argument(
         "--timeout", type=float, help="stop all workers after this many seconds (exit code 124)"
     )
+    parser.add_argument(
+        "--progress",
+        choices=["chief", "all"],
+        default="chief",
+        help="in a terminal, show live progress bars of worker 0 only (default; the others "
+        "show each line in its final state) or of all workers",
+    )
+    parser.add_argument(
+        "--network",
+        choices=["private", "host"],
+        default="private",
+        help="private (default, Linux): the workers reach only each other, over loopback, and "
+        "nobody else reaches their ports; host: they use the machine's network (needed to "
+        "download data)",
+    )
     parser.add_argument("script", help="the Python script each worker runs")
     parser.add_argument(
         "args", nargs="*", default=[], help="arguments passed to the script, verbatim"
@@ -75,11 +123,15 @@ def _parse_args(argv):
     parser = _parser()
     # Split before handing argv to argparse: it would strip a "--" from the
     # script's arguments. Every launcher option takes a value, so the script
-    # path is the first argument that is not an option or an option's value.
+    # path is the first argument that is not an option or an option's value,
+    # or the one after a "--" that ends the launcher's options.
     i = 0
-    while i < len(argv) and argv[i].startswith("-"):
+    while i < len(argv) and argv[i].startswith("-") and argv[i] != "--":
         i += 1 if "=" in argv[i] or argv[i] in ("-h", "--help") else 2
-    args = parser.parse_args(argv[: i + 1])
+    options = argv[:i]
+    if i < len(argv) and argv[i] == "--":
+        i += 1
+    args = parser.parse_args([*options, "--", *argv[i : i + 1]])
     args.args = argv[i + 1 :]
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}.")
@@ -107,23 +159,164 @@ def free_ports(n):
             s.close()
 
 
-def _log(message):
-    print(f"keras_fda.launch: {message}", file=sys.stderr, flush=True)
+class _Worker:
+    """What the console knows of one worker's output: its unfinished line."""
+
+    def __init__(self, index, live):
+        self.prefix = f"[worker {index}] ".encode()
+        self.live = live  # its redraws are shown as they come
+        self.line = bytearray()  # the unfinished line's text since its last redraw
+        self.before_redraw = b""  # the text the last redraw replaced ("100%\r\n" ends with it)
+        self.shown = False  # part of its unfinished line is on the console's last line
+        self.redraw_pending = False  # a "\r" came; the next text replaces the shown line
+        self.streamed = False  # a long line was written out unfinished and cannot be redrawn
 
 
-def _forward(pipe, prefix, lock):
-    """Copies a worker's output line by line to stdout, each line prefixed."""
-    out = sys.stdout.buffer
-    for line in iter(pipe.readline, b""):
-        if not line.endswith(b"\n"):
-            line += b"\n"
-        # One write per whole line under the lock: lines never interleave.
-        with lock:
+class _Console:
+    """Interleaves the workers' output on one stream, each line prefixed with its worker.
+
+    A finished line is written whole. The unfinished line of a live worker is
+    drawn on the stream's last line and redrawn at each "\\r"; when another
+    worker's line or a launcher message comes, the live line is erased (a
+    terminal's "\\r" and erase-line), the other line written, and the live line
+    drawn again below it. Other workers' redraws only replace the text kept
+    for the line, which is written once it ends. A line longer than
+    `_LINE_BYTES` is written out in pieces as it comes; if another line must
+    be written before it ends, it is broken there and continues, prefixed
+    again, on a line of its own.
+    """
+
+    def __init__(self, out, err, erase):
+        self._out = out
+        self._err = err
+        self._erase = erase  # the stream is a terminal, whose last line can be erased
+        self._lock = threading.Lock()
+        self._on_screen = None  # the _Worker whose unfinished line ends the stream
+        self._last_live = None  # the live worker to draw again after other output
+
+    def feed(self, worker, data):
+        """Writes what `worker` printed (any bytes; lines may be split anywhere)."""
+        out = bytearray()
+        with self._lock:
+            for part in re.split(rb"(\r\n|\r|\n)", data):
+                if part in (b"\n", b"\r\n"):
+                    self._end_line(worker, out)
+                elif part == b"\r":
+                    self._redraw(worker, out)
+                elif part:
+                    self._text(worker, part, out)
+            self._write(out)
+
+    def close(self, worker):
+        """Ends `worker`'s output: an unfinished last line is written as it stands."""
+        if worker.line or worker.before_redraw or worker.shown:
+            self.feed(worker, b"\n")
+
+    def message(self, text):
+        """Writes a launcher message to the error stream, below any live line."""
+        with self._lock:
+            out = bytearray()
+            self._clear_last_line(out)
+            self._write(out)
             try:
-                out.write(prefix + line)
-                out.flush()
+                self._err.write(text)
+                self._err.flush()
             except OSError:
-                pass  # stdout is gone (e.g. `| head`); keep draining so the worker never blocks.
+                pass
+            out = bytearray()
+            self._draw_live(out)
+            self._write(out)
+
+    def _text(self, worker, text, out):
+        worker.line += text
+        if worker.live:
+            if self._on_screen is not worker:
+                self._clear_last_line(out)
+                out += worker.prefix + worker.line
+            elif worker.redraw_pending:
+                out += b"\r" + worker.prefix + text
+            else:
+                out += text
+            if self._erase:
+                out += b"\x1b[K"  # what the redrawn line no longer covers
+            worker.redraw_pending = False
+            worker.shown = True
+            self._on_screen = self._last_live = worker
+            del worker.line[:-_LINE_BYTES]  # only a redraw after other output needs it
+        elif len(worker.line) > _LINE_BYTES:
+            if self._on_screen is not worker:
+                self._clear_last_line(out)
+                out += worker.prefix
+            out += worker.line
+            worker.line.clear()
+            worker.shown = worker.streamed = True
+            self._on_screen = worker
+
+    def _redraw(self, worker, out):
+        if worker.streamed:  # what was written cannot be taken back: end that line
+            self._end_line(worker, out)
+        elif worker.live:
+            worker.before_redraw = bytes(worker.line)
+            worker.line.clear()
+            worker.redraw_pending = worker.shown
+        elif worker.line:
+            worker.before_redraw = bytes(worker.line)
+            worker.line.clear()
+
+    def _end_line(self, worker, out):
+        text = worker.line or (b"" if worker.shown else worker.before_redraw)
+        if self._on_screen is worker:
+            out += (text if worker.streamed else b"") + b"\n"
+            self._on_screen = None
+        else:
+            self._clear_last_line(out)
+            out += worker.prefix + text + b"\n"
+        worker.line.clear()
+        worker.before_redraw = b""
+        worker.shown = worker.streamed = worker.redraw_pending = False
+        if self._last_live is worker:
+            self._last_live = None
+        self._draw_live(out)
+
+    def _clear_last_line(self, out):
+        other = self._on_screen
+        if other is None:
+            return
+        if other.live and self._erase:
+            out += b"\r\x1b[K"  # erased now, drawn again after the other output
+        else:
+            out += b"\n"  # cannot be erased: break the line; it goes on under a new prefix
+        other.shown = other.redraw_pending = other.streamed = False
+        self._on_screen = None
+
+    def _draw_live(self, out):
+        live = self._last_live
+        if self._on_screen is None and live is not None and live.line:
+            out += live.prefix + live.line
+            live.shown = True
+            self._on_screen = live
+
+    def _write(self, data):
+        if not data:
+            return
+        try:
+            self._out.write(data)
+            self._out.flush()
+        except OSError:
+            pass  # stdout is gone (e.g. `| head`); keep draining so the workers never block
+
+
+def _forward(pipe, worker, console):
+    """Copies a worker's output in bounded chunks to the console."""
+    while True:
+        try:
+            data = os.read(pipe.fileno(), _CHUNK_BYTES)
+        except OSError:
+            data = b""
+        if not data:
+            break
+        console.feed(worker, data)
+    console.close(worker)
     pipe.close()
 
 
@@ -141,11 +334,19 @@ def worker_env(ports, index, base=None):
     return env
 
 
-def _start(args, ports, index, lock):
-    env = worker_env(ports, index)
-    proc = subprocess.Popen(
+def _die_with(launcher_pid):
+    """Runs in each worker before the script: the kernel kills it when the launcher ends."""
+    if _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        os._exit(127)
+    if os.getppid() != launcher_pid:  # the launcher died before prctl took effect
+        os._exit(128 + signal.SIGKILL)
+
+
+def _start(args, ports, index):
+    launcher_pid = os.getpid()
+    return subprocess.Popen(
         [sys.executable, args.script, *args.args],
-        env=env,
+        env=worker_env(ports, index),
         # Workers cannot share the terminal's input (and, in a session of
         # their own, could not read it anyway).
         stdin=subprocess.DEVNULL,
@@ -155,12 +356,56 @@ def _start(args, ports, index, lock):
         # A session of its own: the terminal's Ctrl-C reaches only the
         # launcher, which then stops each worker with everything it spawned.
         start_new_session=True,
+        # Safe as a preexec_fn: no other launcher thread runs while workers start.
+        preexec_fn=None if _LIBC is None else lambda: _die_with(launcher_pid),
     )
-    reader = threading.Thread(
-        target=_forward, args=(proc.stdout, f"[worker {index}] ".encode(), lock), daemon=True
-    )
-    reader.start()
-    return proc, reader
+
+
+def _unshare(flags):
+    if _LIBC.unshare(flags) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def _enter_private_network():
+    """Moves this process into a new network namespace with only loopback, up.
+
+    Returns None on success, else why it could not (nothing changed then).
+    Children started afterwards share the namespace.
+    """
+    if _LIBC is None:
+        return "network namespaces exist on Linux only"
+    try:
+        _unshare(_CLONE_NEWNET)  # root, or CAP_SYS_ADMIN
+    except OSError as e:
+        if e.errno != errno.EPERM:
+            return f"unshare: {e.strerror}"
+        uid, gid = os.getuid(), os.getgid()
+        try:
+            # Unprivileged: a user namespace of our own, where we may make one
+            # (the same user ID inside, so files keep their owner).
+            _unshare(_CLONE_NEWUSER)
+        except OSError as e:
+            return f"unshare of a user namespace: {e.strerror}"
+        for name, text in [("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
+                           ("gid_map", f"{gid} {gid} 1")]:
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+        try:
+            _unshare(_CLONE_NEWNET)
+        except OSError as e:
+            return f"unshare of a network namespace: {e.strerror}"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            request = struct.pack("16sH22x", b"lo", 0)
+            flags = struct.unpack("16sH22x", fcntl.ioctl(s, _SIOCGIFFLAGS, request))[1]
+            fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | _IFF_UP))
+    except OSError as e:
+        raise RuntimeError(
+            f"keras_fda.launch: made a private network namespace but could not bring up its "
+            f"loopback interface ({e.strerror}); run with --network=host."
+        ) from None
+    return None
 
 
 def _describe(returncode):
@@ -177,24 +422,24 @@ def _exit_code(returncode):
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _supervise(procs, deadline, signals_received):
+def _supervise(procs, deadline, signals_received, log):
     """Waits until the job ends; returns the launcher's exit code."""
     while True:
         if signals_received:
             signum = signals_received[0]
-            _log(f"received {signal.Signals(signum).name}; stopping all workers.")
+            log(f"received {signal.Signals(signum).name}; stopping all workers.")
             return 128 + signum
         for index, proc in enumerate(procs):
             code = proc.poll()
             # The first failure is the cause; the others would mostly be peers
             # failing their collectives because this worker is gone.
             if code:
-                _log(f"worker {index} {_describe(code)}; stopping the other workers.")
+                log(f"worker {index} {_describe(code)}; stopping the other workers.")
                 return _exit_code(code)
         if all(proc.returncode == 0 for proc in procs):
             return 0
         if deadline is not None and time.monotonic() > deadline:
-            _log("timed out (--timeout); stopping all workers.")
+            log("timed out (--timeout); stopping all workers.")
             return 124
         time.sleep(_POLL_SECONDS)
 
@@ -226,8 +471,28 @@ def _stop(procs):
 
 
 def main(argv=None):
-    """Runs the launcher on `argv` (default: `sys.argv[1:]`); returns the exit code."""
+    """Runs the launcher on `argv` (default: `sys.argv[1:]`); returns the exit code.
+
+    With `--network=private` (the default) on Linux, this moves the calling
+    process into the job's private network namespace for good.
+    """
     args = _parse_args(sys.argv[1:] if argv is None else list(argv))
+    terminal = sys.stdout.isatty()
+    console = _Console(sys.stdout.buffer, sys.stderr, erase=terminal)
+
+    def log(message):
+        console.message(f"keras_fda.launch: {message}\n")
+
+    # Before any thread starts: a user namespace can only be entered by a
+    # single-threaded process.
+    if args.network == "private":
+        why_not = _enter_private_network()
+        if why_not:
+            log(
+                f"cannot run the workers in a private network namespace ({why_not}); they use "
+                "the machine's network, where anyone who reaches their ports can join the job. "
+                "--network=host skips this attempt."
+            )
     ports = (
         list(range(args.port_base, args.port_base + args.workers))
         if args.port_base is not None
@@ -241,14 +506,20 @@ def main(argv=None):
         s: signal.signal(s, lambda signum, frame: signals_received.append(signum))
         for s in _STOP_SIGNALS
     }
-    lock = threading.Lock()
+    live = range(args.workers) if args.progress == "all" else [0]
     procs, readers = [], []
     try:
+        # All workers start before the first reader thread (see _start).
         for index in range(args.workers):
-            proc, reader = _start(args, ports, index, lock)
-            procs.append(proc)
+            procs.append(_start(args, ports, index))
+        for index, proc in enumerate(procs):
+            worker = _Worker(index, live=terminal and index in live)
+            reader = threading.Thread(
+                target=_forward, args=(proc.stdout, worker, console), daemon=True
+            )
+            reader.start()
             readers.append(reader)
-        return _supervise(procs, deadline, signals_received)
+        return _supervise(procs, deadline, signals_received, log)
     finally:
         _stop(procs)
         # Let the readers print the workers' last lines. A grandchild that
