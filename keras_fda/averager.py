@@ -15,8 +15,17 @@ import tensorflow as tf
 from keras_fda.accounting import CommunicationStats
 
 
-def _flatten(tensors):
-    return tf.concat([tf.reshape(tf.cast(t, tf.float32), [-1]) for t in tensors], 0)
+def averaging_dtype(variables):
+    """The dtype in which `variables` are averaged: float64 if any is, else float32.
+
+    float32 holds float16 and bfloat16 values exactly, float64 all of them:
+    averaging never rounds a weight below its own precision.
+    """
+    return tf.float64 if any(v.dtype == tf.float64 for v in variables) else tf.float32
+
+
+def _flatten(tensors, dtype):
+    return tf.concat([tf.reshape(tf.cast(t, dtype), [-1]) for t in tensors], 0)
 
 
 class AveragingState:
@@ -39,6 +48,7 @@ class AveragingState:
         self.variables = list(variables)
         self.averaged = self.variables + list(extra_variables)
         self.num_params = sum(int(v.shape.num_elements()) for v in self.averaged)
+        self.dtype = averaging_dtype(self.averaged)
         trigger.build([v.shape for v in self.variables])
         self.reference = [
             tf.Variable(v.read_value(), trainable=False, name="fda_reference")
@@ -103,21 +113,35 @@ class WorkerAverager(AveragingState):
         super().__init__(trigger, variables, extra_variables)
         self.transport = transport
 
-    def _assign_flat(self, flat):
-        sizes = [int(v.shape.num_elements()) for v in self.averaged]
-        for v, part in zip(self.averaged, tf.split(flat, sizes)):
+    def _assign_flat(self, flat, variables=None):
+        variables = self.averaged if variables is None else variables
+        sizes = [int(v.shape.num_elements()) for v in variables]
+        for v, part in zip(variables, tf.split(flat, sizes)):
             v.assign(tf.cast(tf.reshape(part, v.shape), v.dtype))
+
+    def _broadcast(self, source, variables, dtype):
+        """Gives every worker worker `source`'s values of `variables`."""
+        flat = _flatten(variables, dtype)
+        if self.transport.worker_index != source:
+            flat = tf.zeros_like(flat)
+        self._assign_flat(self.transport.all_reduce(flat, "sum"), variables)
 
     @tf.function
     def broadcast(self):
         """Gives every worker worker 0's values and makes them the reference."""
-        flat = _flatten(self.averaged)
-        if not self.transport.is_chief:
-            flat = tf.zeros_like(flat)
-        self._assign_flat(self.transport.all_reduce(flat, "sum"))
+        self._broadcast(0, self.averaged, self.dtype)
         for r, v in zip(self.reference, self.variables):
             r.assign(v)
         self.steps_since_sync.assign(0)
+
+    @tf.function
+    def adopt(self, source):
+        """Every worker takes worker `source`'s weights and averaging state.
+
+        The state (reference, round state, counters) goes as float64: exact
+        for float32 values and for counters below 2^53.
+        """
+        self._broadcast(source, self.averaged + self.state_variables(), tf.float64)
 
     def _average(self, active=None):
         """Averages the variables across workers; returns `(adopted, active_fraction)`.
@@ -126,7 +150,7 @@ class WorkerAverager(AveragingState):
         Nothing is assigned if the mean is NaN/Inf or a worker has stopped;
         every worker sees the same mean, so all of them refuse it together.
         """
-        flat = _flatten(self.averaged)
+        flat = _flatten(self.averaged, self.dtype)
         if active is None:
             mean, active_fraction = self.transport.all_reduce(flat, "mean"), tf.constant(1.0)
         else:
@@ -147,9 +171,9 @@ class WorkerAverager(AveragingState):
         worker that stops early sends 0 in place of a step's message, so the
         others learn it from the collective they are already waiting in.
         """
-        message = tf.concat([tf.cast(payload, tf.float32), [active]], 0)
+        message = tf.concat([payload, [tf.cast(active, payload.dtype)]], 0)
         mean = self.transport.all_reduce(message, "mean")
-        return mean[:-1], mean[-1]
+        return mean[:-1], tf.cast(mean[-1], tf.float32)
 
     def _planned_sync(self, steps_since_sync):
         """A stateless trigger's decision, known from the step count alone."""
@@ -178,7 +202,7 @@ class WorkerAverager(AveragingState):
         if self.trigger.state_size:
             drift = [v - r for v, r in zip(self.variables, self.reference)]
             local = self.trigger.local_state(drift, [s.read_value() for s in self.round_state])
-            mean_state, active_fraction = self._exchange(local, 1.0)
+            mean_state, active_fraction = self._exchange(tf.cast(local, tf.float32), 1.0)
             statistic = tf.cast(self.trigger.statistic(mean_state, steps_since_sync), tf.float32)
             finite = tf.math.is_finite(statistic)
             decided = (
@@ -216,7 +240,7 @@ class WorkerAverager(AveragingState):
             _, decided = self._planned_sync(self.steps_since_sync + 1)
             active_fraction = tf.cond(
                 decided,
-                lambda: self._exchange(tf.zeros([self.num_params]), 0.0)[1],
+                lambda: self._exchange(tf.zeros([self.num_params], self.dtype), 0.0)[1],
                 lambda: self._flag_only(0.0)[1],
             )
         return active_fraction > 0.0

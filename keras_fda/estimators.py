@@ -11,7 +11,8 @@ averaged across workers (by whatever transport the driver uses) and the
 estimator turns the averaged state into the estimate `V`.
 
 Estimators are pure tensor math. They see a drift as a list of tensors (one per
-model variable, together forming one flat vector) and know nothing of workers,
+model variable, together forming one flat vector, of any float dtype; states
+and estimates are float32) and know nothing of workers,
 collectives or Keras. Their only state besides constants is the per-round
 state (the direction `xi` of the linear estimator), passed in and returned
 explicitly so that every driver can hold it where it likes.
@@ -23,9 +24,19 @@ import tensorflow as tf
 from keras_fda.sketch import AMSSketch
 
 
+def as_float32(tensors):
+    """`tensors` in float32, the dtype of every local state and round state.
+
+    Weights may be float64, float16 or bfloat16 (`keras.config.set_floatx`,
+    dtype policies); the estimates are float32 whatever their dtype, and a
+    float32 tensor passes through unchanged (no op in a graph).
+    """
+    return [tf.cast(t, tf.float32) for t in tensors]
+
+
 def squared_norm(tensors):
-    """`||v||^2` of the vector formed by concatenating `tensors`."""
-    return tf.add_n([tf.reduce_sum(tf.square(t)) for t in tensors])
+    """`||v||^2` (float32) of the vector formed by concatenating `tensors`."""
+    return tf.add_n([tf.reduce_sum(tf.square(t)) for t in as_float32(tensors)])
 
 
 def _mean(tensors):
@@ -33,8 +44,8 @@ def _mean(tensors):
 
 
 def dot(a, b):
-    """Inner product of two vectors given as equally shaped tensor lists."""
-    return tf.add_n([tf.reduce_sum(x * y) for x, y in zip(a, b)])
+    """Inner product (float32) of two vectors given as equally shaped tensor lists."""
+    return tf.add_n([tf.reduce_sum(x * y) for x, y in zip(as_float32(a), as_float32(b))])
 
 
 class VarianceEstimator:
@@ -157,6 +168,7 @@ class LinearEstimator(VarianceEstimator):
         return [tf.constant((x / norm).astype(np.float32)) for x in xi]
 
     def next_round_state(self, round_state, global_step):
+        global_step = as_float32(global_step)
         norm = tf.sqrt(squared_norm(global_step))
         # A zero global step (e.g. a sync right after a sync) has no direction:
         # keep the previous one rather than divide by zero.
@@ -249,7 +261,7 @@ class ExactEstimator(VarianceEstimator):
         return self.num_params + 1
 
     def local_state(self, drift, round_state):
-        flat = [tf.reshape(squared_norm(drift), [1])] + [tf.reshape(t, [-1]) for t in drift]
+        flat = [tf.reshape(squared_norm(drift), [1])] + [tf.reshape(t, [-1]) for t in as_float32(drift)]
         return tf.concat(flat, 0)
 
     def estimate(self, mean_state):

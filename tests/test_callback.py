@@ -155,3 +155,22 @@ def test_missing_tensorflow_gives_an_install_hint():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "pip install keras-fda[cpu]" in result.stdout
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float16", "bfloat16"])
+@pytest.mark.parametrize("variant", ["naive", "linear", "sketch", "exact"])
+def test_weights_of_any_float_dtype_train_and_average(dtype, variant):
+    """Issue 12.3: a float32 direction or sketch met float64 weights (TypeError)."""
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, dtype=dtype)])
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = data()
+    fda = keras_fda.FDACallback(threshold=1e-4, variant=variant)
+    history = model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[fda])
+    assert all(w.dtype == dtype for w in model.weights)
+    assert np.isfinite(history.history["fda/variance"]).all()
+    assert fda.communication.syncs >= 1
+    if dtype == "float64":
+        # Averaged in float64: the weights are not rounded to float32 values.
+        kernel = model.weights[0].numpy()
+        assert np.any(kernel.astype(np.float32).astype(np.float64) != kernel)
+
