@@ -182,11 +182,13 @@ class FDACallback(keras.callbacks.Callback):
         steps = self.params.get("steps")
         if steps is None and transport.num_workers > 1:
             raise ValueError(
-                "FDACallback cannot tell how many steps this worker will run: the "
-                "dataset has unknown length. Pass steps_per_epoch= to fit() (with a "
-                "repeated dataset) so all workers run the same number of steps."
+                "FDACallback cannot tell how many steps this worker will run: the dataset is "
+                "an infinite dataset (dataset.repeat()) or has unknown length (a generator, "
+                "dataset.filter()), and fit() got no steps_per_epoch. Pass steps_per_epoch= "
+                "to fit() (with a repeated dataset) so all workers run the same number of steps."
             )
         layout = repr([(tuple(v.shape), v.dtype.name) for v in variables])
+        initial_epoch = getattr(self.model, "_initial_epoch", None)
         mine = np.array(
             [
                 -1 if steps is None else steps,

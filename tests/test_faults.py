@@ -24,6 +24,8 @@ WORKER = "tests/workers/fit_worker.py"
         (["--dtype_on_last", "float64"], "Workers disagree on the weight shapes and dtypes"),
         (["--extra_rows_on_last", 32], "Workers disagree on the number of steps per epoch: [8, 10]"),
         (["--unknown_length"], "FDACallback cannot tell how many steps this worker will run"),
+        (["--repeat"], "FDACallback cannot tell how many steps this worker will run: the "
+         "dataset is an infinite dataset (dataset.repeat())"),
     ],
 )
 def test_mismatch_is_a_clear_error_on_every_worker_before_training(tmp_path, args, message):
