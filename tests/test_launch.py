@@ -2,19 +2,28 @@
 
 Most tests run launch.py as a file with stand-in workers (launch_scripts/worker.py)
 that do not import TensorFlow: `python -m keras_fda.launch` imports the
-keras_fda package and with it TensorFlow, which takes seconds. One test runs a
-real TensorFlow cluster through `python -m keras_fda.launch`.
+keras_fda package and with it TensorFlow, which takes seconds. A few run real
+TensorFlow clusters (launch_scripts/all_reduce.py, launch_scripts/fda_fit.py).
 """
 
+import fcntl
 import json
 import os
 import pathlib
+import pty
+import re
+import select
 import signal
+import socket
+import struct
 import subprocess
 import sys
+import termios
 import time
 
 import pytest
+
+from keras_fda import launch as launch_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "keras_fda" / "launch.py"
@@ -45,11 +54,12 @@ def wait_for_pids(pid_dir, n):
 
 
 def alive(pid):
+    """True while `pid` runs (a zombie, dead but not yet reaped, does not count)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
         return False
-    return True
 
 
 def launch(*args):
@@ -185,3 +195,298 @@ def test_real_tensorflow_cluster_all_reduces():
     lines = result.stdout.splitlines()
     for index in (0, 1):
         assert f"[worker {index}] mean of worker indices: [0.5]" in lines, result.stdout
+
+
+def test_a_double_dash_before_the_script_keeps_the_script_arguments(pid_dir):
+    result = launch("--workers", 2, "--", WORKER, pid_dir, "0,0", "--epochs=3", "--", "x")
+    assert result.returncode == 0, result
+    for report in worker_reports(result.stdout).values():
+        assert report["argv"] == ["--epochs=3", "--", "x"]
+
+
+def test_workers_die_with_a_killed_launcher(pid_dir):
+    launcher = subprocess.Popen(
+        [sys.executable, str(LAUNCH), "--workers", "2", str(WORKER), str(pid_dir), "hang,hang"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        pids = wait_for_pids(pid_dir, 2)
+        launcher.kill()  # SIGKILL: the launcher cannot stop anything itself
+        launcher.wait(timeout=TIMEOUT)
+        deadline = time.monotonic() + TIMEOUT
+        while any(alive(pid) for pid in pids):
+            assert time.monotonic() < deadline, "workers outlived their launcher"
+            time.sleep(0.02)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+
+
+def worker0_bytes(lines):
+    """Bytes worker 0 printed in its long lines. Worker 1's lines may break them;
+    each piece then has its own prefix."""
+    return sum(n - len("[worker 0] ") for h, n in lines if h == b"[worker 0] x")
+
+
+def test_long_lines_pass_without_being_held_in_memory(pid_dir):
+    """Two 64 MB lines from a worker: the launcher's memory stays far below one line."""
+    launcher = subprocess.Popen(
+        [sys.executable, str(LAUNCH), "--workers", "2", str(WORKER), str(pid_dir), "lines_64,0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        lines, head, length = [], b"", 0  # (first bytes, length) of each line, not the lines
+        while worker0_bytes(lines) < 2 * 64 * 2**20:
+            chunk = launcher.stdout.read1(2**20)
+            assert chunk, lines
+            for piece in re.split(rb"(\n)", chunk):
+                if piece == b"\n":
+                    lines.append((head, length))
+                    head, length = b"", 0
+                elif piece:
+                    head = head or piece[:12]
+                    length += len(piece)
+        # The worker now waits for "go": the launcher is still there to be measured.
+        with open(f"/proc/{launcher.pid}/status") as f:
+            peak_kb = int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1))
+        (pid_dir / "go").touch()
+        launcher.stdout.read()
+        assert launcher.wait(timeout=TIMEOUT) == 0
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    assert all(h.startswith(b"[worker ") for h, _ in lines), lines
+    assert worker0_bytes(lines) == 2 * 64 * 2**20
+    assert peak_kb < 48 * 1024, peak_kb
+
+
+def test_a_worker_that_cannot_get_a_private_network_says_so_once(pid_dir):
+    """Where no network namespace can be made, the launcher runs as before, and says so."""
+    # A user namespace whose limit on network namespaces is 0.
+    command = (
+        "echo 0 > /proc/sys/user/max_net_namespaces && exec "
+        f"{sys.executable} {LAUNCH} --workers 2 {WORKER} {pid_dir} 0,0"
+    )
+    result = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "sh", "-c", command],
+        capture_output=True, text=True, timeout=TIMEOUT,
+    )
+    assert result.returncode == 0, result
+    assert result.stderr.count("cannot run the workers in a private network namespace") == 1
+    assert sorted(worker_reports(result.stdout)) == [0, 1]
+
+
+@pytest.mark.parametrize("network", ["private", "host"])
+def test_workers_share_a_private_network_namespace_unless_told(pid_dir, network):
+    result = launch("--workers", 2, "--network", network, WORKER, pid_dir, "0,0")
+    assert result.returncode == 0, result
+    assert "private network namespace" not in result.stderr
+    namespaces = {r["netns"] for r in worker_reports(result.stdout).values()}
+    assert len(namespaces) == 1
+    ours = os.readlink("/proc/self/ns/net")
+    assert (namespaces == {ours}) == (network == "host")
+
+
+# --- The console: output of several workers on one stream ---
+
+
+def render(data):
+    """A terminal's lines after `data`: (finished lines, the unfinished last line).
+
+    Understands what the launcher and Keras' progress bar write: CR, LF,
+    backspace, erase-to-end-of-line; other escape sequences (colours) are dropped.
+    """
+    lines, line, column = [], [], 0
+    for token in re.findall(
+        r"\x1b\[[0-9;?]*[A-Za-z]|\r|\n|\x08|[^\r\n\x08\x1b]+|\x1b", data.decode(errors="replace")
+    ):
+        if token == "\n":
+            lines.append("".join(line))
+            line, column = [], 0
+        elif token == "\r":
+            column = 0
+        elif token == "\x08":
+            column = max(0, column - 1)
+        elif token.startswith("\x1b"):
+            if token.endswith("K"):
+                del line[column:]
+        else:
+            for character in token:
+                line[column : column + 1] = [character]
+                column += 1
+    return lines, "".join(line)
+
+
+PREFIXED = re.compile(r"\[worker \d+\] |keras_fda\.launch: ")
+
+
+def labelled(text):
+    """Whether a visible line carries its worker's prefix (or is being written: a prefix of one)."""
+    return not text or PREFIXED.match(text) or "[worker 0] ".startswith(text[:10])
+
+
+class FakeStream:
+    def __init__(self):
+        self.data = bytearray()
+
+    def write(self, data):
+        self.data += data.encode() if isinstance(data, str) else data
+
+    def flush(self):
+        pass
+
+
+def console(live, terminal=True):
+    out = FakeStream()
+    con = launch_lib._Console(out, out, erase=terminal)
+    workers = [launch_lib._Worker(i, live=i in live) for i in range(2)]
+    return con, workers, out
+
+
+def test_a_live_progress_bar_keeps_its_prefix_and_others_print_above_it():
+    con, (w0, w1), out = console(live={0})
+    shown = []
+    for data in [(w0, b"Epoch 1/2\n"), (w0, b"\r1/4 [=   ]"), (w1, b"Epoch 1/2\n"),
+                 (w0, b"\x08\x08\x08\r2/4 [==  ]"), (w1, b"\r1/4 [=   ]"), (w1, b"\r4/4 done\n"),
+                 (w0, b"\r3/4"), (w0, b" [=== ]")]:
+        con.feed(*data)
+        shown.append(render(out.data)[1])
+    con.message("keras_fda.launch: a message\n")
+    lines, last = render(out.data)
+    assert shown[1] == "[worker 0] 1/4 [=   ]"  # before the epoch ends
+    assert shown[3] == "[worker 0] 2/4 [==  ]"
+    assert all(labelled(s) for s in shown)
+    # Worker 1 (not live) shows its redrawn line once, in its final state.
+    assert lines == ["[worker 0] Epoch 1/2", "[worker 1] Epoch 1/2", "[worker 1] 4/4 done",
+                     "keras_fda.launch: a message"]
+    assert last == "[worker 0] 3/4 [=== ]"
+    con.feed(w0, b"\r4/4 [====]\n")
+    assert render(out.data) == (lines + ["[worker 0] 4/4 [====]"], "")
+
+
+def test_all_workers_live_take_turns_on_the_last_line():
+    con, (w0, w1), out = console(live={0, 1})
+    con.feed(w0, b"\r1/4")
+    con.feed(w1, b"\r1/4")
+    assert render(out.data) == ([], "[worker 1] 1/4")
+    con.feed(w0, b"\r2/4")
+    assert render(out.data) == ([], "[worker 0] 2/4")
+    con.feed(w1, b"\r4/4\n")
+    con.feed(w0, b"\r4/4\n")
+    assert render(out.data) == (["[worker 1] 4/4", "[worker 0] 4/4"], "")
+
+
+def test_without_a_terminal_each_line_appears_once_in_its_final_state():
+    con, (w0, w1), out = console(live=set(), terminal=False)
+    for step in range(1, 5):
+        con.feed(w0, f"\x08\x08\r{step}/4".encode())
+        con.feed(w1, f"\x08\x08\r{step}/4".encode())
+    con.feed(w0, b"\r\n")  # "\\r\\n" ends the line with the text the "\\r" would replace
+    con.feed(w1, b"\n")
+    assert out.data == b"[worker 0] 4/4\n[worker 1] 4/4\n"
+
+
+def test_a_long_line_streams_and_another_worker_breaks_it_with_prefixes():
+    con, (w0, w1), out = console(live=set(), terminal=False)
+    big = b"x" * (launch_lib._LINE_BYTES + 1)
+    con.feed(w0, big)  # written at once, unfinished
+    assert out.data == b"[worker 0] " + big
+    con.feed(w1, b"short\n")
+    con.feed(w0, b"tail\n")
+    assert out.data.decode().splitlines() == [
+        "[worker 0] " + big.decode(), "[worker 1] short", "[worker 0] tail"
+    ]
+    con.close(w1)
+    assert len(w0.line) == 0 and out.data.endswith(b"tail\n")
+
+
+# --- Real TensorFlow jobs ---
+
+FDA_FIT = SCRIPTS / "fda_fit.py"
+FAILED_RPC = re.compile(r"E0000|Connection refused|StartAbort|stopped sending heartbeats")
+
+
+class Terminal:
+    """A command whose stdout and stderr are a pseudo-terminal that the test reads."""
+
+    def __init__(self, command):
+        master, slave = pty.openpty()
+        # Wide enough that no line wraps.
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 2000, 0, 0))
+        self.proc = subprocess.Popen(
+            command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
+            start_new_session=True,
+        )
+        os.close(slave)
+        self.master = master
+        self.output = bytearray()
+        self.screens = []  # the unfinished last line after each read
+        self.closed = False
+
+    def read_until(self, condition, timeout):
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert not self.closed, f"output ended first: {render(self.output)}"
+            assert time.monotonic() < deadline, f"timed out: {render(self.output)}"
+            if select.select([self.master], [], [], 1.0)[0]:
+                try:
+                    data = os.read(self.master, 65536)
+                except OSError:  # EIO: every writer closed the terminal
+                    data = b""
+                self.closed = not data
+                self.output += data
+                self.screens.append(render(self.output)[1])
+
+    def finish(self, timeout):
+        self.read_until(lambda: self.closed, timeout)
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the launcher's workers die with it
+            self.proc.wait()
+        os.close(self.master)
+
+
+def test_live_progress_in_a_terminal_from_a_private_network(tmp_path):
+    """Worker 0's Keras progress bar shows mid-epoch, prefixed, while nobody outside
+    the job's network namespace can reach the workers' ports; the job trains."""
+    terminal = Terminal(
+        [sys.executable, "-m", "keras_fda.launch", "--workers", "2", "--timeout", "200",
+         str(FDA_FIT), "--out", str(tmp_path), "--verbose", "1", "--hold_at_step", "6"]
+    )
+    held = [tmp_path / f"held{i}" for i in (0, 1)]
+    progress = re.compile(r"\[worker 0\] +[1-6]/12 ")
+    try:
+        # Both workers wait before step 7 of 12: the epoch has not ended.
+        terminal.read_until(
+            lambda: all(h.exists() for h in held) and progress.match(terminal.screens[-1]),
+            timeout=180,
+        )
+        addresses = json.loads(held[0].read_text())["addresses"]
+        for address in addresses:
+            host, port = address.split(":")
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection((host, int(port)), timeout=5).close()
+        (tmp_path / "go").touch()
+        returncode = terminal.finish(timeout=180)
+    finally:
+        terminal.kill()
+    lines, last = render(terminal.output)
+    assert returncode == 0, lines
+    assert all(labelled(s) for s in terminal.screens), terminal.screens
+    assert all(labelled(line) for line in lines + [last]), lines
+    assert not [line for line in lines if FAILED_RPC.search(line)]
+    # Worker 1's redrawn lines appear in their final state: one per epoch.
+    assert len([line for line in lines if re.match(r"\[worker 1\] +\d+/12 ", line)]) == 2
+    assert [line for line in lines if re.match(r"\[worker 1\] +\d+/12 ", line)][0].startswith(
+        "[worker 1] 12/12"
+    )
+    reports = [json.loads((tmp_path / f"worker{i}.json").read_text()) for i in (0, 1)]
+    assert reports[0]["final"] == reports[1]["final"]
+    assert reports[0]["fda_logs"] == reports[1]["fda_logs"]
