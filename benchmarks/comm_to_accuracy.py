@@ -1,18 +1,28 @@
 """Communication to accuracy: bytes and steps each sync strategy needs to reach a target.
 
 Trains K simulated workers (`keras_fda.simulation.Simulation`) on the FEMNIST
-subset, whole writers per worker, with Adam and batch 32 per worker, under
-synchronous averaging, periodic averaging (a tau sweep), Kamp's local
-condition and FDA naive / linear / sketch (threshold sweeps given as c * d,
-d the number of model parameters). For each strategy it reports the bytes
-(the paper's formula) and steps to first reach target test accuracies of the
-averaged model; targets are what synchronous averaging reaches at fixed
-fractions of the run, so synchronous always reaches them.
+subset with Adam and batch 32 per worker, under synchronous averaging, no
+synchronization until the end (the do-nothing baseline: how much
+communication matters), periodic averaging (a tau sweep), Kamp's local
+condition, FDA naive / linear / sketch / exact (threshold sweeps given as
+c * d, d the number of model parameters) and FDA with `threshold="auto"`.
+For each strategy it reports the bytes (the paper's formula) and steps to
+first reach target test accuracies of the averaged model; targets are what
+synchronous averaging reaches at fixed fractions of the run, so synchronous
+always reaches them.
+
+A regime is a partition (whole writers, label skew), a learning-rate schedule
+(constant, warmup + cosine decay) and optionally a concept drift (the workers'
+partitions rotate at a fraction of the run); `--regimes` runs several and adds
+a summary of auto against the best periodic tau per regime and the best
+single tau across them.
 
 Outputs under --out_dir: NAME.md (tables, command, date, simulator efficiency),
-NAME.csv (every evaluation of every run) and NAME.png (accuracy vs bytes).
+NAME.csv (every evaluation of every run), NAME.png (accuracy vs bytes) and
+NAME_pareto.png (bytes against steps to each target, one panel per regime).
 
     python benchmarks/comm_to_accuracy.py --preset=quick    # < 10 min on 2 cores
+    python benchmarks/comm_to_accuracy.py --preset=regimes  # about an hour
     python benchmarks/comm_to_accuracy.py --preset=full     # hours
 """
 
@@ -33,22 +43,36 @@ from absl import app, flags
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+# Regimes: (partition, learning rate, drift); see the --partition, --lr and --drift flags.
+REGIMES = {
+    "writers": ("by_writer", "constant:1e-3", "none"),
+    "dir0.1-const": ("dirichlet:0.1", "constant:1e-3", "none"),
+    "dir0.1-cosine": ("dirichlet:0.1", "cosine:3e-3", "none"),
+    "dir0.5-const": ("dirichlet:0.5", "constant:1e-3", "none"),
+    "dir0.5-cosine": ("dirichlet:0.5", "cosine:3e-3", "none"),
+    "dir0.1-rotate": ("dirichlet:0.1", "constant:1e-3", "rotate:0.5"),
+}
+
 PRESETS = {
     # Seconds: a test runs it. Few writers, 2 workers, a handful of steps.
     "smoke": dict(
         tasks=["digits"], models=["lenet5"], workers=[2], epochs=1, writers=20,
-        evaluations_per_epoch=2, taus=[4], kamp=[8e-5], fda={"linear": [4e-5]}, test_samples=500,
-        efficiency_rounds=1,
+        evaluations_per_epoch=2, taus=[4], kamp=[8e-5], fda={"linear": [4e-5]}, auto=True,
+        test_samples=500, efficiency_rounds=1,
     ),
-    # < 10 min on 2 shared cores: every strategy family, both tasks, LeNet-5, K=10;
-    # two points per sweep (a short and a long period; the paper's c = 4e-5 and a
-    # large threshold), 62 classes over 2 epochs (500 steps) and one
-    # interleaved efficiency round.
+    # < 10 min on 2 shared cores: LeNet-5 digits K=10, whole writers (communication
+    # does not matter) and label skew with warmup + cosine (it does), over 3
+    # epochs; a short and a long period, the paper's c = 4e-5 and auto.
     "quick": dict(
-        tasks=["digits", "femnist62"], models=["lenet5"], workers=[10],
-        epochs={"digits": 3, "femnist62": 2}, writers=400,
-        evaluations_per_epoch=3, taus=[32, 256], kamp=[1.6e-4],
-        fda={"naive": [1.6e-4], "linear": [4e-5, 6.4e-4], "sketch": [1.6e-4]},
+        tasks=["digits"], models=["lenet5"], workers=[10], epochs=3, writers=400,
+        regimes=["writers", "dir0.1-cosine"], evaluations_per_epoch=4, taus=[16, 64], kamp=[],
+        fda={"linear": [4e-5]}, auto=True, test_samples=None, efficiency_rounds=1,
+    ),
+    # Every regime, LeNet-5 digits K=10, 4 epochs (512 steps): the tau and Theta sweeps.
+    "regimes": dict(
+        tasks=["digits"], models=["lenet5"], workers=[10], epochs=4, writers=400,
+        regimes=list(REGIMES), evaluations_per_epoch=8, taus=[8, 16, 32, 64, 128], kamp=[],
+        fda={"linear": [1e-5, 4e-5, 1.6e-4], "exact": [1e-5, 4e-5, 1.6e-4]}, auto=True,
         test_samples=None, efficiency_rounds=1,
     ),
     "full": dict(
@@ -59,7 +83,7 @@ PRESETS = {
             "linear": [2e-5, 8e-5, 3.2e-4, 1.28e-3],
             "sketch": [8e-5, 3.2e-4],
         },
-        test_samples=None, efficiency_rounds=3,
+        auto=True, test_samples=None, efficiency_rounds=3,
     ),
 }  # fmt: skip
 
@@ -80,11 +104,28 @@ flags.DEFINE_string(
     "sorted:FRACTION (keras_fda.partition.sorted_by_label, the paper's label skew), "
     "dirichlet:ALPHA (keras_fda.partition.dirichlet) or iid.",
 )
+flags.DEFINE_string(
+    "lr", "constant:1e-3",
+    "Adam's learning rate: constant:RATE, or cosine:PEAK (linear warmup over the first 10% "
+    "of the run to PEAK, then cosine decay to 0 at the end).",
+)
+flags.DEFINE_string(
+    "drift", "none",
+    "Concept drift: none, or rotate:FRACTION (after that fraction of the run each worker "
+    "trains on its neighbour's partition; `Simulation.run(repartition=...)`).",
+)
+flags.DEFINE_list(
+    "regimes", None,
+    f"Override: named regimes ({', '.join(REGIMES)}); each sets --partition, --lr, --drift.",
+)
+flags.DEFINE_integer("steps", None, "Override: steps per run instead of epochs.")
 flags.DEFINE_list("taus", None, "Override: periodic taus.")
 flags.DEFINE_list("kamp", None, "Override: Kamp thresholds as multiples c of d.")
 flags.DEFINE_list("fda_naive", None, "Override: naive FDA thresholds as c (empty: none).")
 flags.DEFINE_list("fda_linear", None, "Override: linear FDA thresholds as c (empty: none).")
 flags.DEFINE_list("fda_sketch", None, "Override: sketch FDA thresholds as c (empty: none).")
+flags.DEFINE_list("fda_exact", None, "Override: exact FDA thresholds as c (empty: none).")
+flags.DEFINE_bool("auto", None, "Override: run FDA with threshold='auto' (linear estimator).")
 flags.DEFINE_integer("evaluations_per_epoch", None, "Override: evaluations per epoch.")
 flags.DEFINE_integer("efficiency_rounds", None, "Override: interleaved efficiency rounds.")
 flags.DEFINE_list(
@@ -108,8 +149,8 @@ class Run:
 
     @property
     def label(self):
-        if self.family == "synchronous":
-            return "synchronous"
+        if self.family in ("synchronous", "no-sync", "fda-auto"):
+            return self.family
         if self.family == "periodic":
             return f"periodic tau={int(self.param)}"
         return f"{self.family} Theta={self.param:.3g}"
@@ -156,6 +197,46 @@ def make_partitions(spec, writers, labels, num_workers, seed):
     )
 
 
+def learning_rate(spec, num_steps):
+    """Adam's learning rate per --lr: a float or a warmup + cosine schedule over the run."""
+    import keras
+
+    kind, _, arg = spec.partition(":")
+    try:
+        rate = float(arg)
+    except ValueError:
+        rate = -1.0
+    if rate <= 0 or kind not in ("constant", "cosine"):
+        raise app.UsageError(f"--lr={spec!r}: use constant:RATE or cosine:PEAK, e.g. cosine:3e-3.")
+    if kind == "constant":
+        return rate
+    warmup = max(1, num_steps // 10)
+    return keras.optimizers.schedules.CosineDecay(
+        0.0, num_steps - warmup, alpha=0.0, warmup_target=rate, warmup_steps=warmup
+    )
+
+
+def repartition(spec, parts, num_steps):
+    """`Simulation.run`'s repartition per --drift: None, or {step: rotated partitions}."""
+    kind, _, arg = spec.partition(":")
+    if kind == "none" and not arg:
+        return None
+    if kind == "rotate" and arg and 0 < float(arg) < 1:
+        return {int(float(arg) * num_steps): parts[1:] + parts[:1]}
+    raise app.UsageError(f"--drift={spec!r}: use none or rotate:FRACTION (0 < FRACTION < 1).")
+
+
+def regime_text(partition_spec, lr_spec, drift_spec):
+    kind, _, arg = lr_spec.partition(":")
+    lr = (f"Adam, constant learning rate {arg}" if kind == "constant" else
+          f"Adam, learning rate warmed up linearly to {arg} over 10% of the run, then cosine decay to 0")
+    text = f"{partition_text(partition_spec)}; {lr}"
+    if drift_spec != "none":
+        text += (f"; concept drift: after {drift_spec.partition(':')[2]} of the run each worker "
+                 "trains on its neighbour's partition")
+    return text
+
+
 def partition_text(spec):
     kind, _, arg = spec.partition(":")
     return {
@@ -172,6 +253,10 @@ def strategies(preset, num_params):
     import keras_fda
 
     yield "synchronous", 0.0, keras_fda.Synchronous()
+    # Never within the run: Simulation evaluates (and leaves) the average at the end.
+    yield "no-sync", 0.0, keras_fda.Periodic(2**62)
+    if preset.get("auto"):
+        yield "fda-auto", 0.0, keras_fda.triggers.get("fda", threshold="auto")
     for tau in preset["taus"]:
         yield "periodic", float(tau), keras_fda.Periodic(int(tau))
     for c in preset["kamp"]:
@@ -257,13 +342,32 @@ def _verdict(ok):
     return "met" if ok else "MISSED"
 
 
-FAMILIES = ["synchronous", "periodic", "kamp", "fda-naive", "fda-linear", "fda-sketch"]
+FAMILIES = [
+    "synchronous", "no-sync", "periodic", "kamp", "fda-naive", "fda-linear", "fda-sketch",
+    "fda-exact", "fda-auto",
+]  # fmt: skip
+# Communication matters where no sync until the end loses this much final accuracy.
+MATTERS = 0.03
 
 
-def report_config(title, runs, targets, num_params, workers, efficiency):
-    """Markdown for one (task, model, K): targets table, final accuracies, goal checks."""
+def final_accuracy(runs, family):
+    return next(r for r in runs if r.family == family).history.evaluations["accuracy"][-1]
+
+
+def report_config(title, runs, targets, num_params, workers, efficiency, regime=""):
+    """Markdown for one (task, model, K, regime): targets table, final accuracies, goal checks."""
     sync = next(r for r in runs if r.family == "synchronous")
-    lines = [f"### {title}", "", f"d = {num_params:,}, K = {workers}. {efficiency}", ""]
+    lines = [f"### {title}", "", f"{regime}.", "", f"d = {num_params:,}, K = {workers}. {efficiency}", ""]
+    if any(r.family == "no-sync" for r in runs):
+        loss = final_accuracy(runs, "synchronous") - final_accuracy(runs, "no-sync")
+        lines += [
+            f"**Does communication matter here?** Final accuracy synchronous "
+            f"{final_accuracy(runs, 'synchronous'):.4f}, no sync until the end "
+            f"{final_accuracy(runs, 'no-sync'):.4f}: no sync loses {100 * loss:.1f} points "
+            f"({'it matters' if loss >= MATTERS else 'it does not matter'}: threshold "
+            f"{100 * MATTERS:.0f} points).",
+            "",
+        ]
     lines += [
         "Bytes (paper formula) and steps to first reach each target; per sweep the run with "
         "fewest bytes among those within 2x synchronous's steps (else any run that reached it).",
@@ -282,7 +386,7 @@ def report_config(title, runs, targets, num_params, workers, efficiency):
                 cells.append("not reached" if ran else "-")
                 continue
             run, hit = best[family]
-            param = "" if family == "synchronous" else f" ({run.label.split(' ', 1)[1]})"
+            param = "" if " " not in run.label else f" ({run.label.split(' ', 1)[1]})"
             cells.append(f"{fmt_bytes(hit['paper_bytes'])}, {hit['step']} st{param}")
         ratios = ["-", "-"]
         if "fda-linear" in best:
@@ -305,6 +409,7 @@ def report_config(title, runs, targets, num_params, workers, efficiency):
             goals.append(f"* target {target:.3f}: linear FDA did not reach it (goals MISSED).")
         lines.append(f"| {target:.3f} | " + " | ".join(cells) + f" | {ratios[0]} | {ratios[1]} |")
     lines += ["", "Goals (linear FDA):", "", *goals, ""]
+    lines += auto_goals(runs, targets)
     lines += ["Final test accuracy and bytes of every run:", ""]
     lines += ["| run | final accuracy | syncs | paper bytes | steps |", "|---|---|---|---|---|"]
     for run in runs:
@@ -314,6 +419,139 @@ def report_config(title, runs, targets, num_params, workers, efficiency):
             f"{fmt_bytes(ev['paper_bytes'][-1])} | {ev['step'][-1]} |"
         )
     return lines + [""]
+
+
+def auto_goals(runs, targets):
+    """Issue 13's goals for threshold='auto' in one config, as markdown bullets."""
+    if not any(r.family == "fda-auto" for r in runs) or not any(r.family == "no-sync" for r in runs):
+        return []
+    auto = next(r for r in runs if r.family == "fda-auto").history
+    sync = next(r for r in runs if r.family == "synchronous").history
+    matters = final_accuracy(runs, "synchronous") - final_accuracy(runs, "no-sync") >= MATTERS
+    lines = ["Goals (auto):", ""]
+    if not matters:
+        syncs = int(auto.evaluations["syncs"][-1])
+        lines.append(
+            f"* communication does not matter here: auto made {syncs} syncs besides the final "
+            f"one (goal <= 2: {_verdict(syncs <= 2)})."
+        )
+    for target in targets:
+        hit = auto.first_reaching("accuracy", target)
+        sync_hit = sync.first_reaching("accuracy", target)
+        periodic = [
+            (h["paper_bytes"], r.label)
+            for r in runs
+            if r.family == "periodic" and (h := r.history.first_reaching("accuracy", target))
+        ]
+        if hit is None:
+            lines.append(f"* target {target:.3f}: auto did not reach it (MISSED).")
+            continue
+        steps = hit["step"] / sync_hit["step"]
+        text = f"* target {target:.3f}: auto {fmt_bytes(hit['paper_bytes'])}, {hit['step']} st "
+        text += f"({steps:.2f}x synchronous's steps, goal <= 1.5: {_verdict(steps <= 1.5)})"
+        if periodic:
+            best, label = min(periodic)
+            text += (f"; best periodic ({label}) {fmt_bytes(best)}: auto / best = "
+                     f"{hit['paper_bytes'] / best:.2f}")
+            if matters:
+                text += f" (goal <= 1: {_verdict(hit['paper_bytes'] <= best)})"
+        lines.append(text + ".")
+    return lines + [""]
+
+
+def regime_summary(configs):
+    """Markdown: auto against the best periodic tau per config and the best single tau."""
+    rows, per_tau = [], {}
+    for title, runs, targets, _ in configs:
+        for target in targets:
+            auto = next((r for r in runs if r.family == "fda-auto"), None)
+            if auto is None:
+                return []
+            hit = auto.history.first_reaching("accuracy", target)
+            periodic = {}
+            for r in runs:
+                if r.family == "periodic":
+                    h = r.history.first_reaching("accuracy", target)
+                    periodic[int(r.param)] = h["paper_bytes"] if h else math.inf
+            for tau, b in periodic.items():
+                per_tau.setdefault(tau, []).append(b)
+            rows.append((title, target, hit["paper_bytes"] if hit else math.inf, periodic))
+    if not rows or not per_tau:
+        return []
+    # The single tau a user who cannot tune per task would pick: reaches every target,
+    # then fewest bytes in geometric mean.
+    def score(tau):
+        b = per_tau[tau]
+        return (sum(math.isinf(x) for x in b), float(np.mean(np.log([x for x in b if x < math.inf] or [1]))))
+    single = min(per_tau, key=score)
+    lines = [
+        "## Summary: auto against tuned periodic averaging",
+        "",
+        f"Best single tau across every config and target (fewest misses, then fewest bytes in "
+        f"geometric mean): **tau = {single}**. Ratios are tau's bytes / auto's bytes (> 1: auto "
+        "sends less); inf: the periodic run never reached the target, 0: auto did not.",
+        "",
+        "| config | target | auto bytes | best tau here | best tau / auto | tau "
+        f"{single} / auto |",
+        "|---|---|---|---|---|---|",
+    ]
+    goals = []
+    for title, target, auto_bytes, periodic in rows:
+        best_tau = min(periodic, key=periodic.get)
+        config = next(c for c in configs if c[0] == title)
+        matters = final_accuracy(config[1], "synchronous") - final_accuracy(
+            config[1], "no-sync") >= MATTERS
+        if matters:
+            need = 2.0 if config[3] else 1.0
+            got = periodic[best_tau] / auto_bytes
+            goals.append(
+                f"* {title}, {target:.3f}: best tau {best_tau} / auto = {got:.2f}x (goal >= "
+                f"{need:g}x: {_verdict(got >= need)}); tau {single} / auto = "
+                f"{periodic[single] / auto_bytes:.2f}x (goal >= 3x: "
+                f"{_verdict(periodic[single] / auto_bytes >= 3)})."
+            )
+        def ratio(b):
+            if math.isinf(auto_bytes):
+                return "0 (auto missed)"
+            return "inf" if math.isinf(b) else f"{b / auto_bytes:.2f}x"
+        lines.append(
+            f"| {title} | {target:.3f} | "
+            f"{fmt_bytes(auto_bytes) if auto_bytes < math.inf else 'not reached'} | "
+            f"{best_tau} | {ratio(periodic[best_tau])} | {ratio(periodic[single])} |"
+        )
+    return lines + ["", "Goals where communication matters (bytes; steps are in each config's "
+                    "goals above):", "", *goals, ""]
+
+
+def pareto(configs, path):
+    """Bytes against steps to each target, one panel per config, one marker per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        1, len(configs), figsize=(5.5 * len(configs), 4.5), squeeze=False
+    )
+    colors = dict(zip(FAMILIES, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2))
+    for ax, (title, runs, targets, _) in zip(axes[0], configs):
+        for i, target in enumerate(targets):
+            for run in runs:
+                hit = run.history.first_reaching("accuracy", target)
+                if hit is None:
+                    continue
+                ax.scatter(hit["step"], hit["paper_bytes"], color=colors[run.family],
+                           marker="os^D"[i % 4], s=60 if run.family == "fda-auto" else 20,
+                           label=f"{run.family}, target {target:.3f}")
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles))
+        ax.legend(unique.values(), unique.keys(), fontsize=5, ncol=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("steps to target")
+        ax.set_ylabel("bytes to target (paper formula)")
+        ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def _plot_rank(run, target):
@@ -332,7 +570,7 @@ def plot(configs, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(configs), figsize=(6 * len(configs), 4.5), squeeze=False)
-    for ax, (title, runs, targets) in zip(axes[0], configs):
+    for ax, (title, runs, targets, _) in zip(axes[0], configs):
         for family in FAMILIES:
             members = [r for r in runs if r.family == family]
             if not members:
@@ -360,7 +598,7 @@ def main(argv):
 
     preset_name = "quick" if FLAGS.quick else FLAGS.preset
     preset = dict(PRESETS[preset_name])
-    for key in ("tasks", "models"):
+    for key in ("tasks", "models", "regimes"):
         if getattr(FLAGS, key):
             preset[key] = getattr(FLAGS, key)
     if FLAGS.workers:
@@ -371,14 +609,26 @@ def main(argv):
         if getattr(FLAGS, key) is not None:
             preset[key] = [float(v) for v in getattr(FLAGS, key)]
     preset["fda"] = dict(preset["fda"])
-    for variant in ("naive", "linear", "sketch"):
+    for variant in ("naive", "linear", "sketch", "exact"):
         values = getattr(FLAGS, f"fda_{variant}")
         if values is not None:
             preset["fda"][variant] = [float(v) for v in values]
+    if FLAGS.auto is not None:
+        preset["auto"] = FLAGS.auto
     for key in ("evaluations_per_epoch", "efficiency_rounds"):
         if getattr(FLAGS, key):
             preset[key] = getattr(FLAGS, key)
-    make_partitions(FLAGS.partition, [0], np.zeros(1), 1, 0)  # a bad spec fails before training
+    if "regimes" in preset:
+        unknown = [r for r in preset["regimes"] if r not in REGIMES]
+        if unknown:
+            raise app.UsageError(f"Unknown regimes {unknown}; use some of {list(REGIMES)}.")
+        regimes = [(r, *REGIMES[r]) for r in preset["regimes"]]
+    else:
+        regimes = [(None, FLAGS.partition, FLAGS.lr, FLAGS.drift)]
+    for _, partition_spec, lr_spec, drift_spec in regimes:  # bad specs fail before training
+        make_partitions(partition_spec, [0], np.zeros(1), 1, 0)
+        learning_rate(lr_spec, 100)
+        repartition(drift_spec, [np.arange(1)], 100)
     fractions = [float(f) for f in FLAGS.target_fractions]
     name = FLAGS.name or f"comm_to_accuracy_{preset_name}"
     out_dir = ROOT / FLAGS.out_dir
@@ -399,86 +649,100 @@ def main(argv):
         f"Command (from the repo root): `{command}`",
         "",
         f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared); "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared), "
+        f"load average at the start {os.getloadavg()[0]:.1f}; "
         "Keras simulator `keras_fda.simulation.Simulation`.",
         "",
-        f"Adam (Keras defaults), batch {BATCH_SIZE} per worker, "
-        f"{partition_text(FLAGS.partition)}, accuracy of the averaged model on the task's test set, "
-        f"evaluated {preset['evaluations_per_epoch']} times per epoch. Bytes: the paper's formula "
-        "`(syncs + 1) * 2 * K * 4 * d + state_bytes * steps * K`. Targets: what synchronous "
-        f"averaging reaches after {', '.join(map(str, fractions))} of the run, rounded down "
-        "to 0.005.",
+        f"Adam, batch {BATCH_SIZE} per worker, accuracy of the averaged model on the task's "
+        f"test set, evaluated {preset['evaluations_per_epoch']} times per epoch. Bytes: the "
+        "paper's formula `(syncs + 1) * 2 * K * 4 * d + state_bytes * steps * K`. Targets: what "
+        f"synchronous averaging reaches after {', '.join(map(str, fractions))} of the run, "
+        "rounded down to 0.005. `no-sync`: no synchronization before the final average. "
+        "`fda-auto`: `threshold=\"auto\"` (`keras_fda.triggers.AutoFDA`, linear estimator).",
         "",
     ]
     csv_rows = []
     configs = []
     efficiency_rows = []
-    for task in preset["tasks"]:
-        x, y, writers, x_test, y_test, classes = load_task(data, task, preset["writers"])
-        epochs = preset["epochs"]
-        if isinstance(epochs, dict):
-            epochs = epochs[task]
-        if preset["test_samples"]:
-            x_test, y_test = x_test[: preset["test_samples"]], y_test[: preset["test_samples"]]
-        for model_name in preset["models"]:
-            for workers in preset["workers"]:
-                model = models.build(model_name, classes, FLAGS.seed)
-                num_params = model.count_params()
-                sim = Simulation(model, workers)
-                parts = make_partitions(FLAGS.partition, writers, y, workers, FLAGS.seed)
-                plain, measured = measure_efficiency(
-                    sim, model_name, classes, x, y, parts, FLAGS.seed, preset["efficiency_rounds"]
-                )
-                runs = []
-                for family, param, trigger in strategies(preset, num_params):
-                    history = sim.run(
-                        trigger, x, y, parts, batch_size=BATCH_SIZE, epochs=epochs,
-                        evaluations_per_epoch=preset["evaluations_per_epoch"],
-                        validation_data=(x_test, y_test), seed=FLAGS.seed,
-                    )  # fmt: skip
-                    runs.append(Run(family, param, history))
-                    ev = history.evaluations
-                    print(
-                        f"[{time.time() - started:6.0f}s] {task} {model_name} K={workers} "
-                        f"{runs[-1].label}: acc {ev['accuracy'][-1]:.4f}, {ev['syncs'][-1]} syncs, "
-                        f"{steady_ms_per_step(history):.1f} ms/step",
-                        flush=True,
+    for regime, partition_spec, lr_spec, drift_spec in regimes:
+        for task in preset["tasks"]:
+            x, y, writers, x_test, y_test, classes = load_task(data, task, preset["writers"])
+            epochs = preset["epochs"]
+            if isinstance(epochs, dict):
+                epochs = epochs[task]
+            if preset["test_samples"]:
+                x_test, y_test = x_test[: preset["test_samples"]], y_test[: preset["test_samples"]]
+            for model_name in preset["models"]:
+                for workers in preset["workers"]:
+                    num_steps = FLAGS.steps or int(epochs * (len(y) // (BATCH_SIZE * workers)))
+                    model = models.build(
+                        model_name, classes, FLAGS.seed, learning_rate(lr_spec, num_steps)
                     )
-                    for i in range(len(ev["step"])):
-                        csv_rows.append(
-                            {"task": task, "model": model_name, "workers": workers,
-                             "family": family, "param": param,
-                             **{k: v[i].item() for k, v in ev.items()}}
+                    num_params = model.count_params()
+                    sim = Simulation(model, workers)
+                    parts = make_partitions(partition_spec, writers, y, workers, FLAGS.seed)
+                    plain, measured = measure_efficiency(
+                        sim, model_name, classes, x, y, parts, FLAGS.seed,
+                        preset["efficiency_rounds"],
+                    )  # fmt: skip
+                    runs = []
+                    for family, param, trigger in strategies(preset, num_params):
+                        history = sim.run(
+                            trigger, x, y, parts, batch_size=BATCH_SIZE, steps=num_steps,
+                            evaluations_per_epoch=preset["evaluations_per_epoch"],
+                            validation_data=(x_test, y_test), seed=FLAGS.seed,
+                            repartition=repartition(drift_spec, parts, num_steps),
                         )  # fmt: skip
-                title = f"{task}, {model_name}, K={workers}, {epochs:g} epochs"
-                if FLAGS.partition != "by_writer":
-                    title += f", {FLAGS.partition}"
-                sweep_ms = {
-                    family: float(np.median([steady_ms_per_step(r.history) for r in members]))
-                    for family in FAMILIES
-                    if (members := [r for r in runs if r.family == family])
-                }
-                efficiency = (
-                    f"Interleaved medians: one plain compiled step (model.fit, batch "
-                    f"{BATCH_SIZE}) {plain:.2f} ms; one simulator step (all K workers) "
-                    f"{measured['synchronous']:.1f} ms synchronous, "
-                    f"{measured['fda-linear']:.1f} ms linear FDA check; efficiency "
-                    f"K x plain / simulator = "
-                    f"{workers * plain / measured['synchronous']:.2f} and "
-                    f"{workers * plain / measured['fda-linear']:.2f} (goal >= {1 / 1.3:.2f})."
-                )
-                efficiency_rows.append((title, workers, plain, measured, sweep_ms))
-                targets = targets_from(runs[0].history, fractions)
-                md += report_config(title, runs, targets, num_params, workers, efficiency)
-                configs.append((title, runs, targets))
-                # Written after every config so that a long run leaves results as it goes.
-                write_outputs(out_dir / name, md, efficiency_rows, csv_rows, configs, started)
+                        runs.append(Run(family, param, history))
+                        ev = history.evaluations
+                        print(
+                            f"[{time.time() - started:6.0f}s] {regime or ''} {task} {model_name} "
+                            f"K={workers} {runs[-1].label}: acc {ev['accuracy'][-1]:.4f}, "
+                            f"{ev['syncs'][-1]} syncs, "
+                            f"{steady_ms_per_step(history):.1f} ms/step, "
+                            f"load {os.getloadavg()[0]:.1f}",
+                            flush=True,
+                        )
+                        for i in range(len(ev["step"])):
+                            csv_rows.append(
+                                {"task": task, "model": model_name, "workers": workers,
+                                 "family": family, "param": param, "regime": regime or "",
+                                 **{k: v[i].item() for k, v in ev.items()}}
+                            )  # fmt: skip
+                    title = f"{task}, {model_name}, K={workers}, {num_steps} steps"
+                    title += f", {regime}" if regime else (
+                        f", {partition_spec}" if partition_spec != "by_writer" else ""
+                    )
+                    sweep_ms = {
+                        family: float(np.median([steady_ms_per_step(r.history) for r in members]))
+                        for family in FAMILIES
+                        if (members := [r for r in runs if r.family == family])
+                    }
+                    efficiency = (
+                        f"Interleaved medians: one plain compiled step (model.fit, batch "
+                        f"{BATCH_SIZE}) {plain:.2f} ms; one simulator step (all K workers) "
+                        f"{measured['synchronous']:.1f} ms synchronous, "
+                        f"{measured['fda-linear']:.1f} ms linear FDA check; efficiency "
+                        f"K x plain / simulator = "
+                        f"{workers * plain / measured['synchronous']:.2f} and "
+                        f"{workers * plain / measured['fda-linear']:.2f} (goal >= {1 / 1.3:.2f})."
+                    )
+                    efficiency_rows.append((title, workers, plain, measured, sweep_ms))
+                    targets = targets_from(runs[0].history, fractions)
+                    md += report_config(
+                        title, runs, targets, num_params, workers, efficiency,
+                        regime_text(partition_spec, lr_spec, drift_spec),
+                    )  # fmt: skip
+                    configs.append((title, runs, targets, drift_spec != "none" or
+                                    not lr_spec.startswith("constant")))
+                    # Written after every config so that a long run leaves results as it goes.
+                    write_outputs(out_dir / name, md, efficiency_rows, csv_rows, configs, started)
     print(f"Wrote {out_dir / name}.md, .csv and .png in {time.time() - started:.0f} s.")
 
 
 def write_outputs(stem, md, efficiency_rows, csv_rows, configs, started):
     """NAME.md (report so far + efficiency table), NAME.csv and NAME.png."""
-    md = md + [
+    md = md + regime_summary(configs) + [
         "## Simulator efficiency",
         "",
         "Median ms per step, tracing excluded. Efficiency = K x plain step / simulator step; "
@@ -505,6 +769,7 @@ def write_outputs(stem, md, efficiency_rows, csv_rows, configs, started):
         writer.writeheader()
         writer.writerows(csv_rows)
     plot(configs, stem.with_suffix(".png"))
+    pareto(configs, stem.parent / f"{stem.name}_pareto.png")
 
 
 if __name__ == "__main__":

@@ -53,14 +53,18 @@ def _conv(filters):
     return keras.layers.Conv2D(filters, 3, padding="same", activation="relu")
 
 
-def build(name, num_classes, seed=0):
-    """A compiled model by name: Adam (Keras defaults), sparse cross-entropy on logits, accuracy."""
+def build(name, num_classes, seed=0, learning_rate=0.001):
+    """A compiled model by name: Adam, sparse cross-entropy on logits, accuracy.
+
+    `learning_rate` is Adam's: a float (Keras's default 0.001) or a
+    `keras.optimizers.schedules.LearningRateSchedule`.
+    """
     if name not in MODELS:
         raise ValueError(f"Unknown model {name!r}; use one of {MODELS}.")
     keras.utils.set_random_seed(seed)
     model = {"lenet5": lenet5, "cnn": cnn}[name](num_classes)
     model.compile(
-        optimizer=keras.optimizers.Adam(),
+        optimizer=keras.optimizers.Adam(learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
         jit_compile=False,

@@ -29,7 +29,7 @@ from keras_fda.accounting import CommunicationStats
 from keras_fda.tensorboard import Dashboard
 
 
-def batch_schedule(partitions, batch_size, num_steps, seed=0):
+def batch_schedule(partitions, batch_size, num_steps, seed=0, repartition=None):
     """The sample indices each worker trains on, step by step.
 
     Worker k reads its partition in passes, each pass a fresh permutation
@@ -42,6 +42,9 @@ def batch_schedule(partitions, batch_size, num_steps, seed=0):
         batch_size: samples per worker per step.
         num_steps: steps to schedule.
         seed: seed of the shuffles.
+        repartition: optional `{step: partitions}`: from that step on, the
+            workers read these K index arrays instead (concept drift). The
+            i-th change starts fresh passes from `default_rng([seed, k, i])`.
 
     Returns:
         An int64 array of shape `[num_steps, K, batch_size]`.
@@ -52,13 +55,46 @@ def batch_schedule(partitions, batch_size, num_steps, seed=0):
     (3, 2, 2)
     """
     partitions = _check_partitions(partitions)
-    needed = num_steps * batch_size
-    streams = []
-    for k, part in enumerate(partitions):
-        rng = np.random.default_rng([seed, k])
-        passes = [rng.permutation(part) for _ in range(-(-needed // len(part)))]
-        streams.append(np.concatenate(passes)[:needed].reshape(num_steps, batch_size))
-    return np.stack(streams, axis=1)
+    changes = _check_repartition(repartition, len(partitions), num_steps)
+    bounds = [0, *changes, num_steps]
+    segments = []
+    for i, parts in enumerate([partitions, *changes.values()]):
+        steps = bounds[i + 1] - bounds[i]
+        needed = steps * batch_size
+        streams = []
+        for k, part in enumerate(parts):
+            # Segment 0 keeps the seeds of runs without changes.
+            rng = np.random.default_rng([seed, k] if i == 0 else [seed, k, i])
+            passes = [rng.permutation(part) for _ in range(-(-needed // len(part)))]
+            streams.append(np.concatenate(passes)[:needed].reshape(steps, batch_size))
+        segments.append(np.stack(streams, axis=1))
+    return np.concatenate(segments, axis=0)
+
+
+def _check_repartition(repartition, num_workers, num_steps):
+    """`{step: partitions}` sorted by step, each change checked; {} for None."""
+    if repartition is None:
+        return {}
+    if not isinstance(repartition, dict):
+        raise TypeError(
+            "repartition must be a dict {step: partitions}, e.g. {256: parts[1:] + parts[:1]}."
+        )
+    changes = {}
+    for step in sorted(repartition):
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+            raise TypeError(f"repartition steps must be integers, got {step!r}.")
+        if not 0 < step < num_steps:
+            raise ValueError(
+                f"repartition step {step} is outside the run; use steps in 1..{num_steps - 1}."
+            )
+        parts = _check_partitions(repartition[step])
+        if len(parts) != num_workers:
+            raise ValueError(
+                f"repartition at step {step} gives {len(parts)} partitions for "
+                f"{num_workers} workers; pass one index array per worker."
+            )
+        changes[int(step)] = parts
+    return changes
 
 
 def _check_partitions(partitions):
@@ -256,14 +292,14 @@ class Simulation:
         round_state = [tf.Variable(s) for s in trigger.initial_round_state()]
         steps_since_sync = tf.Variable(0, dtype=tf.int64)
 
-        def average():
+        def average(mean_state, round_steps):
             for copies in averaged:
                 mean = _mean([v.read_value() for v in copies])
                 for v in copies:
                     v.assign(mean)
             global_step = [v[0] - r for v, r in zip(monitored, reference)]
             rounds = [s.read_value() for s in round_state]
-            next_round = trigger.next_round_state(rounds, global_step)
+            next_round = trigger.end_round(rounds, global_step, mean_state, round_steps)
             for s, value in zip(round_state, next_round):
                 s.assign(value)
             for r, v in zip(reference, monitored):
@@ -284,7 +320,9 @@ class Simulation:
                 mean_state = trigger.mean_local_state(drifts, rounds)
             statistic = trigger.statistic(mean_state, since)
             synced = tf.cond(
-                trigger.should_sync(statistic, since), average, lambda: tf.constant(False)
+                trigger.should_sync(statistic, since),
+                lambda: average(mean_state, since),
+                lambda: tf.constant(False),
             )
             return tf.cast(statistic, tf.float32), synced
 
@@ -322,6 +360,7 @@ class Simulation:
         validation_data=None,
         eval_batch_size=1024,
         seed=0,
+        repartition=None,
         csv_path=None,
         tensorboard_dir=None,
         verbose=0,
@@ -348,6 +387,11 @@ class Simulation:
             validation_data: `(x_val, y_val)` for the averaged model, or None.
             eval_batch_size: batch size of the evaluation.
             seed: seed of every worker's data order (see `batch_schedule`).
+            repartition: concept drift: a dict `{step: partitions}`; from
+                that step on, the workers train on these K index arrays (e.g.
+                `{n // 2: parts[1:] + parts[:1]}` hands each worker its
+                neighbour's data at mid-run). Epoch length stays that of
+                `partitions`.
             csv_path: if given, the evaluations are written there as CSV.
             tensorboard_dir: if given, the FDA dashboard of
                 `keras_fda.tensorboard.Dashboard` (per step, in the run
@@ -379,9 +423,9 @@ class Simulation:
         eval_every = max(1, steps_per_epoch // evaluations_per_epoch)
         eval_steps = sorted({0, num_steps, *range(eval_every, num_steps, eval_every)})
 
+        schedule = batch_schedule(partitions, batch_size, num_steps, seed, repartition)
         self._reset()
         step = self._build_step(trigger, tf.convert_to_tensor(x), tf.convert_to_tensor(y))
-        schedule = batch_schedule(partitions, batch_size, num_steps, seed)
         writer = dashboard = None
         if tensorboard_dir:
             writer = tf.summary.create_file_writer(os.path.join(tensorboard_dir, "simulation"))

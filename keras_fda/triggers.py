@@ -63,6 +63,29 @@ class SyncTrigger:
         del global_step
         return round_state
 
+    def end_round(self, round_state, global_step, mean_state=None, round_steps=None):
+        """The round state after a synchronization; drivers call it at every sync.
+
+        Override it (rather than `next_round_state`) to adapt the next round
+        to what the ending one observed.
+
+        Args:
+            round_state: the ending round's state (a list of tensors).
+            global_step: the averaged drift of the round, `w_new - w0` (one
+                tensor per monitored variable).
+            mean_state: the all-reduced local state of the step that decided
+                the sync, or None (a trigger with `state_size == 0`, or a
+                sync no statistic decided: the final one of a run).
+            round_steps: local steps in the ending round (a scalar int64
+                tensor), or None if the driver does not count them.
+
+        Returns:
+            The next round's state (same structure). The default is
+            `next_round_state(round_state, global_step)`.
+        """
+        del mean_state, round_steps
+        return self.next_round_state(round_state, global_step)
+
     def local_state(self, drift, round_state):
         """This worker's 1-D float32 contribution; only called if `state_size > 0`."""
         raise NotImplementedError
@@ -137,6 +160,118 @@ class FDA(SyncTrigger):
 
     def __repr__(self):
         return f"FDA({self.estimator!r}, threshold={self.threshold})"
+
+
+class AutoFDA(SyncTrigger):
+    """FDA whose threshold sets and adapts itself (`threshold="auto"`).
+
+    The rule. After every synchronization the trigger knows, for free, how
+    far the round moved the averaged model (`||mean u||^2`, the averaged
+    step) and how much the workers disagreed about it (the exact variance
+    `Var = mean ||u_k||^2 - ||mean u||^2`; the first term is in the
+    all-reduced state). Their ratio `rho = Var / ||mean u||^2` is unit-free:
+    below 1 the workers mostly agree (whole writers per worker, early
+    training), far above 1 they pull their own ways (label skew, late
+    training), and it does not depend on d or the learning rate. The next
+    round aims at `horizon / rho` local steps: its threshold is this round's
+    variance estimate scaled to that length, `Theta = V_r * (horizon / rho /
+    E_r) ** 2` (variance grows about quadratically within a round), so a
+    faster-growing variance (a drift in the data, a higher learning rate)
+    still ends a round early, and a decaying learning rate lowers Theta with
+    the variance. No round lasts more than `4 * horizon / rho` steps (a
+    hedge against a variance that stops growing). The first round, which
+    has nothing to learn from, lasts `first_round` steps.
+
+    Why rho: a constant Theta spends its synchronizations where the
+    variance grows fastest, at high learning rates early in training, where
+    they buy no accuracy, and rarely syncs late, where a unit of variance
+    costs the most accuracy (see benchmarks/results/regimes_diagnosis.md);
+    rho grows over training like that cost.
+
+    The state each worker all-reduces per step is the estimator's plus two
+    floats (`1 / Theta` and `1 / cap`, equal on all workers); the statistic
+    is `max(V / Theta, steps / cap)` and a round ends when it reaches 1.
+
+    Args:
+        estimator: a `VarianceEstimator` or one of "naive", "linear",
+            "sketch", "exact" (its state must begin with `||u_k||^2`, as the
+            built-in ones' do).
+        horizon: the one knob, in local steps: how long workers train alone
+            while they disagree as much as they agree (rho = 1). Rounds
+            last about `horizon / rho` steps; larger sends less.
+        first_round: length of the first round, in steps.
+
+    Example:
+
+    >>> trigger = AutoFDA("linear", horizon=1000)
+    """
+
+    name = "fda-auto"
+    threshold = 1.0
+    max_factor = 4.0
+
+    def __init__(self, estimator="linear", *, horizon=1000, first_round=16):
+        self.estimator = estimators_lib.get(estimator)
+        for arg, value in (("horizon", horizon), ("first_round", first_round)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 1:
+                raise ValueError(f"{arg} must be a number of steps >= 1, got {value!r}.")
+        self.horizon = float(horizon)
+        self.first_round = int(first_round)
+        self.name = f"fda-auto-{self.estimator.name}"
+
+    def build(self, shapes):
+        self.estimator.build(shapes)
+
+    @property
+    def state_size(self):
+        return self.estimator.state_size + 2
+
+    def initial_round_state(self):
+        # 1 / Theta = 0: the first round ends at its cap.
+        control = tf.constant([0.0, 1.0 / self.first_round], tf.float32)
+        return [*self.estimator.initial_round_state(), control]
+
+    @staticmethod
+    def _split(round_state):
+        return list(round_state[:-1]), round_state[-1]
+
+    def local_state(self, drift, round_state):
+        rounds, control = self._split(round_state)
+        return tf.concat([self.estimator.local_state(drift, rounds), control], 0)
+
+    def mean_local_state(self, drifts, round_state):
+        rounds, control = self._split(round_state)
+        return tf.concat([self.estimator.mean_local_state(drifts, rounds), control], 0)
+
+    def statistic(self, mean_state, steps_since_sync):
+        variance = self.estimator.estimate(mean_state[:-2])
+        by_cap = tf.cast(steps_since_sync, tf.float32) * mean_state[-1]
+        # A mean of K equal floats may be an ulp off: round the cap's ratio.
+        return tf.maximum(variance * mean_state[-2], tf.round(by_cap * 1e4) / 1e4)
+
+    def should_sync(self, statistic, steps_since_sync):
+        return statistic >= 1.0
+
+    def end_round(self, round_state, global_step, mean_state=None, round_steps=None):
+        rounds, control = self._split(round_state)
+        next_rounds = self.estimator.next_round_state(rounds, global_step)
+        if mean_state is None or round_steps is None:
+            return [*next_rounds, control]
+        steps = tf.cast(round_steps, tf.float32)
+        progress = estimators_lib.squared_norm(global_step)
+        variance = tf.maximum(mean_state[0] - progress, 0.0)
+        rho = variance / tf.maximum(progress, 1e-30)
+        length = tf.maximum(self.horizon / tf.maximum(rho, 1e-30), 1.0)
+        # The estimator's own value at the sync, in the units of its checks.
+        theta = self.estimator.estimate(mean_state[:-2]) * tf.square(length / steps)
+        inverse = tf.where(theta > 0, 1.0 / tf.maximum(theta, 1e-30), control[0])
+        return [*next_rounds, tf.stack([inverse, 1.0 / (self.max_factor * length)])]
+
+    def __repr__(self):
+        return (
+            f"AutoFDA({self.estimator!r}, horizon={self.horizon:g}, "
+            f"first_round={self.first_round})"
+        )
 
 
 class Synchronous(SyncTrigger):
@@ -216,7 +351,8 @@ def get(trigger=None, *, threshold=None, variant=None, tau=None):
     Args:
         trigger: a `SyncTrigger`, or one of "fda" (default), "synchronous",
             "periodic", "kamp".
-        threshold: Theta for "fda" and "kamp".
+        threshold: Theta for "fda" and "kamp"; for "fda" also "auto" (an
+            `AutoFDA`: the threshold sets and adapts itself).
         variant: estimator name or instance for "fda" (default "linear").
         tau: period for "periodic".
 
@@ -247,11 +383,16 @@ def get(trigger=None, *, threshold=None, variant=None, tau=None):
         return trigger
     if name == "fda":
         if threshold is None:
-            raise ValueError("FDA needs a threshold, e.g. FDACallback(threshold=1.5).")
-        return FDA("linear" if variant is None else variant, threshold)
+            raise ValueError(
+                "FDA needs a threshold, e.g. FDACallback(threshold='auto') or threshold=1.5."
+            )
+        variant = "linear" if variant is None else variant
+        if threshold == "auto":
+            return AutoFDA(variant)
+        return FDA(variant, threshold)
     if name == "kamp":
-        if threshold is None:
-            raise ValueError("The 'kamp' trigger needs a threshold.")
+        if threshold is None or threshold == "auto":
+            raise ValueError("The 'kamp' trigger needs a numeric threshold.")
         return Kamp(threshold)
     if name == "periodic":
         if tau is None:

@@ -190,3 +190,62 @@ def test_benchmark_partition_flag_picks_the_partitioner():
     for bad in ("sorted", "dirichlet", "by_writer:2", "random"):
         with pytest.raises(app.UsageError, match="--partition"):
             comm_to_accuracy.make_partitions(bad, writers, labels, 4, seed=0)
+
+
+def test_repartition_switches_each_workers_data_at_the_given_step():
+    parts = [np.arange(0, 6), np.arange(6, 10)]
+    swapped = parts[::-1]
+    order = batch_schedule(parts, 2, 8, seed=3, repartition={5: swapped})
+    # Before the change: the schedule of a run without it, step for step.
+    np.testing.assert_array_equal(order[:5], batch_schedule(parts, 2, 5, seed=3))
+    assert set(order[5:, 0].ravel()) <= set(range(6, 10))
+    assert set(order[5:, 1].ravel()) <= set(range(0, 6))
+    # A fresh pass over the new partition starts at the change.
+    assert sorted(order[5:7, 0].ravel()) == list(range(6, 10))
+
+
+@pytest.mark.parametrize(
+    "bad, error, match",
+    [
+        ({0: [np.arange(3), np.arange(3)]}, ValueError, "outside the run"),
+        ({8: [np.arange(3), np.arange(3)]}, ValueError, "outside the run"),
+        ({2: [np.arange(3)]}, ValueError, "one index array per worker"),
+        ({2.5: [np.arange(3), np.arange(3)]}, TypeError, "integers"),
+        ([np.arange(3), np.arange(3)], TypeError, "dict"),
+    ],
+)
+def test_repartition_errors_say_what_to_do(bad, error, match):
+    with pytest.raises(error, match=match):
+        batch_schedule([np.arange(3), np.arange(3, 6)], 2, 8, repartition=bad)
+
+
+def test_run_trains_on_the_new_partitions_after_the_change(data):
+    """Workers swap data at mid-run: worker 0 ends as a model trained on that schedule by hand."""
+    x, y = data
+    parts = keras_fda.partition.iid(len(x), 2, seed=0)
+    change = {3: parts[::-1]}
+    sim = Simulation(setup.make_model(), 2)
+    sim.run(keras_fda.Periodic(2**62), x, y, parts, batch_size=4, steps=6, repartition=change)
+    order = batch_schedule(parts, 4, 6, repartition=change)
+    model = setup.make_model()
+    for t in range(6):
+        model.train_on_batch(x[order[t, 0]], y[order[t, 0]])
+    worker = sim._workers[0].model  # noqa: SLF001  (its own weights: no sync happened)
+    for got, want in zip(worker.get_weights(), model.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_threshold_first_round_then_rounds_end_on_variance_or_cap(data):
+    x, y = data
+    parts = keras_fda.partition.iid(len(x), 2, seed=0)
+    sim = Simulation(setup.make_model(), 2)
+    history = sim.run(keras_fda.triggers.AutoFDA("exact", horizon=1, first_round=4), x, y,
+                      parts, batch_size=4, steps=30)
+    synced = np.flatnonzero(history.synced) + 1
+    assert synced[0] == 4 and len(synced) >= 3
+    # Every sync: the statistic (V / Theta, or steps / cap) reached 1.
+    assert np.all(history.statistic[synced - 1] >= 1.0)
+    assert np.all(history.statistic[np.flatnonzero(~history.synced)] < 1.0)
+    again = sim.run(keras_fda.triggers.AutoFDA("exact", horizon=1, first_round=4), x, y,
+                    parts, batch_size=4, steps=30)
+    np.testing.assert_array_equal(again.synced, history.synced)

@@ -105,6 +105,71 @@ def test_get_names_and_errors():
         triggers.get("periodic")
 
 
+def test_threshold_auto_resolves_to_auto_fda():
+    auto = triggers.get("fda", threshold="auto")
+    assert isinstance(auto, triggers.AutoFDA) and auto.estimator.name == "linear"
+    assert triggers.get(threshold="auto", variant="exact").estimator.name == "exact"
+    assert auto.state_size == auto.estimator.state_size + 2
+    with pytest.raises(ValueError, match="numeric threshold"):
+        triggers.get("kamp", threshold="auto")
+    for bad in (0, 0.5, True, "10"):
+        with pytest.raises(ValueError, match="horizon"):
+            triggers.AutoFDA(horizon=bad)
+
+
+def test_end_round_defaults_to_next_round_state():
+    class Counting(triggers.SyncTrigger):
+        def next_round_state(self, round_state, global_step):
+            return [round_state[0] + 1.0]
+
+    trigger = Counting()
+    got = trigger.end_round([tf.constant(1.0)], [tf.zeros([2])], tf.zeros([3]), tf.constant(5))
+    assert float(got[0]) == 2.0
+
+
+def _auto_after_one_round(horizon=100.0, steps=10):
+    """An exact-estimator AutoFDA after a round of `steps` steps with mean update
+    (3, 4) (||mean u||^2 = 25) and exact variance 50, so rho = 2."""
+    trigger = triggers.AutoFDA("exact", horizon=horizon, first_round=4)
+    trigger.build([tf.TensorShape([2])])
+    round_state = trigger.initial_round_state()
+    mean_state = tf.constant([75.0, 3.0, 4.0, *round_state[-1].numpy()])
+    return trigger, trigger.end_round(round_state, [tf.constant([3.0, 4.0])], mean_state,
+                                      tf.constant(steps, tf.int64))
+
+
+def test_auto_first_round_ends_at_first_round_steps():
+    trigger = triggers.AutoFDA("naive", first_round=4)
+    control = trigger.initial_round_state()[-1].numpy()
+    state = lambda v: tf.constant([v, *control])  # noqa: E731
+    assert float(trigger.statistic(state(1e9), 3)) < 1.0  # no threshold yet: Theta = inf
+    assert bool(trigger.should_sync(trigger.statistic(state(0.0), 4), 4))
+
+
+def test_auto_sets_the_next_threshold_from_rho_and_the_round_length():
+    trigger, next_state = _auto_after_one_round(horizon=100.0, steps=10)
+    # rho = 50 / 25 = 2: the next round aims at 100 / 2 = 50 steps, so Theta is
+    # the round's variance 50 scaled by (50 / 10)^2; the cap is 4 * 50 steps.
+    inverse_theta, inverse_cap = next_state[-1].numpy()
+    np.testing.assert_allclose(1.0 / inverse_theta, 50.0 * 25.0, rtol=1e-5)
+    np.testing.assert_allclose(1.0 / inverse_cap, 200.0, rtol=1e-5)
+    mean_state = lambda v: tf.constant([v, 0.0, 0.0, inverse_theta, inverse_cap])  # noqa: E731
+    assert not bool(trigger.should_sync(trigger.statistic(mean_state(1249.0), 10), 10))
+    assert bool(trigger.should_sync(trigger.statistic(mean_state(1251.0), 10), 10))
+    assert bool(trigger.should_sync(trigger.statistic(mean_state(0.0), 200), 200))
+    # Larger horizon, longer rounds: Theta grows with its square.
+    _, longer = _auto_after_one_round(horizon=200.0, steps=10)
+    np.testing.assert_allclose(inverse_theta / longer[-1].numpy()[0], 4.0, rtol=1e-5)
+
+
+def test_auto_keeps_its_threshold_when_no_statistic_decided_the_sync():
+    trigger = triggers.AutoFDA("naive", first_round=4)
+    trigger.build([tf.TensorShape([2])])
+    state = trigger.initial_round_state()
+    kept = trigger.end_round(state, [tf.constant([1.0, 1.0])], None, None)
+    np.testing.assert_array_equal(kept[-1].numpy(), state[-1].numpy())
+
+
 def test_accounting_paper_formula_and_wire_bytes():
     stats = CommunicationStats(num_workers=10, num_params=61706, state_bytes=8, steps=3188, syncs=9)
     assert stats.paper_bytes == 10 * 2 * 10 * 4 * 61706 + 8 * 3188 * 10
