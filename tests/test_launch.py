@@ -490,3 +490,54 @@ def test_live_progress_in_a_terminal_from_a_private_network(tmp_path):
     reports = [json.loads((tmp_path / f"worker{i}.json").read_text()) for i in (0, 1)]
     assert reports[0]["final"] == reports[1]["final"]
     assert reports[0]["fda_logs"] == reports[1]["fda_logs"]
+
+
+def test_successful_jobs_end_without_failed_rpcs(tmp_path):
+    """Either worker may work on after training (worker 1 past its heartbeat period,
+    worker 0 past the coordination service's 10 s heartbeat timeout); neither may
+    leave the other an error behind: every worker waits for all, and worker 0,
+    which hosts TF's coordination service, leaves last.
+
+    Job A runs under the launcher and joins through connect(cluster_resolver=...);
+    job B runs two workers by hand with TF_CONFIG in the shape that Kubeflow's
+    TFJob operator writes (hosts by name, "environment": "cloud").
+    """
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    linger = "11"
+    jobs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "keras_fda.launch", "--workers", "2", "--timeout", "200",
+             str(FDA_FIT), "--out", str(a), "--resolver", "--linger_on", "1", "--linger", linger],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,
+        )
+    ]
+    ports = launch_lib.free_ports(2)
+    for index in (0, 1):
+        env = launch_lib.worker_env(ports, index)
+        env["TF_CONFIG"] = json.dumps(
+            {"cluster": {"worker": [f"localhost:{p}" for p in ports]},
+             "task": {"type": "worker", "index": index}, "environment": "cloud"}
+        )
+        jobs.append(subprocess.Popen(
+            [sys.executable, str(FDA_FIT), "--out", str(b), "--linger_on", "0", "--linger", linger],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,
+        ))
+    try:
+        outputs = [job.communicate(timeout=240)[0] for job in jobs]
+    finally:
+        for job in jobs:
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
+                job.wait()
+    for job, output in zip(jobs, outputs):
+        assert job.returncode == 0, output[-3000:]
+        assert not FAILED_RPC.search(output), output[-3000:]
+    assert "[worker 0] worker 0 done" in outputs[0] and "[worker 1] worker 1 done" in outputs[0]
+    for out in (a, b):
+        reports = [json.loads((out / f"worker{i}.json").read_text()) for i in (0, 1)]
+        assert [r["num_workers"] for r in reports] == [2, 2]
+        assert reports[0]["final"] == reports[1]["final"]
