@@ -54,6 +54,9 @@ _MEAN = tf.distribute.ReduceOp.MEAN
 # Model methods that read the weights in cross-replica context (which silently
 # returns replica 0's copy): the strategy synchronizes before each of them.
 _READERS = ("save", "save_weights", "get_weights", "export")
+# Model methods that give every replica the same new weights: the next round
+# starts from them.
+_WRITERS = ("set_weights", "load_weights")
 
 
 class _ModelState(AveragingState):
@@ -78,9 +81,9 @@ class _ModelState(AveragingState):
     def replica_step(self, train_step, *args, **kwargs):
         """The model's train step followed by the FDA check (per replica)."""
         logs = train_step(*args, **kwargs)
-        reads = [v.read_value() for v in self.averaged]  # this replica's copy
+        reads = self._reads()
         if self.trigger.state_size:
-            drift = [w - r.read_value() for w, r in zip(reads, self.reference)]
+            drift = [w - tf.cast(r, w.dtype) for w, r in zip(reads, self.reference)]
             local = self.trigger.local_state(drift, [s.read_value() for s in self.round_state])
             local = tf.cast(local, tf.float32)
         else:
@@ -92,9 +95,18 @@ class _ModelState(AveragingState):
         logs.update(fda_logs)
         return logs
 
+    def _reads(self):
+        """This replica's copy of the averaged weights, in the averaging dtype.
+
+        float32 or float64: exact for every float weight, and the collectives
+        need not support half precision.
+        """
+        return [tf.cast(v.read_value(), self.dtype) for v in self.averaged]
+
     def _replica_sync(self):
-        reads = [v.read_value() for v in self.averaged]
-        return tf.distribute.get_replica_context().merge_call(self._sync_if_drifted, args=(reads,))
+        return tf.distribute.get_replica_context().merge_call(
+            self._sync_if_drifted, args=(self._reads(),)
+        )
 
     # --- cross-replica context -------------------------------------------
 
@@ -107,10 +119,13 @@ class _ModelState(AveragingState):
         if self.trigger.state_size:
             mean_state = strategy.reduce(_MEAN, local, axis=None)
         statistic = tf.cast(self.trigger.statistic(mean_state, steps_since_sync), tf.float32)
-        # One tf.cond in one graph: every replica is averaged or none is.
-        decided = self.trigger.should_sync(statistic, steps_since_sync) & tf.math.is_finite(
-            statistic
+        # The statistic is all-reduced: every worker fails here together,
+        # before anything is averaged.
+        _assert_finite(
+            statistic, self.steps.read_value(), f"the {self.trigger.name} statistic (fda/variance)"
         )
+        # One tf.cond in one graph: every replica is averaged or none is.
+        decided = self.trigger.should_sync(statistic, steps_since_sync)
         synced = tf.cond(
             decided, lambda: self._average(strategy, reads), lambda: tf.constant(False)
         )
@@ -157,20 +172,25 @@ class _ModelState(AveragingState):
         )
 
     def _average(self, strategy, reads):
-        """Assigns every replica the mean of the replicas' `reads`; False on NaN/Inf."""
+        """Assigns every replica the mean of the replicas' `reads`; returns True.
+
+        Fails (on every worker: the mean is all-reduced) before assigning
+        anything if the mean is NaN or Inf.
+        """
         # The per-replica READS, not the variables: given a MirroredVariable
         # the strategy assumes its copies are equal and returns it unchanged.
         means = strategy.extended.batch_reduce_to(_MEAN, [(r, r) for r in reads])
         per_device = [strategy.experimental_local_results(m) for m in means]
         finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(m[0])) for m in per_device])
-
-        def adopt():
+        # No apostrophes: TF's message would show them escaped.
+        what = "the average of the weights of the replicas"
+        with tf.control_dependencies([_assert_finite(finite, self.steps.read_value(), what)]):
             for variable, values in zip(self.averaged, per_device):
                 for copy, value in zip(variable.values, values):
-                    copy.assign(value)
-            return self._start_round([m[0] for m in per_device[: len(self.variables)]])
-
-        return tf.cond(finite, adopt, lambda: tf.constant(False))
+                    copy.assign(tf.cast(value, variable.dtype))
+        return self._start_round(
+            [tf.cast(m[0], v.dtype) for m, v in zip(per_device, self.variables)]
+        )
 
     def _logs(self, statistic):
         syncs = tf.cast(self.syncs.read_value(), tf.float64)
@@ -186,6 +206,12 @@ class _ModelState(AveragingState):
         }
 
     # --- eager -----------------------------------------------------------
+
+    def rebase(self):
+        """Starts a new round from the weights every replica was just given."""
+        for reference, variable in zip(self.reference, self.variables):
+            reference.assign(variable.read_value())
+        self.steps_since_sync.assign(0)
 
     def _synchronize_if_drifted(self):
         return tf.distribute.Strategy.run(self.strategy, self._replica_sync)
@@ -237,7 +263,19 @@ class FDAStrategy(tf.distribute.Strategy):
 
     Checkpoints (`ModelCheckpoint`, `BackupAndRestore`) save the averaged
     model. The FDA counters are not in them: a restored run starts a new
-    round from the restored weights and counts from zero.
+    round from the restored weights and counts from zero. After
+    `set_weights` or `load_weights` (every replica gets the same weights)
+    the next round starts from those weights.
+
+    Weights of any float dtype (float64, float16, bfloat16 policies) are
+    averaged in float32, or float64 if any weight is float64. A replica
+    whose weights become NaN or Inf stops `fit` on every worker with an
+    `InvalidArgumentError` that says "FDA stopped training at step N"
+    (raised inside the compiled step, before anything is averaged).
+
+    Compiling the model again (a new optimizer, other settings) is
+    supported: the next `fit` checks the new settings and keeps the new
+    optimizer's updates local. The counters go on across fits.
 
     Not supported (clear errors): other base strategies (one process per
     worker without tf.distribute: `keras_fda.FDACallback`), a second
@@ -267,7 +305,7 @@ class FDAStrategy(tf.distribute.Strategy):
 
     Attributes:
         communication: the `keras_fda.CommunicationStats` of the last model
-            trained under this strategy.
+            trained under this strategy, over all its fits.
 
     Example:
 
@@ -364,29 +402,43 @@ class FDAStrategy(tf.distribute.Strategy):
         return super().run(fn, args=args, kwargs=kwargs, options=options)
 
     def _state_for(self, model):
+        """The model's FDA state; checks the compile settings of every trace.
+
+        Runs when Keras traces the train step: at the first `fit` and again
+        after each `compile`, whose new optimizer must be made local too.
+        """
+        self._check(model)
+        if not getattr(model.optimizer, "_fda_local", False):
+            self._make_optimizer_local(model)
         for owner, state in self._states:
             if owner is model:
                 return state
-        self._check(model)
-        self._make_optimizer_local(model.optimizer)
         state = _ModelState(
             self, model, self.trigger, self.average_non_trainable, self._dashboard
         )
         self._states.append((model, state))
+        # Set on the instance, bypassing Keras' attribute tracking.
         for name in _READERS:
             original = getattr(model, name, None)
             if original is not None:
-                # Set on the instance, bypassing Keras' attribute tracking.
                 object.__setattr__(model, name, self._synchronized(model, original))
-        # Keras calls it once at the end of every fit, on every worker: fit
-        # then leaves one averaged model, as with FDACallback.
-        optimizer = model.optimizer
-        object.__setattr__(
-            optimizer,
-            "finalize_variable_values",
-            self._synchronized(model, optimizer.finalize_variable_values),
-        )
+        for name in _WRITERS:
+            object.__setattr__(model, name, self._rebased(state, getattr(model, name)))
+        self._wrap_model(model)
         return state
+
+    def _wrap_model(self, model):
+        """Further per-model hooks of the concrete strategy."""
+        del model
+
+    def _rebased(self, state, method):
+        @functools.wraps(method)
+        def wrapper(*args, **kwargs):
+            result = method(*args, **kwargs)
+            state.rebase()
+            return result
+
+        return wrapper
 
     def _synchronized(self, model, method):
         @functools.wraps(method)
@@ -430,8 +482,9 @@ class FDAStrategy(tf.distribute.Strategy):
                 "its name to compile) inside the scope."
             )
 
-    def _make_optimizer_local(self, optimizer):
+    def _make_optimizer_local(self, model):
         """Keeps the optimizer's updates on each replica's own copy."""
+        optimizer = model.optimizer
         num_replicas = self.num_replicas_in_sync
         original_apply = optimizer.apply
 
@@ -443,6 +496,14 @@ class FDAStrategy(tf.distribute.Strategy):
 
         object.__setattr__(optimizer, "apply", apply)
         object.__setattr__(optimizer, "_all_reduce_sum_gradients", list)
+        # Keras calls it once at the end of every fit, on every worker: fit
+        # then leaves one averaged model, as with FDACallback.
+        object.__setattr__(
+            optimizer,
+            "finalize_variable_values",
+            self._synchronized(model, optimizer.finalize_variable_values),
+        )
+        object.__setattr__(optimizer, "_fda_local", True)
 
 
 class _MirroredFDAStrategy(FDAStrategy, tf.distribute.MirroredStrategy):
@@ -504,6 +565,19 @@ class _MultiWorkerFDAStrategy(FDAStrategy, tf.distribute.MultiWorkerMirroredStra
             return distribute_values.Mirrored((mean,))
 
         return tf.nest.map_structure(local, logs)
+
+
+def _assert_finite(value, steps, what):
+    """Fails the step if `value` (a statistic, or a bool) is NaN or Inf."""
+    ok = value if value.dtype == tf.bool else tf.math.is_finite(value)
+    return tf.debugging.Assert(
+        ok,
+        [
+            "FDA stopped training at step", steps,
+            f": {what} is NaN or Inf, so nothing was averaged. Training diverged on a "
+            "replica: lower the learning rate, clip gradients, or check its data.",
+        ],
+    )
 
 
 def _scale(gradient, factor):

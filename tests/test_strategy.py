@@ -7,6 +7,7 @@ scenario runs the same script in 2 processes under a real
 MultiWorkerMirroredStrategy (TF_CONFIG, gRPC on 127.0.0.1).
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -81,6 +82,19 @@ def multiworker(tmp_path_factory):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return [dict(np.load(out / f"result_{i}.npz"), out=out) for i in range(2)]
+
+
+@pytest.fixture(scope="module")
+def keras_user(tmp_path_factory):
+    """tests/workers/keras_user_checks.py on 2 logical devices: {check: findings}."""
+    out = tmp_path_factory.mktemp("keras_user")
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run(
+        [sys.executable, WORKER, "--scenario", "keras_user", "--devices", "2", "--out", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return {f.stem: json.loads(f.read_text()) for f in out.glob("*.json")}
 
 
 def _sync_steps(result):
@@ -271,3 +285,51 @@ def test_unsupported_strategies_and_settings_raise_clear_errors():
         )
     with pytest.raises(ValueError, match="use_ema=False"):
         model.fit(np.zeros((8, 3)), np.zeros((8, 1)), batch_size=4, verbose=0)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float16", "bfloat16"])
+@pytest.mark.parametrize("variant", ["naive", "linear", "sketch"])
+def test_weights_of_any_float_dtype_train_and_average_in_their_precision(keras_user, dtype, variant):
+    """Issue 12.3: float32 direction times float64 drift was a TypeError."""
+    found = keras_user["dtypes"][f"{dtype}-{variant}"]
+    assert "error" not in found, found["error"]
+    assert found["dtypes"] == [dtype] and found["finite"]
+    assert 0 < found["syncs"]
+    if dtype == "float64":  # not rounded to float32 at the syncs
+        assert not found["float32_exact"]
+
+
+def test_recompiling_keeps_fda_and_its_checks(keras_user):
+    """Issue 12.2: the second compile's optimizer all-reduced gradients, unchecked."""
+    found = keras_user["recompile"]
+    assert found["first_steps"] == found["second_steps"] == 20
+    spread = np.array(found["second_spread"])
+    synced = np.diff(np.concatenate([[found["second_syncs"][0]], found["second_syncs"]])) > 0
+    # The new optimizer trains each replica on its own: they drift between syncs.
+    assert np.all(spread[~synced] > 0) and np.any(~synced)
+    assert max(found["second_variance"]) > 0
+    assert found["steps"] == 40 == found["optimizer_iterations"] + 20
+    assert found["steps_per_execution"].startswith("ValueError: FDAStrategy checks after every")
+    assert found["jit_compile"].startswith("ValueError: FDAStrategy's train step uses merge_call")
+
+
+def test_two_fits_count_together_and_set_weights_starts_a_new_round(keras_user):
+    """Issue 12.9 (FDAStrategy side) and the sweep: set_weights left a stale reference."""
+    found = keras_user["two_fits"]
+    assert (found["after_first"], found["steps"], found["iterations"]) == (10, 20, 20)
+    assert found["syncs"] == 2  # the end of each fit
+    # After set_weights the naive estimate measures the drift from the new
+    # weights, as at the start of the first fit, not from the old reference.
+    first, second = found["first_variance"], found["second_variance"]
+    np.testing.assert_allclose(second[0], first[0], rtol=0.5)
+
+
+@pytest.mark.parametrize("trigger", ["fda", "periodic"])
+def test_a_nan_replica_is_an_error_before_anything_is_averaged(keras_user, trigger):
+    """Issue 12.4: a NaN statistic was taken for 'no sync' and the final sync skipped."""
+    found = keras_user["nan"][trigger]
+    what = "the fda-linear statistic" if trigger == "fda" else "the average of the weights of"
+    assert "FDA stopped training at step" in found["error"] and what in found["error"]
+    assert found["error"].startswith("InvalidArgumentError")
+    assert found["first_replica_finite"]  # the healthy replica was never mixed with NaN
+    assert found["steps"] == (5 if trigger == "fda" else 6)

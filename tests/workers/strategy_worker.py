@@ -19,6 +19,13 @@ Scenarios (results in DIR/result.npz):
       replica per worker process (run under `python -m keras_fda.launch`).
       Each worker saves its per-step weights to DIR/result_<index>.npz; the
       test compares the workers.
+  keras_user: what Keras users do besides one fit (tests/test_keras_user.py):
+      other weight dtypes, recompiling, several fits, set_weights, a NaN
+      replica. Each check's findings go to DIR/<check>.json.
+  callbacks: over a MultiWorkerMirroredStrategy (under the launcher), fit with
+      EarlyStopping(restore_best_weights=True), ModelCheckpoint(save_best_only)
+      and ReduceLROnPlateau, which decide from the epoch's logs. Each worker
+      saves its History and final weights to DIR/callbacks_<index>.npz.
 """
 
 import argparse
@@ -27,7 +34,9 @@ import os
 parser = argparse.ArgumentParser()
 parser.add_argument("--devices", type=int, default=2)
 parser.add_argument(
-    "--scenario", choices=["simulator", "mirrored", "multiworker"], default="simulator"
+    "--scenario",
+    choices=["simulator", "mirrored", "multiworker", "keras_user", "callbacks"],
+    default="simulator",
 )
 parser.add_argument("--trigger", default="fda")
 parser.add_argument("--threshold", type=float, default=1.5)
@@ -52,7 +61,8 @@ import traceback  # noqa: E402
 
 import tensorflow as tf  # noqa: E402
 
-if args.scenario == "multiworker":
+MULTI_WORKER = args.scenario in ("multiworker", "callbacks")
+if MULTI_WORKER:
     # Before any other TF op: the collective runtime is configured at startup.
     base_strategy = tf.distribute.MultiWorkerMirroredStrategy(
         communication_options=tf.distribute.experimental.CommunicationOptions(timeout_seconds=120)
@@ -107,7 +117,7 @@ def record_all_reduces():
     return calls
 
 
-ALL_REDUCES = record_all_reduces() if args.scenario == "multiworker" else []
+ALL_REDUCES = record_all_reduces() if MULTI_WORKER else []
 
 
 def digits():
@@ -331,7 +341,46 @@ def mirrored_scenario():
     np.savez(os.path.join(args.out, "result.npz"), diff=diff, moved=moved)
 
 
+def callbacks_scenario():
+    """Callbacks that decide from the epoch's logs, on every worker of a cluster."""
+    x, y, _, _ = digits()
+    # Each worker its own half of the classes: the workers' losses differ a lot.
+    mine = (y < 5) if TASK == 0 else (y >= 5)
+    x, y = x[mine][:320], y[mine][:320]
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    dataset = dataset.with_options(options)
+    strategy = FDAStrategy(base_strategy, trigger=make_trigger())
+    with strategy.scope():
+        model = make_model()
+        compile_model(model, keras.optimizers.SGD(0.05))
+    callbacks = [
+        keras.callbacks.EarlyStopping("loss", min_delta=0.15, patience=1, restore_best_weights=True),
+        keras.callbacks.ModelCheckpoint(
+            os.path.join(args.out, f"best_{TASK}.weights.h5"), "loss", save_best_only=True,
+            save_weights_only=True,
+        ),
+        keras.callbacks.ReduceLROnPlateau("loss", factor=0.5, patience=0, min_delta=0.19),
+    ]
+    history = model.fit(dataset, epochs=10, verbose=0, callbacks=callbacks)
+    np.savez(
+        os.path.join(args.out, f"callbacks_{TASK}.npz"),
+        loss=np.array(history.history["loss"]),
+        accuracy=np.array(history.history["accuracy"]),
+        lr=np.array(history.history["learning_rate"]),
+        final=np.concatenate([np.ravel(w) for w in model.get_weights()]),
+        stopped_epoch=callbacks[0].stopped_epoch,
+    )
+
+
 if args.scenario == "mirrored":
     mirrored_scenario()
+elif args.scenario == "keras_user":
+    from keras_user_checks import run_checks  # noqa: E402
+
+    run_checks(args.out, base_strategy)
+elif args.scenario == "callbacks":
+    callbacks_scenario()
 else:
     simulator_scenario()
