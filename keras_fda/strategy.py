@@ -254,12 +254,16 @@ class FDAStrategy(tf.distribute.Strategy):
     Multi-worker clusters: given a `tf.distribute.MultiWorkerMirroredStrategy`
     (created at program start, as TF requires), the replicas are those of
     every worker and the FDA state and weights are averaged with the
-    cluster's collectives. Each worker's `fit` logs its own replicas' loss
-    and metrics (Keras would otherwise all-reduce every logged value at
-    every step); the `fda/*` values are the same on every worker. As with
-    any MultiWorkerMirroredStrategy, every worker must call `fit`,
-    `evaluate`, `predict` and `save` (a sync is a collective). The given
-    strategy object is taken over: use the `FDAStrategy` from then on.
+    cluster's collectives. Each worker's batch logs are its own replicas'
+    loss and metrics (Keras would otherwise all-reduce every logged value at
+    every step); the epoch's logs, which `EarlyStopping`, `ModelCheckpoint`,
+    `ReduceLROnPlateau` and `History` see, are averaged over the workers
+    (one small all-reduce per epoch), so every worker's callbacks decide
+    alike. The `fda/*` values are the same on every worker. As with any
+    MultiWorkerMirroredStrategy, every worker must call `fit`, `evaluate`,
+    `predict` and `save` (a sync is a collective), and a callback must not
+    stop one worker's `fit` mid-epoch on that worker's own batch logs. The
+    given strategy object is taken over: use the `FDAStrategy` from then on.
 
     Checkpoints (`ModelCheckpoint`, `BackupAndRestore`) save the averaged
     model. The FDA counters are not in them: a restored run starts a new
@@ -553,6 +557,37 @@ class _MultiWorkerFDAStrategy(FDAStrategy, tf.distribute.MultiWorkerMirroredStra
             )
 
         return tf.nest.map_structure(reduce_one, value)
+
+    def _wrap_model(self, model):
+        # Keras builds each epoch's logs (what EarlyStopping, ModelCheckpoint,
+        # ReduceLROnPlateau and History see) from the last step's logs: this
+        # worker's own. Averaged over the workers once per epoch, every
+        # worker's callbacks decide alike and join the same collectives.
+        original = model._get_metrics_result_or_logs
+
+        @functools.wraps(original)
+        def epoch_logs(logs):
+            logs = original(logs)
+            if isinstance(logs, dict) and "fda/syncs" in logs:  # a train step's
+                logs = self._mean_over_workers(logs)
+            return logs
+
+        object.__setattr__(model, "_get_metrics_result_or_logs", epoch_logs)
+
+    def _mean_over_workers(self, logs):
+        """`logs` with every value but fda/* (equal everywhere) averaged over the workers."""
+        keys = sorted(k for k in logs if not k.startswith("fda/"))
+        if not keys:
+            return logs
+        values = [tf.convert_to_tensor(logs[k]) for k in keys]
+        flat = tf.concat([tf.reshape(tf.cast(v, tf.float64), [-1]) for v in values], 0)
+        per_replica = self.experimental_distribute_values_from_function(lambda _: flat)
+        mean = tf.distribute.Strategy.reduce(self, _MEAN, per_replica, axis=None)
+        parts = tf.split(mean, [int(v.shape.num_elements()) for v in values])
+        logs = dict(logs)
+        for key, value, part in zip(keys, values, parts):
+            logs[key] = tf.cast(tf.reshape(part, value.shape), value.dtype)
+        return logs
 
     def _train_logs(self, logs):
         # Keras would all-reduce every logged value at every step, the

@@ -97,6 +97,18 @@ def keras_user(tmp_path_factory):
     return {f.stem: json.loads(f.read_text()) for f in out.glob("*.json")}
 
 
+@pytest.fixture(scope="module")
+def cluster_callbacks(tmp_path_factory):
+    """EarlyStopping, ModelCheckpoint(save_best_only), ReduceLROnPlateau on 2 workers."""
+    out = tmp_path_factory.mktemp("callbacks")
+    result = launch(
+        2, "tests/workers/strategy_worker.py", "--scenario", "callbacks", "--threshold", "0.3",
+        "--out", out, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return [dict(np.load(out / f"callbacks_{i}.npz")) for i in range(2)]
+
+
 def _sync_steps(result):
     return np.diff(np.concatenate([[0.0], result["syncs"]])) > 0
 
@@ -285,6 +297,19 @@ def test_unsupported_strategies_and_settings_raise_clear_errors():
         )
     with pytest.raises(ValueError, match="use_ema=False"):
         model.fit(np.zeros((8, 3)), np.zeros((8, 1)), batch_size=4, verbose=0)
+
+
+def test_epoch_logs_are_the_same_on_every_worker_so_callbacks_decide_alike(cluster_callbacks):
+    """Issue 12.1: each worker's own epoch loss made EarlyStopping stop one worker only."""
+    first, second = cluster_callbacks
+    # The workers train on different classes: their own losses differ; the
+    # epoch logs are the mean over the workers, identical on both.
+    np.testing.assert_array_equal(first["loss"], second["loss"])
+    np.testing.assert_array_equal(first["accuracy"], second["accuracy"])
+    np.testing.assert_array_equal(first["lr"], second["lr"])
+    assert first["lr"][-1] < first["lr"][0]  # ReduceLROnPlateau acted, on both
+    assert 0 < first["stopped_epoch"] == second["stopped_epoch"] < 9  # EarlyStopping, on both
+    np.testing.assert_array_equal(first["final"], second["final"])
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float16", "bfloat16"])
