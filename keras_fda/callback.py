@@ -18,8 +18,11 @@ from keras_fda.tensorboard import Dashboard, standardize_update_freq
 class _CheckpointedState(keras.layers.Layer):
     """Carries `WorkerAverager.state_variables()` in the model's weight files.
 
-    Restoring sets `restored`: each worker then resumes from its own saved
-    weights and FDA state instead of taking worker 0's weights.
+    Attached to the model only while `fit` runs, so the checkpoints written
+    during training (`BackupAndRestore`, `ModelCheckpoint`) can resume FDA,
+    while a model saved after `fit` holds only its own weights. Restoring
+    sets `restored`: each worker then resumes from its own saved weights and
+    FDA state instead of taking worker 0's weights.
     """
 
     def __init__(self, variables):
@@ -34,6 +37,10 @@ class _CheckpointedState(keras.layers.Layer):
             store[str(i)] = variable.numpy()
 
     def load_own_variables(self, store):
+        if not len(store.keys()):
+            # Weights saved without FDA (pretrained, or after a fit): the
+            # model's weights load, the FDA state stays as it is.
+            return
         if len(store.keys()) != len(self._state):
             raise ValueError(
                 f"The checkpoint's FDA state has {len(store.keys())} variables, this "
@@ -138,6 +145,10 @@ class FDACallback(keras.callbacks.Callback):
         self._started = False
         self._last_statistic = math.nan
         self._peer_stopped = False
+        self._owner = None
+        self._began = False
+        self._ended = False
+        self._end_deferred = False
 
     @property
     def cluster(self):
@@ -177,6 +188,10 @@ class FDACallback(keras.callbacks.Callback):
 
         Runs before any training step, so a mismatch is a clear error on every
         worker instead of a collective that hangs or mixes unrelated tensors.
+
+        Returns:
+            Every worker's `[step resumed from (-1: not resumed), epoch
+            resumed at]`, one row per worker.
         """
         transport = self.cluster.transport
         steps = self.params.get("steps")
@@ -196,6 +211,7 @@ class FDACallback(keras.callbacks.Callback):
                 sum(int(np.prod(v.shape)) for v in variables),
                 zlib.crc32(layout.encode()),
                 int(self._averager.steps.numpy()) if restored else -1,
+                -1 if initial_epoch is None else int(initial_epoch),
             ],
             np.int64,
         )
@@ -207,8 +223,6 @@ class FDACallback(keras.callbacks.Callback):
             ("the number of averaged weights", "build the same model on every worker"),
             ("the weight shapes and dtypes (layout fingerprint)", "build the same model, "
              "with the same dtype policy, on every worker"),
-            ("the step they resumed from (-1: not resumed)", "give each worker its own "
-             "BackupAndRestore directory and restart all workers of the run together"),
         ]
         for column, (what, fix) in enumerate(checks):
             values = everyone[:, column]
@@ -216,6 +230,39 @@ class FDACallback(keras.callbacks.Callback):
                 raise ValueError(
                     f"Workers disagree on {what}: {values.tolist()} (worker 0, 1, ...); {fix}."
                 )
+        return everyone[:, 4:]
+
+    def _resume(self, resumed, can_change_epoch):
+        """Makes the workers start from the same step; False if from nothing restored.
+
+        Workers restored from backups of different steps (one crashed between
+        the workers' epoch-end saves, or before its first save) cannot go
+        back, but the ones behind can catch up: they take the most advanced
+        worker's weights and FDA state and start at its epoch.
+        """
+        steps, epochs = resumed[:, 0], resumed[:, 1]
+        if (steps == -1).all():
+            return False
+        if (steps == steps[0]).all():
+            return True
+        leader = int(np.argmax(steps))
+        if not can_change_epoch:
+            raise ValueError(
+                f"Workers disagree on the step they resumed from: {steps.tolist()} (worker 0, 1, "
+                "...; -1: not resumed): a worker stopped between the workers' BackupAndRestore "
+                "saves. FDACallback can resume them from the most advanced worker's backup "
+                "only if fit() keeps its default History callback at the end of the callback "
+                "list; otherwise delete the backups and restart."
+            )
+        self._averager.adopt(leader)
+        logging.warning(
+            "keras_fda: the workers' backups are from different steps %s (worker 0, 1, ...; "
+            "-1: none): worker %d's backup (step %d, epoch %d) is the latest; every worker "
+            "resumes from its weights and FDA state.",
+            steps.tolist(), leader, steps[leader], epochs[leader],
+        )
+        self.model._initial_epoch = int(epochs[leader]) if epochs[leader] >= 0 else None
+        return True
 
     @contextlib.contextmanager
     def _collective(self, where):
@@ -243,35 +290,58 @@ class FDACallback(keras.callbacks.Callback):
         if self.average_non_trainable:
             extra = [w.value for w in model.non_trainable_weights if w.dtype.startswith("float")]
         trainable = [w.value for w in model.trainable_weights]
-        self._averager = WorkerAverager(self.trigger, self.cluster.transport, trainable, extra)
-        self._checkpoint = _CheckpointedState(self._averager.state_variables())
+        same = self._averager is not None and self._owner is model and [
+            id(v) for v in self._averager.averaged
+        ] == [id(v) for v in trainable + extra]
+        if not same:
+            # Kept across fits of the same model: the counters, communication
+            # totals and dashboard steps go on, and the step is not retraced.
+            self._averager = WorkerAverager(self.trigger, self.cluster.transport, trainable, extra)
+            self._checkpoint = _CheckpointedState(self._averager.state_variables())
+            self._owner = model
+        self._checkpoint.restored = False
         # Found by Keras' weight saving (which walks the model's attributes), so
-        # BackupAndRestore and ModelCheckpoint carry the FDA state with the
-        # model. Set without Keras' layer tracking: the model's layers and
-        # weights stay exactly what the user built.
+        # checkpoints written during fit (BackupAndRestore, ModelCheckpoint)
+        # carry the FDA state. Set without Keras' layer tracking: the model's
+        # layers and weights stay exactly what the user built. Removed at
+        # train end.
         object.__setattr__(model, "_fda_state", self._checkpoint)
-        self._started = False
+        self._started = self._began = self._ended = self._end_deferred = False
+        # Keras hands the fit's History to the model before any callback's
+        # set_model and calls it after the callbacks the user listed: hooked
+        # there, the start and the final sync see every other callback's
+        # on_train_begin (BackupAndRestore's restore) and on_train_end
+        # (EarlyStopping's restore_best_weights), whatever the list's order.
+        history = getattr(model, "history", None)
+        if isinstance(history, keras.callbacks.History):
+            _run_after(history, "on_train_begin", lambda logs: self._start(True))
+            _run_after(history, "on_train_end", self._end_after_all_callbacks)
+            self._end_deferred = True
 
     def on_train_begin(self, logs=None):
         self._check_model()
         self._peer_stopped = False
+        self._began = True
         if self.log_dir is not None and self.cluster.is_chief:
             self._dashboard = Dashboard(self.log_dir, self.update_freq)
 
-    def on_train_batch_begin(self, batch, logs=None):
-        # Deferred to the first step so that every callback's on_train_begin
-        # has run, BackupAndRestore's restore included, whatever the order.
-        if self._started:
+    def _start(self, can_change_epoch):
+        """Agrees on the run and starts every worker from the same weights and state."""
+        if self._started or not self._began:
             return
-        restored = self._checkpoint.restored
         with self._collective("at train begin"):
-            self._agree(self._averager.averaged, restored)
-            if not restored:
+            resumed = self._agree(self._averager.averaged, self._checkpoint.restored)
+            if not self._resume(resumed, can_change_epoch):
                 self._averager.broadcast()
         self._started = True
         self._last_sync_step = int(
             self._averager.steps.numpy() - self._averager.steps_since_sync.numpy()
         )
+
+    def on_train_batch_begin(self, batch, logs=None):
+        # Without the History hook: deferred to the first step so that every
+        # callback's on_train_begin has run, BackupAndRestore's restore included.
+        self._start(False)
 
     def _record(self, logs, synced=False, force=False):
         """Puts the fda/* values into Keras' logs and, on the chief, the dashboard."""
@@ -327,6 +397,18 @@ class FDACallback(keras.callbacks.Callback):
         self._record(logs, force=self.update_freq == "epoch")
 
     def on_train_end(self, logs=None):
+        self._ended = True
+        if not self._end_deferred:
+            self._finish(logs)
+
+    def _end_after_all_callbacks(self, logs):
+        self._end_deferred = False
+        if self._ended:
+            self._finish(logs)
+
+    def _finish(self, logs):
+        """The final synchronization: every worker leaves fit with the same weights."""
+        vars(self.model).pop("_fda_state", None)
         with self._collective("of the final synchronization at train end"):
             # A worker that already saw a peer stop must not announce its own
             # stop: the others are no longer stepping and would not answer it.
@@ -342,3 +424,19 @@ class FDACallback(keras.callbacks.Callback):
         if self._dashboard is not None:
             self._dashboard.close()
             self._dashboard = None
+
+
+def _run_after(callback, method, action):
+    """Makes `callback.<method>(logs)` run `action(logs)` after itself, once."""
+    original = getattr(callback, method)
+    own = method in vars(callback)
+
+    def hooked(logs=None):
+        if own:
+            setattr(callback, method, original)
+        else:
+            delattr(callback, method)
+        original(logs)
+        action(logs)
+
+    setattr(callback, method, hooked)

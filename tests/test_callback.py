@@ -174,3 +174,41 @@ def test_weights_of_any_float_dtype_train_and_average(dtype, variant):
         kernel = model.weights[0].numpy()
         assert np.any(kernel.astype(np.float32).astype(np.float64) != kernel)
 
+
+def test_load_weights_saved_without_fda_after_and_during_fit(tmp_path):
+    """Issue 12.5: loading pretrained weights into a model trained with FDA failed."""
+    pretrained = compiled_model()
+    path = str(tmp_path / "pretrained.weights.h5")
+    pretrained.save_weights(path)
+
+    model = compiled_model()
+    x, y = data()
+    fda = keras_fda.FDACallback(threshold=1.0)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[fda])
+    model.load_weights(path)
+    for a, b in zip(model.get_weights(), pretrained.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+    class LoadAtFirstEpochEnd(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 0:
+                self.model.load_weights(path)  # the FDA state is attached during fit
+
+    steps = fda.communication.steps
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[fda, LoadAtFirstEpochEnd()])
+    assert fda.communication.steps == steps + 8  # the FDA state was left as it was
+
+
+def test_a_checkpoint_written_during_fit_loads_into_a_plain_model(tmp_path):
+    model = compiled_model()
+    x, y = data()
+    path = str(tmp_path / "during.weights.h5")
+    model.fit(
+        x, y, batch_size=16, epochs=1, verbose=0,
+        callbacks=[keras_fda.FDACallback(threshold=1.0),
+                   keras.callbacks.ModelCheckpoint(path, save_weights_only=True)],
+    )
+    plain = compiled_model()
+    plain.load_weights(path)  # the file's extra FDA state is ignored
+    for a, b in zip(plain.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)

@@ -23,6 +23,7 @@ def run(tmp_path_factory, num_workers, *args):
     runs = [dict(np.load(out / f"worker{i}.npz")) for i in range(num_workers)]
     for r in runs:
         r["stats"] = json.loads(str(r["stats"]))
+        r["saved_keys"] = json.loads(str(r["saved_keys"]))
         r["trainable_shapes"] = json.loads(str(r["trainable_shapes"]))
     return runs
 
@@ -200,3 +201,36 @@ def test_kamp_syncs_when_any_worker_drifts_past_threshold(tmp_path_factory):
     expected = numpy_statistics(runs, any_violation, runs[0]["initial_trainable"])
     np.testing.assert_array_equal(sync_steps(runs[0]), np.flatnonzero(expected > 0))
     assert_sync_structure(runs)
+
+
+@pytest.fixture(scope="module")
+def keras_user2(tmp_path_factory):
+    """Two fits of one model, EarlyStopping(restore_best_weights) after FDACallback, save."""
+    return run(
+        tmp_path_factory, 2, "--variant", "linear", "--threshold", LINEAR_THRESHOLD, "--fits", 2,
+        "--early_stopping_after_fda", "--save_after_fit",
+    )
+
+
+def test_restore_best_weights_listed_after_fda_still_ends_with_identical_weights(keras_user2):
+    """Issue 12.7: EarlyStopping restored each worker's own weights after the final sync."""
+    first, second = keras_user2
+    np.testing.assert_array_equal(first["final"], second["final"])
+    # The average of the workers' restored weights, not worker 0's own.
+    assert not np.array_equal(first["final"], first["after"][-1])
+
+
+def test_a_second_fit_counts_on_and_reuses_the_compiled_step(keras_user2):
+    """Issue 12.9: each fit restarted the counters and retraced the step."""
+    first, _ = keras_user2
+    steps_per_fit = 16  # 2 epochs of 8 steps
+    assert first["fit_steps"].tolist() == [steps_per_fit, 2 * steps_per_fit]
+    assert first["optimizer_iterations"] == first["stats"]["steps"] == 2 * steps_per_fit
+    assert first["step_traces"] == 1
+
+
+def test_a_model_saved_after_fit_holds_only_its_own_weights(keras_user2):
+    """Issue 12.5: the FDA state (3x the model) rode along in every saved model."""
+    first, _ = keras_user2
+    keys = first["saved_keys"]
+    assert keys and not any("fda" in k for k in keys), keys

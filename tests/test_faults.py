@@ -245,3 +245,50 @@ def test_restart_with_backup_and_restore_resumes_the_same_run(tmp_path):
         np.testing.assert_allclose(b["statistic"], a["statistic"][16:], rtol=1e-5, atol=1e-8)
         np.testing.assert_allclose(b["final"], a["final"], rtol=1e-5, atol=1e-6)
         assert json.loads(str(b["stats"])) == json.loads(str(a["stats"]))
+
+
+def test_restart_after_a_crash_between_the_workers_epoch_end_saves(tmp_path):
+    """Issue 12.6: worker 0 saved epoch 2, worker 1 died before saving it.
+
+    Before, every restart failed ('Workers disagree on the step they resumed
+    from'). Worker 1 now catches up: it takes worker 0's weights and FDA state
+    and both resume at epoch 3.
+    """
+    common = ["--out", tmp_path, "--backup_dir", tmp_path / "b", "--variant", "linear",
+              "--threshold", 0.05, "--epochs", 4]
+    command = [
+        sys.executable, "-m", "keras_fda.launch", "--workers", "2", "--timeout", "150", WORKER,
+        *common, "--pause_at_epoch_end_on_last", 2,
+    ]
+    first = subprocess.Popen(
+        list(map(str, command)), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True,
+    )
+    metadata = tmp_path / "b" / "worker0" / "training_metadata.json"
+    try:
+        pids = [wait_for_file(tmp_path / f"pid{i}", [first]) for i in range(2)]
+        # Worker 0 goes on to save epoch 2 (then waits in step 17's collective).
+        deadline = time.monotonic() + 90
+        while not (metadata.exists() and '"epoch": 2' in metadata.read_text()):
+            assert time.monotonic() < deadline and first.poll() is None, "no epoch-2 backup"
+            time.sleep(0.05)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+    behind = json.loads((tmp_path / "b" / "worker1" / "training_metadata.json").read_text())
+    assert behind["epoch"] == 1
+
+    result = launch(2, WORKER, *common)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "worker 0's backup (step 16, epoch 2) is the latest" in result.stdout
+    runs = [load(tmp_path, i) for i in range(2)]
+    for run in runs:
+        assert len(run["syncs"]) == 16  # epochs 3 and 4, on both
+    np.testing.assert_array_equal(runs[0]["initial"], runs[1]["initial"])
+    np.testing.assert_array_equal(runs[0]["syncs"], runs[1]["syncs"])
+    np.testing.assert_array_equal(runs[0]["final"], runs[1]["final"])
+    assert json.loads(str(runs[0]["stats"])) == json.loads(str(runs[1]["stats"]))

@@ -44,6 +44,14 @@ parser.add_argument("--pause_only_last", action="store_true",
 parser.add_argument("--unknown_length", action="store_true",
                     help="hide the dataset's length from Keras (as a generator would)")
 parser.add_argument("--collective_timeout", type=float, default=60)
+parser.add_argument("--early_stopping_after_fda", action="store_true",
+                    help="EarlyStopping(restore_best_weights=True) listed after FDACallback")
+parser.add_argument("--fits", type=int, default=1, help="call fit this many times")
+parser.add_argument("--save_after_fit", action="store_true",
+                    help="model.save() after fit; record the weight groups of the file")
+parser.add_argument("--pause_at_epoch_end_on_last", type=int, default=None,
+                    help="every worker writes DIR/pid{i} at the end of this epoch (1-based), "
+                    "before BackupAndRestore saves; the last one then waits to be killed")
 parser.add_argument("--pid_after_step", type=int, default=None,
                     help="write DIR/pid{i} after this step (for tests that kill workers)")
 args = parser.parse_args()
@@ -85,6 +93,17 @@ class Recorder(keras.callbacks.Callback):
         self.logs.append(dict(logs))
 
 
+class PauseAtEpochEnd(keras.callbacks.Callback):
+    """Between the end of an epoch and BackupAndRestore's save of it (listed before it)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == args.pause_at_epoch_end_on_last:
+            with open(os.path.join(args.out, f"pid{cluster.worker_index}"), "w") as f:
+                f.write(str(os.getpid()))
+            if cluster.worker_index == cluster.num_workers - 1:
+                signal.pause()  # killed here: its backup stays one epoch behind
+
+
 class Sabotage(keras.callbacks.Callback):
     """On the last worker: stops training early or poisons a weight (fault tests)."""
 
@@ -108,6 +127,19 @@ def sketch_digest(trigger):
         return ""
     ids = np.concatenate([i.numpy() for i in sketch._segment_ids])
     return hashlib.sha256(ids.tobytes()).hexdigest()
+
+
+def saved_keys(model, path):
+    """What `model.save` writes after fit: the weight groups of the .keras file."""
+    import h5py
+    import zipfile
+
+    model.save(path)
+    with zipfile.ZipFile(path) as archive, archive.open("model.weights.h5") as f:
+        with h5py.File(f, "r") as weights:
+            names = []
+            weights.visit(names.append)
+    return sorted(n for n in names if n.count("/") <= 1)
 
 
 def main():
@@ -154,17 +186,27 @@ def main():
     callbacks = [before, fda, after]
     if index == k - 1:
         callbacks.insert(0, Sabotage())
+    if args.early_stopping_after_fda:
+        callbacks.insert(
+            callbacks.index(fda) + 1,
+            keras.callbacks.EarlyStopping("loss", patience=100, restore_best_weights=True),
+        )
     if args.backup_dir:
         backup = os.path.join(args.backup_dir, f"worker{index}")
+        if args.pause_at_epoch_end_on_last:
+            callbacks.append(PauseAtEpochEnd())
         callbacks.append(keras.callbacks.BackupAndRestore(backup))
+    fit_steps = []
     try:
-        model.fit(
-            data,
-            epochs=args.epochs,
-            steps_per_epoch=args.steps_per_epoch,
-            callbacks=callbacks,
-            verbose=0,
-        )
+        for _ in range(args.fits):
+            model.fit(
+                data,
+                epochs=args.epochs,
+                steps_per_epoch=args.steps_per_epoch,
+                callbacks=callbacks,
+                verbose=0,
+            )
+            fit_steps.append(fda.communication.steps)
     except ValueError as e:
         print(f"ValueError: {e}")
         raise SystemExit(3)
@@ -190,6 +232,13 @@ def main():
         threshold=np.array([l["fda/threshold"] for l in after.logs]),
         comm_bytes=np.array([l["fda/comm_bytes"] for l in after.logs]),
         final=flat_weights(model),
+        fit_steps=np.array(fit_steps),
+        step_traces=fda._averager.step.experimental_get_tracing_count(),
+        optimizer_iterations=int(model.optimizer.iterations.numpy()),
+        saved_keys=json.dumps(
+            saved_keys(model, os.path.join(args.out, f"model{index}.keras"))
+            if args.save_after_fit else []
+        ),
         threads=len(os.listdir("/proc/self/task")),
         trainable_shapes=json.dumps([list(w.shape) for w in model.trainable_weights]),
         stats=json.dumps(
