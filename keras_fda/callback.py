@@ -70,9 +70,21 @@ class FDACallback(keras.callbacks.Callback):
     steps per epoch and on the model, and take worker 0's initial weights. If
     one worker's `fit` ends early (its data ran out, or a callback stopped it),
     the others stop after their next step instead of hanging. At train end the
-    workers synchronize once more, so every worker leaves `fit` with identical
-    weights. The FDA state (reference weights, counters) is saved in the
-    model's weight files, so `keras.callbacks.BackupAndRestore` resumes it.
+    workers synchronize once more, after every other callback's
+    `on_train_end` (e.g. `EarlyStopping(restore_best_weights=True)`), in
+    whichever order the callbacks are listed, so every worker leaves `fit`
+    with identical weights.
+
+    During `fit` the FDA state (reference weights, direction, counters) is
+    part of the model's weight files, so `keras.callbacks.BackupAndRestore`
+    resumes it; workers whose backups are from different steps (one died
+    between the workers' saves) all resume from the most advanced one. A
+    model saved after `fit` holds only its own weights, and weights saved
+    without FDA load as usual. Several fits of one model continue the same
+    counters and `communication` totals.
+
+    Weights may be float32, float64, float16 or bfloat16: they are averaged
+    in float32, or float64 if any weight is float64.
 
     Logs: every batch and epoch gets `fda/variance` (the trigger's statistic:
     the variance estimate for FDA), `fda/threshold`, `fda/syncs` and
