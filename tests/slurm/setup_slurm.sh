@@ -99,10 +99,19 @@ wait_until() {  # wait_until SECONDS DESCRIPTION COMMAND...
 
 node_is_idle() { [ "$(sinfo -h -n "$NODE" -o %t)" = idle ]; }
 
+all_alive() {
+    local pid
+    for pid in $(cat "$STATE/pids"); do kill -0 "$pid" 2>/dev/null || return 1; done
+}
+
 start() {
     if [ -f "$STATE/pids" ]; then
-        log "already started (PIDs in $STATE/pids); run '$0 stop' first"
-        exit 1
+        if all_alive && scontrol ping >/dev/null 2>&1; then
+            log "already running (PIDs $(tr '\n' ' ' <"$STATE/pids"))"
+            return
+        fi
+        log "stopping what is left of an earlier start"
+        stop
     fi
     install_packages
     write_config
