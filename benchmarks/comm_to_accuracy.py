@@ -68,11 +68,11 @@ PRESETS = {
         regimes=["writers", "dir0.1-cosine"], evaluations_per_epoch=4, taus=[16, 64], kamp=[],
         fda={"linear": [4e-5]}, auto=True, test_samples=None, efficiency_rounds=1,
     ),
-    # Every regime, LeNet-5 digits K=10, 4 epochs (512 steps): the tau and Theta sweeps.
+    # Every regime, LeNet-5 digits K=10, 4 epochs (504 steps): the tau and Theta sweeps.
     "regimes": dict(
         tasks=["digits"], models=["lenet5"], workers=[10], epochs=4, writers=400,
-        regimes=list(REGIMES), evaluations_per_epoch=8, taus=[8, 16, 32, 64, 128], kamp=[],
-        fda={"linear": [1e-5, 4e-5, 1.6e-4], "exact": [1e-5, 4e-5, 1.6e-4]}, auto=True,
+        regimes=list(REGIMES), evaluations_per_epoch=6, taus=[8, 16, 32, 64], kamp=[],
+        fda={"linear": [4e-5, 1.6e-4]}, auto=True,
         test_samples=None, efficiency_rounds=1,
     ),
     "full": dict(
@@ -133,6 +133,11 @@ flags.DEFINE_list(
     "Targets: the accuracy synchronous averaging reaches after these fractions of the run "
     "(rounded down to 0.005), so that other strategies get 2x its steps and more.",
 )  # fmt: skip
+flags.DEFINE_list(
+    "summarize", None,
+    "Train nothing: read these CSVs of earlier --regimes runs (e.g. two halves run in "
+    "parallel) and write NAME.md with the summary across them and NAME_pareto.png.",
+)
 flags.DEFINE_integer("seed", 0, "Seed of partitions, data order and model initialization.")
 FLAGS = flags.FLAGS
 
@@ -590,9 +595,49 @@ def plot(configs, path):
     fig.savefig(path, dpi=110)
 
 
+def configs_from_csv(paths):
+    """(title, runs, targets, scheduled_or_drift) per config of earlier runs' CSVs."""
+    from keras_fda.simulation import SimulationHistory
+
+    rows = []
+    for path in paths:
+        with open(ROOT / path, newline="") as f:
+            rows += list(csv.DictReader(f))
+    keys = dict.fromkeys((r["regime"], r["task"], r["model"], r["workers"]) for r in rows)
+    fractions = [float(f) for f in FLAGS.target_fractions]
+    configs = []
+    for regime, task, model, workers in keys:
+        mine = [r for r in rows if (r["regime"], r["task"], r["model"], r["workers"]) ==
+                (regime, task, model, workers)]
+        runs = []
+        for family, param in dict.fromkeys((r["family"], r["param"]) for r in mine):
+            ev = [r for r in mine if (r["family"], r["param"]) == (family, param)]
+            evaluations = {k: np.array([float(r[k]) for r in ev]) for k in
+                           ("step", "syncs", "paper_bytes", "accuracy")}
+            history = SimulationHistory(
+                trigger=family, threshold=float(param), num_workers=int(workers), num_params=0,
+                state_bytes=0, steps_per_epoch=1, evaluations=evaluations,
+                statistic=np.zeros(0), synced=np.zeros(0, bool), step_seconds=np.zeros(0),
+            )
+            runs.append(Run(family, float(param), history))
+        _, lr_spec, drift_spec = REGIMES.get(regime, ("", "constant:0", "none"))
+        title = f"{task}, {model}, K={workers}, {int(evaluations['step'][-1])} steps, {regime}"
+        configs.append((title, runs, targets_from(runs[0].history, fractions),
+                        drift_spec != "none" or not lr_spec.startswith("constant")))
+    return configs
+
+
 def main(argv):
     del argv
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if FLAGS.summarize:
+        configs = configs_from_csv(FLAGS.summarize)
+        stem = ROOT / FLAGS.out_dir / (FLAGS.name or "comm_to_accuracy_summary")
+        md = [f"# Communication to accuracy: summary of {', '.join(FLAGS.summarize)}", ""]
+        stem.with_suffix(".md").write_text("\n".join(md + regime_summary(configs)))
+        pareto(configs, stem.parent / f"{stem.name}_pareto.png")
+        print(f"Wrote {stem}.md and {stem.name}_pareto.png.")
+        return
     import models
     from keras_fda.simulation import Simulation
 

@@ -167,50 +167,55 @@ class AutoFDA(SyncTrigger):
 
     The rule. After every synchronization the trigger knows, for free, how
     far the round moved the averaged model (`||mean u||^2`, the averaged
-    step) and how much the workers disagreed about it (the exact variance
-    `Var = mean ||u_k||^2 - ||mean u||^2`; the first term is in the
-    all-reduced state). Their ratio `rho = Var / ||mean u||^2` is unit-free:
-    below 1 the workers mostly agree (whole writers per worker, early
-    training), far above 1 they pull their own ways (label skew, late
-    training), and it does not depend on d or the learning rate. The next
-    round aims at `horizon / rho` local steps: its threshold is this round's
-    variance estimate scaled to that length, `Theta = V_r * (horizon / rho /
-    E_r) ** 2` (variance grows about quadratically within a round), so a
-    faster-growing variance (a drift in the data, a higher learning rate)
-    still ends a round early, and a decaying learning rate lowers Theta with
-    the variance. No round lasts more than `4 * horizon / rho` steps (a
-    hedge against a variance that stops growing). The first round, which
-    has nothing to learn from, lasts `first_round` steps.
+    step) and how much the workers disagreed (the exact variance `Var =
+    mean ||u_k||^2 - ||mean u||^2`; the first term is in the all-reduced
+    state). Their ratio `rho = Var / ||mean u||^2` does not depend on d or
+    on the learning rate: below 1 the workers mostly agree (whole writers
+    per worker: rho ~ 0.1-5 in our runs), far above 1 they pull their own
+    ways (label skew: 6-50), and it grows over training like the accuracy
+    that a unit of variance costs. The next round aims at
+    `L = horizon / sqrt(rho)` local steps: its threshold is this round's
+    variance estimate scaled to that length assuming linear growth,
+    `Theta = V_r * L / E_r` (E_r: this round's length), so a variance that
+    grows faster (a drift in the data, a higher learning rate) still ends a
+    round early, and a decaying learning rate lowers Theta with the
+    variance. No round lasts more than `L` steps: with a decaying learning
+    rate the variance grows ever slower and rounds would stretch exactly
+    when a unit of variance costs the most. The first round, with nothing
+    to learn from, lasts `first_round` steps. (The square root keeps round lengths stable: rho
+    falls as rounds get longer when the variance is mostly noise, and
+    `horizon / rho` fed that back into ever longer rounds.)
 
-    Why rho: a constant Theta spends its synchronizations where the
+    Why not a constant Theta: it spends its synchronizations where the
     variance grows fastest, at high learning rates early in training, where
     they buy no accuracy, and rarely syncs late, where a unit of variance
-    costs the most accuracy (see benchmarks/results/regimes_diagnosis.md);
-    rho grows over training like that cost.
+    costs the most (benchmarks/results/regimes_diagnosis.md).
 
     The state each worker all-reduces per step is the estimator's plus two
     floats (`1 / Theta` and `1 / cap`, equal on all workers); the statistic
     is `max(V / Theta, steps / cap)` and a round ends when it reaches 1.
+    Drivers must call `end_round` with the sync step's all-reduced state
+    and the round's length; otherwise the threshold stays at its first
+    value (infinite: every round lasts `first_round` steps).
 
     Args:
         estimator: a `VarianceEstimator` or one of "naive", "linear",
             "sketch", "exact" (its state must begin with `||u_k||^2`, as the
             built-in ones' do).
-        horizon: the one knob, in local steps: how long workers train alone
-            while they disagree as much as they agree (rho = 1). Rounds
-            last about `horizon / rho` steps; larger sends less.
+        horizon: the one knob, in local steps: the round length while the
+            workers disagree as much as they agree (rho = 1); rounds last
+            about `horizon / sqrt(rho)` steps. Larger sends less.
         first_round: length of the first round, in steps.
 
     Example:
 
-    >>> trigger = AutoFDA("linear", horizon=1000)
+    >>> trigger = AutoFDA("linear", horizon=90)
     """
 
     name = "fda-auto"
     threshold = 1.0
-    max_factor = 4.0
 
-    def __init__(self, estimator="linear", *, horizon=1000, first_round=16):
+    def __init__(self, estimator="linear", *, horizon=90, first_round=16):
         self.estimator = estimators_lib.get(estimator)
         for arg, value in (("horizon", horizon), ("first_round", first_round)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 1:
@@ -252,6 +257,9 @@ class AutoFDA(SyncTrigger):
     def should_sync(self, statistic, steps_since_sync):
         return statistic >= 1.0
 
+    def next_round_state(self, round_state, global_step):
+        return self.end_round(round_state, global_step)
+
     def end_round(self, round_state, global_step, mean_state=None, round_steps=None):
         rounds, control = self._split(round_state)
         next_rounds = self.estimator.next_round_state(rounds, global_step)
@@ -261,11 +269,11 @@ class AutoFDA(SyncTrigger):
         progress = estimators_lib.squared_norm(global_step)
         variance = tf.maximum(mean_state[0] - progress, 0.0)
         rho = variance / tf.maximum(progress, 1e-30)
-        length = tf.maximum(self.horizon / tf.maximum(rho, 1e-30), 1.0)
+        length = tf.maximum(self.horizon / tf.sqrt(tf.maximum(rho, 1e-30)), 1.0)
         # The estimator's own value at the sync, in the units of its checks.
-        theta = self.estimator.estimate(mean_state[:-2]) * tf.square(length / steps)
+        theta = self.estimator.estimate(mean_state[:-2]) * (length / steps)
         inverse = tf.where(theta > 0, 1.0 / tf.maximum(theta, 1e-30), control[0])
-        return [*next_rounds, tf.stack([inverse, 1.0 / (self.max_factor * length)])]
+        return [*next_rounds, tf.stack([inverse, 1.0 / length])]
 
     def __repr__(self):
         return (

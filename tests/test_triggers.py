@@ -148,18 +148,21 @@ def test_auto_first_round_ends_at_first_round_steps():
 
 def test_auto_sets_the_next_threshold_from_rho_and_the_round_length():
     trigger, next_state = _auto_after_one_round(horizon=100.0, steps=10)
-    # rho = 50 / 25 = 2: the next round aims at 100 / 2 = 50 steps, so Theta is
-    # the round's variance 50 scaled by (50 / 10)^2; the cap is 4 * 50 steps.
+    # rho = 50 / 25 = 2: the next round aims at L = 100 / sqrt(2) steps, so Theta is
+    # the round's variance 50 scaled linearly to L; no round lasts more than L steps.
+    length = 100.0 / math.sqrt(2.0)
     inverse_theta, inverse_cap = next_state[-1].numpy()
-    np.testing.assert_allclose(1.0 / inverse_theta, 50.0 * 25.0, rtol=1e-5)
-    np.testing.assert_allclose(1.0 / inverse_cap, 200.0, rtol=1e-5)
+    theta = 50.0 * length / 10.0
+    np.testing.assert_allclose(1.0 / inverse_theta, theta, rtol=1e-5)
+    np.testing.assert_allclose(1.0 / inverse_cap, length, rtol=1e-5)
     mean_state = lambda v: tf.constant([v, 0.0, 0.0, inverse_theta, inverse_cap])  # noqa: E731
-    assert not bool(trigger.should_sync(trigger.statistic(mean_state(1249.0), 10), 10))
-    assert bool(trigger.should_sync(trigger.statistic(mean_state(1251.0), 10), 10))
-    assert bool(trigger.should_sync(trigger.statistic(mean_state(0.0), 200), 200))
-    # Larger horizon, longer rounds: Theta grows with its square.
+    assert not bool(trigger.should_sync(trigger.statistic(mean_state(theta - 1), 10), 10))
+    assert bool(trigger.should_sync(trigger.statistic(mean_state(theta + 1), 10), 10))
+    assert not bool(trigger.should_sync(trigger.statistic(mean_state(0.0), 70), 70))
+    assert bool(trigger.should_sync(trigger.statistic(mean_state(0.0), 71), 71))
+    # Twice the horizon, twice the round length: Theta doubles.
     _, longer = _auto_after_one_round(horizon=200.0, steps=10)
-    np.testing.assert_allclose(inverse_theta / longer[-1].numpy()[0], 4.0, rtol=1e-5)
+    np.testing.assert_allclose(inverse_theta / longer[-1].numpy()[0], 2.0, rtol=1e-5)
 
 
 def test_auto_keeps_its_threshold_when_no_statistic_decided_the_sync():
