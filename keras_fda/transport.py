@@ -160,30 +160,41 @@ class _Watchdog:
         self.timeout_seconds = timeout_seconds
         self._deadline = None
         self._thread = None
+        # The watchdog reads the deadline, then the clock. A block that ends between
+        # the two, and the next block that begins, must not be taken for an overrun:
+        # the abort is decided under the lock that guard() takes, against the same
+        # deadline object it read.
+        self._lock = threading.Lock()
 
     @contextlib.contextmanager
     def guard(self):
         if self._thread is None:
             self._thread = threading.Thread(target=self._watch, name="keras_fda-watchdog", daemon=True)
             self._thread.start()
-        self._deadline = time.monotonic() + self.timeout_seconds
+        with self._lock:
+            self._deadline = [time.monotonic() + self.timeout_seconds]
         try:
             yield
         finally:
-            self._deadline = None
+            with self._lock:
+                self._deadline = None
 
     def _watch(self):
         period = min(1.0, self.timeout_seconds / 10)
         while True:
             time.sleep(period)
             deadline = self._deadline
-            if deadline is not None and time.monotonic() > deadline:
+            if deadline is None or time.monotonic() <= deadline[0]:
+                continue
+            with self._lock:
+                if self._deadline is not deadline:  # that block ended in time
+                    continue
                 self._deadline = None
-                context.context().abort_collective_ops(
-                    errors.DEADLINE_EXCEEDED,
-                    f"no answer from the other workers within {self.timeout_seconds:g} s "
-                    "(keras_fda.connect(timeout_seconds=...))",
-                )
+            context.context().abort_collective_ops(
+                errors.DEADLINE_EXCEEDED,
+                f"no answer from the other workers within {self.timeout_seconds:g} s "
+                "(keras_fda.connect(timeout_seconds=...))",
+            )
 
 
 def _instance_key(tensor, op):
