@@ -29,7 +29,10 @@ def _check_threshold(threshold):
         or not math.isfinite(threshold)
         or threshold <= 0
     ):
-        raise ValueError(f"threshold must be a positive finite number, got {threshold!r}.")
+        hint = " (for a self-setting threshold use AutoFDA)" if threshold == "auto" else ""
+        raise ValueError(
+            f"threshold must be a positive finite number, got {threshold!r}{hint}."
+        )
     return float(threshold)
 
 
