@@ -2,7 +2,8 @@
 
 Run inside the harness:
 
-    python benchmarks/network.py --workers 2 --rate_mbit 20 benchmarks/network_allreduce.py --megabytes=4
+    python benchmarks/network.py --workers 2 --rate_mbit 20 \
+        benchmarks/network_allreduce.py --megabytes=4
 
 Each worker all-reduces (sum) a float32 tensor of `--megabytes` `--repeats`
 times and a 2-float tensor `--small_repeats` times, and prints
