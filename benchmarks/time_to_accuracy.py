@@ -264,6 +264,7 @@ def plot(results, targets, path):
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.ticker
     import matplotlib.pyplot as plt
 
     keys = list(results)
@@ -283,6 +284,8 @@ def plot(results, targets, path):
             for t in targets.get(m, []):
                 ax.axhline(t, color="grey", lw=0.5)
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
             ax.set_title(f"{m}, {link_label(link)}", fontsize=8)
             ax.set_xlabel("wall clock, s (training only)", fontsize=7)
             ax.set_ylabel("test accuracy", fontsize=7)
