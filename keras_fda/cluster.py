@@ -19,6 +19,7 @@ import sys
 import time
 
 import tensorflow as tf
+from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
 from tensorflow.python.eager import context
 
 from keras_fda.transport import CollectiveTransport, LocalTransport
@@ -33,7 +34,15 @@ SLURM_PORT_BASE = 12000
 SLURM_PORTS_PER_JOB = 16
 
 # How long worker 0 waits at exit for the other workers' processes to end.
-EXIT_WAIT_SECONDS = 10.0
+EXIT_WAIT_SECONDS = 45.0
+# After how long without heartbeats TF's coordination service (in worker 0)
+# declares a worker dead; TF's default is 10 s. A worker's heartbeats stop when
+# its process starts to end, and ending TF takes several seconds on a loaded
+# machine: with 10 s, worker 0, waiting for that worker to end, logged that it
+# "stopped sending heartbeats". Dead workers are found sooner anyway: a closed
+# connection fails the next collective at once, a silent worker fails it after
+# connect()'s timeout_seconds.
+HEARTBEAT_TIMEOUT_SECONDS = 60.0
 
 _current = None
 
@@ -218,6 +227,15 @@ def connect(timeout_seconds=DEFAULT_TIMEOUT_SECONDS, cluster_resolver=None):
             "collective runtime can only be configured at program start. Move "
             "connect() to the top of the program, before building models or data."
         )
+    # As MultiWorkerMirroredStrategy would configure it, but for the heartbeat timeout.
+    context.context().configure_coordination_service(
+        service_type="standalone",
+        service_leader="/job:worker/replica:0/task:0",
+        heartbeat_timeout_in_ms=int(HEARTBEAT_TIMEOUT_SECONDS * 1000),
+        coordinated_jobs=[
+            coordination_config_pb2.CoordinatedJob(name="worker", num_tasks=len(workers))
+        ],
+    )
     options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=float(timeout_seconds))
     strategy = tf.distribute.MultiWorkerMirroredStrategy(
         cluster_resolver=cluster_resolver, communication_options=options
@@ -439,13 +457,13 @@ def leave_together_at_exit(workers, index, timeout_seconds):
     TensorFlow's coordination service runs in worker 0; every worker's agent
     sends it heartbeats until its process ends. A worker still running when
     worker 0 has gone logs `Failed to send RPC to coordination service ...
-    Connection refused`; worker 0 still running 10 s after another worker has
-    gone logs that the worker `stopped sending heartbeats`. So at exit each
-    worker waits at a barrier until all reached their end (at most
-    `timeout_seconds`), and worker 0 then waits (at most `EXIT_WAIT_SECONDS`)
-    until the others' servers are gone. A program ending with an uncaught
-    exception leaves at once: its peers will fail anyway. Registered once per
-    process by `connect()`.
+    Connection refused`; worker 0 still running `HEARTBEAT_TIMEOUT_SECONDS`
+    after another worker stopped its heartbeats logs that the worker `stopped
+    sending heartbeats`. So at exit each worker waits at a barrier until all
+    reached their end (at most `timeout_seconds`), and worker 0 then waits (at
+    most `EXIT_WAIT_SECONDS`) until the others' servers are gone. A program
+    ending with an uncaught exception leaves at once: its peers will fail
+    anyway. Registered once per process by `connect()`.
 
     Args:
         workers: the cluster's worker addresses, `host:port`, in worker order.
