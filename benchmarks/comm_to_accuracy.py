@@ -535,11 +535,13 @@ def pareto(configs, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(
-        1, len(configs), figsize=(5.5 * len(configs), 4.5), squeeze=False
-    )
+    cols = min(3, len(configs))
+    rows = -(-len(configs) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.8 * rows), squeeze=False)
     colors = dict(zip(FAMILIES, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2))
-    for ax, (title, runs, targets, _) in zip(axes[0], configs):
+    for ax in axes.flat[len(configs):]:
+        ax.axis("off")
+    for ax, (title, runs, targets, _) in zip(axes.flat, configs):
         for i, target in enumerate(targets):
             for run in runs:
                 hit = run.history.first_reaching("accuracy", target)
