@@ -18,6 +18,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import termios
 import time
 
@@ -541,3 +542,33 @@ def test_successful_jobs_end_without_failed_rpcs(tmp_path):
         reports = [json.loads((out / f"worker{i}.json").read_text()) for i in (0, 1)]
         assert [r["num_workers"] for r in reports] == [2, 2]
         assert reports[0]["final"] == reports[1]["final"]
+
+
+def test_an_unprivileged_launcher_uses_a_user_namespace_where_the_kernel_allows_one():
+    """Without root, the launcher needs an unprivileged user namespace for its network
+    namespace: where `unshare --user --net` works for the same user, the workers must
+    get a private network; where it does not, the launcher must say so once."""
+    with tempfile.TemporaryDirectory() as pids:  # pytest's own are closed to other users
+        run_unprivileged(pathlib.Path(pids))
+
+
+def run_unprivileged(pid_dir):
+    command = [sys.executable, str(LAUNCH), "--workers", "2", str(WORKER), str(pid_dir), "0,0"]
+    probe = ["unshare", "--user", "--net", "true"]
+    if os.geteuid() == 0:
+        # As nobody, with Debian's interpreter (the launcher and the stand-in worker
+        # need only the standard library; this interpreter may live under /root).
+        pid_dir.chmod(0o777)
+        drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        command = drop + ["/usr/bin/python3", *command[1:]]
+        probe = drop + probe
+    allowed = subprocess.run(probe, capture_output=True, timeout=TIMEOUT).returncode == 0
+    result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, cwd="/")
+    assert result.returncode == 0, result
+    namespaces = {r["netns"] for r in worker_reports(result.stdout).values()}
+    assert len(namespaces) == 1
+    if allowed:
+        assert namespaces != {os.readlink("/proc/self/ns/net")}
+        assert "private network namespace" not in result.stderr
+    else:
+        assert result.stderr.count("cannot run the workers in a private network namespace") == 1
