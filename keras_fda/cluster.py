@@ -193,6 +193,7 @@ def connect(timeout_seconds=DEFAULT_TIMEOUT_SECONDS, cluster_resolver=None):
         ValueError: if the cluster description (`TF_CONFIG`, the SLURM
             environment, the resolver) is malformed; the message names the
             bad field.
+        TypeError: if `cluster_resolver` is not a `ClusterResolver`.
 
     Example:
 
