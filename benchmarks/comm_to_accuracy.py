@@ -234,7 +234,8 @@ def repartition(spec, parts, num_steps):
 def regime_text(partition_spec, lr_spec, drift_spec):
     kind, _, arg = lr_spec.partition(":")
     lr = (f"Adam, constant learning rate {arg}" if kind == "constant" else
-          f"Adam, learning rate warmed up linearly to {arg} over 10% of the run, then cosine decay to 0")
+          f"Adam, learning rate warmed up linearly to {arg} over 10% of the run, then cosine "
+          "decay to 0")
     text = f"{partition_text(partition_spec)}; {lr}"
     if drift_spec != "none":
         text += (f"; concept drift: after {drift_spec.partition(':')[2]} of the run each worker "
@@ -362,7 +363,8 @@ def final_accuracy(runs, family):
 def report_config(title, runs, targets, num_params, workers, efficiency, regime=""):
     """Markdown for one (task, model, K, regime): targets table, final accuracies, goal checks."""
     sync = next(r for r in runs if r.family == "synchronous")
-    lines = [f"### {title}", "", f"{regime}.", "", f"d = {num_params:,}, K = {workers}. {efficiency}", ""]
+    lines = [f"### {title}", "", f"{regime}.", ""]
+    lines += [f"d = {num_params:,}, K = {workers}. {efficiency}", ""]
     if any(r.family == "no-sync" for r in runs):
         loss = final_accuracy(runs, "synchronous") - final_accuracy(runs, "no-sync")
         lines += [
@@ -428,7 +430,8 @@ def report_config(title, runs, targets, num_params, workers, efficiency, regime=
 
 def auto_goals(runs, targets):
     """Issue 13's goals for threshold='auto' in one config, as markdown bullets."""
-    if not any(r.family == "fda-auto" for r in runs) or not any(r.family == "no-sync" for r in runs):
+    families = {r.family for r in runs}
+    if "fda-auto" not in families or "no-sync" not in families:
         return []
     auto = next(r for r in runs if r.family == "fda-auto").history
     sync = next(r for r in runs if r.family == "synchronous").history
@@ -487,7 +490,8 @@ def regime_summary(configs):
     # then fewest bytes in geometric mean.
     def score(tau):
         b = per_tau[tau]
-        return (sum(math.isinf(x) for x in b), float(np.mean(np.log([x for x in b if x < math.inf] or [1]))))
+        reached = [x for x in b if x < math.inf] or [1]
+        return (sum(math.isinf(x) for x in b), float(np.mean(np.log(reached))))
     single = min(per_tau, key=score)
     lines = [
         "## Summary: auto against tuned periodic averaging",
