@@ -9,9 +9,15 @@ number of local steps since the last synchronization, and decides. Drivers
     value   = trigger.statistic(mean, steps_since_sync)   # logged as fda/variance
     sync    = trigger.should_sync(value, steps_since_sync)
 
+and, after each synchronization,
+
+    round_state = trigger.end_round(round_state, mean u, mean, steps in the round)
+
 `should_sync` is the policy: subclass a trigger and override that one method
-to change when synchronizations happen. Every decision depends only on
-all-reduced values and the shared step count, so all workers decide alike.
+to change when synchronizations happen; override `end_round` to adapt the
+next round to the one that ended (`AutoFDA`, `threshold="auto"`, sets its
+threshold that way). Every decision depends only on all-reduced values and
+the shared step count, so all workers decide alike.
 """
 
 import math
