@@ -226,8 +226,12 @@ def repartition(spec, parts, num_steps):
     kind, _, arg = spec.partition(":")
     if kind == "none" and not arg:
         return None
-    if kind == "rotate" and arg and 0 < float(arg) < 1:
-        return {int(float(arg) * num_steps): parts[1:] + parts[:1]}
+    try:
+        fraction = float(arg)
+    except ValueError:
+        fraction = 0.0
+    if kind == "rotate" and 0 < fraction < 1:
+        return {int(fraction * num_steps): parts[1:] + parts[:1]}
     raise app.UsageError(f"--drift={spec!r}: use none or rotate:FRACTION (0 < FRACTION < 1).")
 
 

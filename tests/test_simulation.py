@@ -249,3 +249,25 @@ def test_auto_threshold_first_round_then_rounds_end_on_variance_or_cap(data):
     again = sim.run(keras_fda.triggers.AutoFDA("exact", horizon=1, first_round=4), x, y,
                     parts, batch_size=4, steps=30)
     np.testing.assert_array_equal(again.synced, history.synced)
+
+
+def test_benchmark_regime_flags_build_schedules_and_drifts():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import comm_to_accuracy
+    from absl import app
+
+    assert comm_to_accuracy.learning_rate("constant:1e-3", 100) == 1e-3
+    schedule = comm_to_accuracy.learning_rate("cosine:3e-3", 100)
+    rates = [float(schedule(step)) for step in (0, 10, 55, 100)]
+    assert rates[0] == 0.0 and abs(rates[1] - 3e-3) < 1e-9 and 0 < rates[2] < 3e-3
+    assert rates[3] < 1e-9
+    parts = [np.arange(0, 2), np.arange(2, 4), np.arange(4, 6)]
+    change = comm_to_accuracy.repartition("rotate:0.5", parts, 10)
+    assert list(change) == [5] and [p.tolist() for p in change[5]] == [[2, 3], [4, 5], [0, 1]]
+    assert comm_to_accuracy.repartition("none", parts, 10) is None
+    for bad in ("cosine", "linear:1e-3", "constant:-1"):
+        with pytest.raises(app.UsageError, match="--lr"):
+            comm_to_accuracy.learning_rate(bad, 100)
+    for bad in ("rotate", "rotate:1.5", "rotate:half", "swap:0.5"):
+        with pytest.raises(app.UsageError, match="--drift"):
+            comm_to_accuracy.repartition(bad, parts, 10)
