@@ -261,7 +261,8 @@ class ExactEstimator(VarianceEstimator):
         return self.num_params + 1
 
     def local_state(self, drift, round_state):
-        flat = [tf.reshape(squared_norm(drift), [1])] + [tf.reshape(t, [-1]) for t in as_float32(drift)]
+        flat = [tf.reshape(squared_norm(drift), [1])]
+        flat += [tf.reshape(t, [-1]) for t in as_float32(drift)]
         return tf.concat(flat, 0)
 
     def estimate(self, mean_state):

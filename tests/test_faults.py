@@ -153,6 +153,32 @@ def test_the_launcher_names_the_worker_that_died_and_stops_the_rest(tmp_path):
         launcher.wait(timeout=30)
 
 
+@contextlib.contextmanager
+def running_launcher(*args):
+    """The launcher running 2 workers of WORKER with `args`; stopped by PID if still running."""
+    command = [
+        sys.executable, "-m", "keras_fda.launch", "--workers", "2", "--timeout", "150", WORKER,
+        *args,
+    ]
+    launcher = subprocess.Popen(
+        list(map(str, command)), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True,
+    )
+    try:
+        yield launcher
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait(timeout=30)
+
+
+def kill_workers(pids, launcher):
+    """SIGKILLs the workers (as a crash would) and waits for the launcher to end."""
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    launcher.communicate(timeout=60)
+
+
 def load(out, index):
     return dict(np.load(out / f"worker{index}.npz"))
 
@@ -216,23 +242,10 @@ def test_restart_with_backup_and_restore_resumes_the_same_run(tmp_path):
     result = launch(2, WORKER, "--out", straight, "--backup_dir", straight / "b", *common)
     assert result.returncode == 0, result.stdout[-3000:]
 
-    command = [
-        sys.executable, "-m", "keras_fda.launch", "--workers", "2", "--timeout", "150", WORKER,
-        "--out", resumed, "--backup_dir", resumed / "b", "--pause_after_step", 20, *common,
-    ]
-    first = subprocess.Popen(
-        list(map(str, command)), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, start_new_session=True,
-    )
-    try:
-        pids = [wait_for_file(resumed / f"pid{i}", [first]) for i in range(2)]
-        for pid in pids:
-            os.kill(pid, signal.SIGKILL)
-        first.communicate(timeout=60)
-    finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-        first.wait(timeout=30)
+    with running_launcher(
+        "--out", resumed, "--backup_dir", resumed / "b", "--pause_after_step", 20, *common
+    ) as first:
+        kill_workers([wait_for_file(resumed / f"pid{i}", [first]) for i in range(2)], first)
     assert first.returncode != 0
     assert (resumed / "b" / "worker0").exists()
 
@@ -256,29 +269,15 @@ def test_restart_after_a_crash_between_the_workers_epoch_end_saves(tmp_path):
     """
     common = ["--out", tmp_path, "--backup_dir", tmp_path / "b", "--variant", "linear",
               "--threshold", 0.05, "--epochs", 4]
-    command = [
-        sys.executable, "-m", "keras_fda.launch", "--workers", "2", "--timeout", "150", WORKER,
-        *common, "--pause_at_epoch_end_on_last", 2,
-    ]
-    first = subprocess.Popen(
-        list(map(str, command)), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, start_new_session=True,
-    )
     metadata = tmp_path / "b" / "worker0" / "training_metadata.json"
-    try:
+    with running_launcher(*common, "--pause_at_epoch_end_on_last", 2) as first:
         pids = [wait_for_file(tmp_path / f"pid{i}", [first]) for i in range(2)]
         # Worker 0 goes on to save epoch 2 (then waits in step 17's collective).
         deadline = time.monotonic() + 90
         while not (metadata.exists() and '"epoch": 2' in metadata.read_text()):
             assert time.monotonic() < deadline and first.poll() is None, "no epoch-2 backup"
             time.sleep(0.05)
-        for pid in pids:
-            os.kill(pid, signal.SIGKILL)
-        first.communicate(timeout=60)
-    finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-        first.wait(timeout=30)
+        kill_workers(pids, first)
     behind = json.loads((tmp_path / "b" / "worker1" / "training_metadata.json").read_text())
     assert behind["epoch"] == 1
 

@@ -356,7 +356,9 @@ def callbacks_scenario():
         model = make_model()
         compile_model(model, keras.optimizers.SGD(0.05))
     callbacks = [
-        keras.callbacks.EarlyStopping("loss", min_delta=0.15, patience=1, restore_best_weights=True),
+        keras.callbacks.EarlyStopping(
+            "loss", min_delta=0.15, patience=1, restore_best_weights=True
+        ),
         keras.callbacks.ModelCheckpoint(
             os.path.join(args.out, f"best_{TASK}.weights.h5"), "loss", save_best_only=True,
             save_weights_only=True,
