@@ -25,6 +25,7 @@ _EXPORTS = {
     "ExactEstimator": "keras_fda.estimators",
     "SyncTrigger": "keras_fda.triggers",
     "FDA": "keras_fda.triggers",
+    "AutoFDA": "keras_fda.triggers",
     "Synchronous": "keras_fda.triggers",
     "Periodic": "keras_fda.triggers",
     "Kamp": "keras_fda.triggers",

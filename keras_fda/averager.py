@@ -68,11 +68,19 @@ class AveragingState:
         """Every variable of the averaging state, for checkpoints (fixed order)."""
         return [*self.reference, *self.round_state, self.steps, self.syncs, self.steps_since_sync]
 
-    def _start_round(self, new_reference):
-        """After a sync: `new_reference` (the averaged trainable values) becomes w0."""
+    def _start_round(self, new_reference, mean_state=None):
+        """After a sync: `new_reference` (the averaged trainable values) becomes w0.
+
+        `mean_state` is the all-reduced trigger state of the step that decided
+        the sync (None for a final or planned sync); with the round's length it
+        goes to `trigger.end_round`, which may adapt the next round (AutoFDA).
+        """
         global_step = [n - r.read_value() for n, r in zip(new_reference, self.reference)]
-        next_round = self.trigger.next_round_state(
-            [s.read_value() for s in self.round_state], global_step
+        next_round = self.trigger.end_round(
+            [s.read_value() for s in self.round_state],
+            global_step,
+            mean_state,
+            self.steps_since_sync.read_value(),
         )
         for s, value in zip(self.round_state, next_round):
             s.assign(value)
@@ -143,7 +151,7 @@ class WorkerAverager(AveragingState):
         """
         self._broadcast(source, self.averaged + self.state_variables(), tf.float64)
 
-    def _average(self, active=None):
+    def _average(self, active=None, mean_state=None):
         """Averages the variables across workers; returns `(adopted, active_fraction)`.
 
         With `active`, the 'still training' flag rides in the same all-reduce.
@@ -157,12 +165,14 @@ class WorkerAverager(AveragingState):
             mean, active_fraction = self._exchange(flat, active)
         # A mean of K ones is exactly 1.0 in float32.
         usable = (active_fraction >= 1.0) & tf.reduce_all(tf.math.is_finite(mean))
-        adopted = tf.cond(usable, lambda: self._adopt(mean), lambda: tf.constant(False))
+        adopted = tf.cond(
+            usable, lambda: self._adopt(mean, mean_state), lambda: tf.constant(False)
+        )
         return adopted, active_fraction
 
-    def _adopt(self, mean):
+    def _adopt(self, mean, mean_state=None):
         self._assign_flat(mean)
-        return self._start_round([v.read_value() for v in self.variables])
+        return self._start_round([v.read_value() for v in self.variables], mean_state)
 
     def _exchange(self, payload, active):
         """All-reduces `payload` with a trailing 'still training' flag.
@@ -210,7 +220,11 @@ class WorkerAverager(AveragingState):
                 & (active_fraction >= 1.0)
                 & finite
             )
-            synced = tf.cond(decided, lambda: self._average()[0], lambda: tf.constant(False))
+            synced = tf.cond(
+                decided,
+                lambda: self._average(mean_state=mean_state)[0],
+                lambda: tf.constant(False),
+            )
             healthy = finite & (synced | ~decided)
         else:
             # Decided before any exchange: on sync steps the flag rides in the

@@ -92,7 +92,8 @@ class FDACallback(keras.callbacks.Callback):
     callback before `CSVLogger` or `TensorBoard` so that they see these keys.
 
     Args:
-        threshold: Theta. FDA syncs when the estimate is strictly greater.
+        threshold: Theta (FDA syncs when the estimate is strictly greater), or
+            "auto": an `AutoFDA` trigger that sets and adapts it (see its docs).
             The paper's best values grow with the model size d (about 4e-5 * d).
         variant: the variance estimator: "linear" (default), "naive",
             "sketch", "exact", or a `keras_fda.estimators.VarianceEstimator`

@@ -127,7 +127,9 @@ class _ModelState(AveragingState):
         # One tf.cond in one graph: every replica is averaged or none is.
         decided = self.trigger.should_sync(statistic, steps_since_sync)
         synced = tf.cond(
-            decided, lambda: self._average(strategy, reads), lambda: tf.constant(False)
+            decided,
+            lambda: self._average(strategy, reads, mean_state),
+            lambda: tf.constant(False),
         )
         if self.dashboard is not None:
             self._write_dashboard(statistic, synced, round_length=steps_since_sync)
@@ -171,8 +173,11 @@ class _ModelState(AveragingState):
             lambda: tf.constant(False),
         )
 
-    def _average(self, strategy, reads):
+    def _average(self, strategy, reads, mean_state=None):
         """Assigns every replica the mean of the replicas' `reads`; returns True.
+
+        `mean_state`: the all-reduced trigger state that decided the sync, for
+        `trigger.end_round` (None for the final sync).
 
         Fails (on every worker: the mean is all-reduced) before assigning
         anything if the mean is NaN or Inf.
@@ -189,7 +194,7 @@ class _ModelState(AveragingState):
                 for copy, value in zip(variable.values, values):
                     copy.assign(tf.cast(value, variable.dtype))
         return self._start_round(
-            [tf.cast(m[0], v.dtype) for m, v in zip(per_device, self.variables)]
+            [tf.cast(m[0], v.dtype) for m, v in zip(per_device, self.variables)], mean_state
         )
 
     def _logs(self, statistic):
@@ -292,7 +297,8 @@ class FDAStrategy(tf.distribute.Strategy):
         strategy: the `tf.distribute.MirroredStrategy` (one machine) or
             `tf.distribute.MultiWorkerMirroredStrategy` (a cluster) whose
             devices and collectives to use.
-        threshold: Theta. FDA syncs when the estimate is strictly greater.
+        threshold: Theta (FDA syncs when the estimate is strictly greater), or
+            "auto": an `AutoFDA` trigger that sets and adapts it (see its docs).
         variant: the variance estimator: "linear" (default), "naive",
             "sketch", "exact", or a `keras_fda.estimators.VarianceEstimator`.
         trigger: None for FDA, or "synchronous", "periodic", "kamp", or a

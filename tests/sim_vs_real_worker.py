@@ -45,9 +45,12 @@ def make_model():
     return model
 
 
-def make_trigger():
+def make_trigger(name="linear"):
+    """The trigger under test: linear FDA, or the self-adapting one (short rounds here)."""
     import keras_fda
 
+    if name == "auto":
+        return keras_fda.AutoFDA("linear", horizon=6, first_round=4)
     return keras_fda.FDA("linear", threshold=THRESHOLD)
 
 
@@ -69,7 +72,9 @@ def main():
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    out = pathlib.Path(parser.parse_args().out)
+    parser.add_argument("--trigger", choices=["linear", "auto"], default="linear")
+    args = parser.parse_args()
+    out = pathlib.Path(args.out)
 
     x, y = make_data()
     order = batch_schedule(make_partitions(), BATCH_SIZE, STEPS, seed=DATA_SEED)
@@ -89,7 +94,7 @@ def main():
         epochs=1,
         shuffle=False,
         verbose=0,
-        callbacks=[keras_fda.FDACallback(trigger=make_trigger()), Record()],
+        callbacks=[keras_fda.FDACallback(trigger=make_trigger(args.trigger)), Record()],
     )
     weights = {f"weight{i}": w for i, w in enumerate(model.get_weights())}
     np.savez(

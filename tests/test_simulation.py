@@ -25,22 +25,31 @@ def data():
     return setup.make_data()
 
 
-def test_simulator_matches_two_real_worker_processes(tmp_path, data):
-    """Same data order, seeds and trigger: same sync steps, same final weights."""
+@pytest.mark.parametrize("trigger", ["linear", "auto"])
+def test_simulator_matches_two_real_worker_processes(tmp_path, data, trigger):
+    """Same data order, seeds and trigger: same sync steps, same final weights.
+
+    "auto" also checks that FDACallback hands AutoFDA what the simulator does at
+    each sync (the deciding state and the round length): without them its
+    rounds would all keep the first round's length.
+    """
     result = launch(
         setup.NUM_WORKERS, "tests/sim_vs_real_worker.py", f"--out={tmp_path}",
-        timeout=REAL_RUN_TIMEOUT,
+        f"--trigger={trigger}", timeout=REAL_RUN_TIMEOUT,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     x, y = data
     sim = Simulation(setup.make_model(), setup.NUM_WORKERS)
     history = sim.run(
-        setup.make_trigger(), x, y, setup.make_partitions(),
+        setup.make_trigger(trigger), x, y, setup.make_partitions(),
         batch_size=setup.BATCH_SIZE, steps=setup.STEPS, seed=setup.DATA_SEED,
     )  # fmt: skip
     sim_syncs = np.cumsum(history.synced)
     assert 0 < sim_syncs[-1] < setup.STEPS // 2  # the comparison exercises both branches
+    if trigger == "auto":
+        rounds = np.diff(np.flatnonzero(history.synced), prepend=-1)
+        assert len(set(rounds[1:].tolist())) > 1, rounds  # the rounds adapted
     for worker in range(setup.NUM_WORKERS):
         real = np.load(tmp_path / f"worker{worker}.npz")
         np.testing.assert_array_equal(real["syncs"], sim_syncs)
