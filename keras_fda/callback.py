@@ -286,7 +286,7 @@ class FDACallback(keras.callbacks.Callback):
         except cluster_lib.PEER_FAILURES as e:
             transport = self.cluster.transport
             step = int(self._averager.steps.numpy()) if self._averager else 0
-            first_line = str(e.message).strip().splitlines()[0] if e.message else type(e).__name__
+            first_line = cluster_lib.error_cause(e)
             raise cluster_lib.PeerFailureError(
                 f"Worker {transport.worker_index} of {transport.num_workers} could not complete "
                 f"the collective {where.format(step=step)}: {type(e).__name__}: {first_line}. Another worker "

@@ -162,9 +162,17 @@ class _Watchdog:
         self._thread = None
         # The watchdog reads the deadline, then the clock. A block that ends between
         # the two, and the next block that begins, must not be taken for an overrun:
-        # the abort is decided under the lock that guard() takes, against the same
-        # deadline object it read.
+        # the abort is decided and made under the lock that guard() takes, against
+        # the same deadline object it read. A block that ends while its abort is
+        # being made still fails (aborted collectives stay aborted), at its own end.
         self._lock = threading.Lock()
+        self._aborted = False
+
+    def _message(self):
+        return (
+            f"no answer from the other workers within {self.timeout_seconds:g} s "
+            "(keras_fda.connect(timeout_seconds=...))"
+        )
 
     @contextlib.contextmanager
     def guard(self):
@@ -178,6 +186,9 @@ class _Watchdog:
         finally:
             with self._lock:
                 self._deadline = None
+                aborted, self._aborted = self._aborted, False
+            if aborted:
+                raise errors.DeadlineExceededError(None, None, self._message())
 
     def _watch(self):
         period = min(1.0, self.timeout_seconds / 10)
@@ -190,11 +201,8 @@ class _Watchdog:
                 if self._deadline is not deadline:  # that block ended in time
                     continue
                 self._deadline = None
-            context.context().abort_collective_ops(
-                errors.DEADLINE_EXCEEDED,
-                f"no answer from the other workers within {self.timeout_seconds:g} s "
-                "(keras_fda.connect(timeout_seconds=...))",
-            )
+                self._aborted = True
+                context.context().abort_collective_ops(errors.DEADLINE_EXCEEDED, self._message())
 
 
 def _instance_key(tensor, op):

@@ -84,6 +84,9 @@ def test_a_killed_worker_makes_the_survivor_fail_with_a_clear_error(tmp_path):
     assert procs[0].returncode != 0
     assert "PeerFailureError: Worker 0 of 2 could not complete the collective after step" in output
     assert "Another worker probably died" in output
+    # The error names TF's cause, not the "Graph execution error:" header of every graph error.
+    error_line = output.split("PeerFailureError:")[1].splitlines()[0]
+    assert "Graph execution error" not in error_line, error_line
 
 
 def test_a_live_but_silent_peer_makes_the_survivor_fail_within_the_timeout(tmp_path):

@@ -72,6 +72,8 @@ def test_a_block_that_overruns_its_deadline_is_aborted(watchdog):
     clock.poll()
     assert clock.asleep.wait(WAIT)
     assert len(aborts) == 1 and "no answer from the other workers within 10 s" in aborts[0]
+    with pytest.raises(transport.errors.DeadlineExceededError):
+        block.__exit__(None, None, None)
 
 
 def test_the_block_after_one_that_ended_just_in_time_is_not_aborted(watchdog):
@@ -93,4 +95,23 @@ def test_the_block_after_one_that_ended_just_in_time_is_not_aborted(watchdog):
     resume.set()
     assert clock.asleep.wait(WAIT)  # that poll is over
     assert aborts == []
+    second.__exit__(None, None, None)
+
+
+def test_a_block_that_ends_while_it_is_aborted_fails_at_its_end(watchdog):
+    """The abort is made; the block it was meant for ends normally right after: the
+    collectives stay aborted, so that block must fail rather than the next one."""
+    dog, clock, aborts = watchdog
+    block = dog.guard()
+    block.__enter__()
+    assert clock.asleep.wait(WAIT)
+    clock.now = 10.5
+    clock.poll()
+    assert clock.asleep.wait(WAIT)
+    assert len(aborts) == 1
+    with pytest.raises(transport.errors.DeadlineExceededError, match="within 10 s"):
+        block.__exit__(None, None, None)
+    # The next block starts clean.
+    second = dog.guard()
+    second.__enter__()
     second.__exit__(None, None, None)
