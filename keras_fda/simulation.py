@@ -24,6 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_fda import cluster as cluster_lib
 from keras_fda import triggers as triggers_lib
 from keras_fda.accounting import CommunicationStats
 from keras_fda.tensorboard import Dashboard
@@ -293,10 +294,13 @@ class Simulation:
         steps_since_sync = tf.Variable(0, dtype=tf.int64)
 
         def average(mean_state, round_steps):
-            for copies in averaged:
-                mean = _mean([v.read_value() for v in copies])
-                for v in copies:
-                    v.assign(mean)
+            means = [_mean([v.read_value() for v in copies]) for copies in averaged]
+            # All checked before any is assigned: a NaN is never averaged in.
+            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(m)) for m in means])
+            with tf.control_dependencies([_assert_finite(finite, "the workers' average")]):
+                for copies, mean in zip(averaged, means):
+                    for v in copies:
+                        v.assign(mean)
             global_step = [v[0] - r for v, r in zip(monitored, reference)]
             rounds = [s.read_value() for s in round_state]
             next_round = trigger.end_round(rounds, global_step, mean_state, round_steps)
@@ -319,6 +323,10 @@ class Simulation:
                 ]
                 mean_state = trigger.mean_local_state(drifts, rounds)
             statistic = trigger.statistic(mean_state, since)
+            with tf.control_dependencies(
+                [_assert_finite(tf.math.is_finite(tf.cast(statistic, tf.float32)), "the statistic")]
+            ):
+                statistic = tf.identity(statistic)
             synced = tf.cond(
                 trigger.should_sync(statistic, since),
                 lambda: average(mean_state, since),
@@ -329,7 +337,12 @@ class Simulation:
         def step(indices):
             # Eager calls run in order: the check sees the weights after the K steps.
             loss = self._train_step(x_data, y_data, indices)
-            statistic, synced = check()
+            try:
+                statistic, synced = check()
+            except tf.errors.InvalidArgumentError as e:
+                if _DIVERGED not in str(e):
+                    raise
+                raise FloatingPointError(cluster_lib.error_cause(e)) from None
             return statistic, synced, loss
 
         return step
@@ -510,8 +523,25 @@ class Simulation:
 
 
 def _mean(per_worker):
-    """The simulator's "all-reduce MEAN": a mean over the K workers' tensors."""
-    return tf.reduce_mean(tf.stack(per_worker), axis=0)
+    """The simulator's "all-reduce MEAN": a mean over the K workers' tensors.
+
+    Half-precision weights are summed in float32, as the real drivers do.
+    """
+    stacked = tf.stack(per_worker)
+    if stacked.dtype in (tf.float16, tf.bfloat16):
+        return tf.cast(tf.reduce_mean(tf.cast(stacked, tf.float32), axis=0), stacked.dtype)
+    return tf.reduce_mean(stacked, axis=0)
+
+
+_DIVERGED = "FDA simulation stopped"
+
+
+def _assert_finite(ok, what):
+    return tf.debugging.Assert(
+        ok,
+        [f"{_DIVERGED}: {what} is NaN or Inf, so nothing was averaged. Training diverged on a "
+         "worker: lower the learning rate, clip gradients, or check its data."],
+    )
 
 
 def _fmt(value):

@@ -280,3 +280,15 @@ def test_benchmark_regime_flags_build_schedules_and_drifts():
     for bad in ("rotate", "rotate:1.5", "rotate:half", "swap:0.5"):
         with pytest.raises(app.UsageError, match="--drift"):
             comm_to_accuracy.repartition(bad, parts, 10)
+
+
+@pytest.mark.parametrize("trigger", ["linear", "periodic"])
+def test_a_diverged_worker_stops_the_simulation_before_anything_is_averaged(data, trigger):
+    """NaN weights: the statistic (FDA) or the average (periodic, no statistic) is caught."""
+    x, y = data
+    x = x.copy()
+    x[::7] = np.nan  # a poisoned sample in most batches: NaN gradients, NaN weights
+    sim = Simulation(setup.make_model(), 2)
+    chosen = keras_fda.FDA("linear", 1e-3) if trigger == "linear" else keras_fda.Periodic(2)
+    with pytest.raises(FloatingPointError, match="is NaN or Inf, so nothing was averaged"):
+        sim.run(chosen, x, y, keras_fda.partition.iid(len(x), 2), batch_size=8, steps=20)
