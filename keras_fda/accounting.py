@@ -4,6 +4,7 @@ Two figures are kept apart and always labelled:
 
 * **paper bytes**, the formula of Theologitis et al. so that numbers compare
   with the paper: `(syncs + 1) * 2 * K * 4 * d + state_bytes * steps * K`
+  (8 instead of 4 bytes per parameter when float64 weights are averaged)
   (each sync every worker uploads its model and downloads the average; the
   `+ 1` is the initial model broadcast, counted as in the authors' files).
 * **wire bytes**, what a ring all-reduce actually moves: each worker sends
@@ -28,6 +29,8 @@ class CommunicationStats:
         syncs: synchronizations performed (the initial broadcast excluded).
         control_bytes: bytes each worker adds to every step's message for
             coordination (not part of the algorithm, so not in paper bytes).
+        param_bytes: bytes per averaged parameter on the wire (4 for float32;
+            8 when float64 weights are averaged in float64).
     """
 
     num_workers: int
@@ -36,10 +39,11 @@ class CommunicationStats:
     steps: int
     syncs: int
     control_bytes: int = 0
+    param_bytes: int = 4
 
     @property
     def model_bytes(self):
-        return 4 * self.num_params
+        return self.param_bytes * self.num_params
 
     @property
     def paper_bytes(self):

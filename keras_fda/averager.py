@@ -102,6 +102,7 @@ class AveragingState:
             steps=int(self.steps.numpy()) if steps is None else steps,
             syncs=int(self.syncs.numpy()) if syncs is None else syncs,
             control_bytes=control_bytes,
+            param_bytes=self.dtype.size,
         )
 
 

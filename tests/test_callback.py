@@ -170,9 +170,11 @@ def test_weights_of_any_float_dtype_train_and_average(dtype, variant):
     assert np.isfinite(history.history["fda/variance"]).all()
     assert fda.communication.syncs >= 1
     if dtype == "float64":
-        # Averaged in float64: the weights are not rounded to float32 values.
+        # Averaged in float64: the weights are not rounded to float32 values, and a sync
+        # moves 8 bytes per parameter.
         kernel = model.weights[0].numpy()
         assert np.any(kernel.astype(np.float32).astype(np.float64) != kernel)
+    assert fda.communication.param_bytes == (8 if dtype == "float64" else 4)
 
 
 def test_load_weights_saved_without_fda_after_and_during_fit(tmp_path):
