@@ -63,14 +63,20 @@ def watchdog(monkeypatch):
     clock.stop()
 
 
-def test_a_block_that_overruns_its_deadline_is_aborted(watchdog):
-    dog, clock, aborts = watchdog
+def overrun(dog, clock):
+    """Enters a block and lets the watchdog poll once past its deadline; returns the block."""
     block = dog.guard()
     block.__enter__()
     assert clock.asleep.wait(WAIT)
     clock.now = 10.5
     clock.poll()
     assert clock.asleep.wait(WAIT)
+    return block
+
+
+def test_a_block_that_overruns_its_deadline_is_aborted(watchdog):
+    dog, clock, aborts = watchdog
+    block = overrun(dog, clock)
     assert len(aborts) == 1 and "no answer from the other workers within 10 s" in aborts[0]
     with pytest.raises(transport.errors.DeadlineExceededError):
         block.__exit__(None, None, None)
@@ -102,12 +108,7 @@ def test_a_block_that_ends_while_it_is_aborted_fails_at_its_end(watchdog):
     """The abort is made; the block it was meant for ends normally right after: the
     collectives stay aborted, so that block must fail rather than the next one."""
     dog, clock, aborts = watchdog
-    block = dog.guard()
-    block.__enter__()
-    assert clock.asleep.wait(WAIT)
-    clock.now = 10.5
-    clock.poll()
-    assert clock.asleep.wait(WAIT)
+    block = overrun(dog, clock)
     assert len(aborts) == 1
     with pytest.raises(transport.errors.DeadlineExceededError, match="within 10 s"):
         block.__exit__(None, None, None)
