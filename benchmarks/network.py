@@ -55,6 +55,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -232,6 +233,7 @@ class Network:
         if self._relay is not None:
             _stop([self._relay])
             self._relay = None
+            self._relay_log.close()
         for name in reversed(self._created):
             _sh("ip", "netns", "del", name, check=False)
         self._created = []
@@ -242,6 +244,7 @@ class Network:
     # --- the relay (one-way delay) ---
 
     def _start_relay(self):
+        self._relay_log = tempfile.TemporaryFile("w+")
         routes = [
             f"{RELAY_ADDRESS}:{self.port(j)}={self.address(j)}:{self.port(j)}"
             for j in range(self.num_workers)
@@ -250,14 +253,16 @@ class Network:
             ["ip", "netns", "exec", self.bridge_ns, sys.executable, os.path.abspath(__file__),
              "--relay", "--delay_ms", str(self.delay_ms),
              "--buffer_bytes", str(self._relay_buffer_bytes()), *routes],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            # stderr to a file: a pipe nobody reads could fill up and stall the relay.
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._relay_log,
             start_new_session=True, text=True,
         )
         # The relay prints one line once it listens on every port.
         ready = self._relay.stdout.readline()
         if ready.strip() != "ready":
             self._relay.wait(10)
-            raise NetworkError(f"the delay relay did not start: {self._relay.stderr.read()}")
+            self._relay_log.seek(0)
+            raise NetworkError(f"the delay relay did not start: {self._relay_log.read()}")
 
     def _relay_buffer_bytes(self):
         # What a connection may have in flight inside the relay: two
@@ -409,10 +414,6 @@ async def _serve(routes, delay, buffer_bytes):
         except OSError:
             client_writer.close()
             return
-        for sock_writer in (client_writer, server_writer):
-            sock = sock_writer.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(6, 1, 1)  # TCP_NODELAY: the relay adds no Nagle delay of its own
         await asyncio.gather(
             _delayed_copy(client_reader, server_writer, delay, buffer_bytes),
             _delayed_copy(server_reader, client_writer, delay, buffer_bytes),

@@ -158,7 +158,7 @@ class StepClock:
         if self.evaluate is None:
             return
         if synced and self.steps - self._last_eval_step >= self.eval_every:
-            self._record()
+            self.record()
         if self.budget_s is not None and self.clock > self.budget_s:
             self.after.model.stop_training = True
 
@@ -170,7 +170,7 @@ class StepClock:
             self.split["sync_s"] += t - self._prev
         self._prev = t
 
-    def _record(self):
+    def record(self):
         self._last_eval_step = self.steps
         accuracy = self.evaluate()
         self.points.append({
@@ -194,6 +194,19 @@ def fda_callback(strategy, num_params):
     return keras_fda.FDACallback(trigger=strategy["trigger"])
 
 
+def report(clock, model_name, num_params, strategy, driver, syncs, tx0, started):
+    """Evaluates the model after fit's final sync; prints the run's `TTA_RESULT` line."""
+    clock.record()
+    for p in clock.points:
+        p["tx_bytes"] -= tx0
+    print("TTA_RESULT " + json.dumps({
+        "model": model_name, "params": num_params, "strategy": strategy["name"],
+        "driver": driver, "steps": clock.steps, "syncs": syncs,
+        "fit_wall_s": time.perf_counter() - started, "points": clock.points,
+        "median_step_ms": 1e3 * float(np.median(clock.durations)),
+    }), flush=True)
+
+
 def run_tta(model_name, strategy):
     model = models.build(model_name, NUM_CLASSES, seed=SPEC["seed"])
     num_params = model.count_params()
@@ -208,15 +221,8 @@ def run_tta(model_name, strategy):
         callbacks=[clock.before, fda, clock.after],
     )
     if IS_CHIEF:
-        clock._record()  # the model after fit's final sync
-        for p in clock.points:
-            p["tx_bytes"] -= tx0
-        print("TTA_RESULT " + json.dumps({
-            "model": model_name, "params": num_params, "strategy": strategy["name"],
-            "driver": "FDACallback", "steps": clock.steps, "syncs": fda.communication.syncs,
-            "fit_wall_s": time.perf_counter() - started, "points": clock.points,
-            "median_step_ms": 1e3 * float(np.median(clock.durations)),
-        }), flush=True)
+        report(clock, model_name, num_params, strategy, "FDACallback", fda.communication.syncs,
+               tx0, started)
 
 
 def run_strategy(model_name, strategy):
@@ -242,16 +248,8 @@ def run_strategy(model_name, strategy):
     model.fit(train, epochs=1, steps_per_epoch=SPEC["steps"], verbose=0,
               callbacks=[clock.before, clock.after])
     if IS_CHIEF:
-        clock._record()
-        for p in clock.points:
-            p["tx_bytes"] -= tx0
-        print("TTA_RESULT " + json.dumps({
-            "model": model_name, "params": num_params, "strategy": strategy["name"],
-            "driver": "FDAStrategy", "steps": clock.steps,
-            "syncs": fda_strategy.communication.syncs,
-            "fit_wall_s": time.perf_counter() - started, "points": clock.points,
-            "median_step_ms": 1e3 * float(np.median(clock.durations)),
-        }), flush=True)
+        report(clock, model_name, num_params, strategy, "FDAStrategy",
+               fda_strategy.communication.syncs, tx0, started)
 
 
 PER_STEP_SECTIONS = {
