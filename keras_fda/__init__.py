@@ -29,6 +29,7 @@ _EXPORTS = {
     "Synchronous": "keras_fda.triggers",
     "Periodic": "keras_fda.triggers",
     "Kamp": "keras_fda.triggers",
+    "SyncRule": "keras_fda.outer",
     "Simulation": "keras_fda.simulation",
     "SimulationHistory": "keras_fda.simulation",
     "simulate": "keras_fda.simulation",
@@ -36,7 +37,7 @@ _EXPORTS = {
 }
 
 # Submodules reachable as attributes, e.g. `keras_fda.partition.iid(...)`.
-_SUBMODULES = ("accounting", "estimators", "partition", "tensorboard", "triggers")
+_SUBMODULES = ("accounting", "estimators", "outer", "partition", "tensorboard", "triggers")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 

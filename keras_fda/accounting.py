@@ -7,6 +7,10 @@ Two figures are kept apart and always labelled:
   (8 instead of 4 bytes per parameter when float64 weights are averaged)
   (each sync every worker uploads its model and downloads the average; the
   `+ 1` is the initial model broadcast, counted as in the authors' files).
+  When a sync sends something else than the model (`sync_bytes`: a
+  bfloat16 drift, averaged optimizer moments; see `keras_fda.outer`), the
+  syncs count that and the broadcast still the model:
+  `2 * K * (model_bytes + syncs * sync_bytes) + state_bytes * steps * K`.
 * **wire bytes**, what a ring all-reduce actually moves: each worker sends
   `2 (K - 1) / K * payload` per all-reduce. Totals are over all workers, and
   include the control float the real drivers add to every step's message
@@ -31,6 +35,9 @@ class CommunicationStats:
             coordination (not part of the algorithm, so not in paper bytes).
         param_bytes: bytes per averaged parameter on the wire (4 for float32;
             8 when float64 weights are averaged in float64).
+        sync_bytes: bytes each worker all-reduces at one synchronization,
+            if not the model's (`keras_fda.outer.SyncState.sync_bytes`);
+            None: `model_bytes`. The initial broadcast always sends the model.
     """
 
     num_workers: int
@@ -40,28 +47,36 @@ class CommunicationStats:
     syncs: int
     control_bytes: int = 0
     param_bytes: int = 4
+    sync_bytes: int = None
 
     @property
     def model_bytes(self):
         return self.param_bytes * self.num_params
 
     @property
+    def bytes_per_sync(self):
+        """Bytes each worker all-reduces at one synchronization."""
+        return self.model_bytes if self.sync_bytes is None else self.sync_bytes
+
+    @property
     def paper_bytes(self):
         """Bytes by the paper's formula (see the module docstring)."""
         k = self.num_workers
-        return (self.syncs + 1) * 2 * k * self.model_bytes + self.state_bytes * self.steps * k
+        models = self.model_bytes + self.syncs * self.bytes_per_sync
+        return 2 * k * models + self.state_bytes * self.steps * k
 
     @property
     def synchronous_paper_bytes(self):
-        """Paper bytes of averaging after every one of the same steps."""
-        return (self.steps + 1) * 2 * self.num_workers * self.model_bytes
+        """Paper bytes of averaging after every one of the same steps (same payload)."""
+        k = self.num_workers
+        return 2 * k * (self.model_bytes + self.steps * self.bytes_per_sync)
 
     @property
     def wire_bytes_per_worker(self):
         """Bytes one worker sends over a ring all-reduce, broadcast included."""
         k = self.num_workers
         per_step = self.state_bytes + self.control_bytes
-        payload = (self.syncs + 1) * self.model_bytes + self.steps * per_step
+        payload = self.model_bytes + self.syncs * self.bytes_per_sync + self.steps * per_step
         return 2.0 * (k - 1) / k * payload
 
     @property

@@ -25,8 +25,10 @@ import numpy as np
 import tensorflow as tf
 
 from keras_fda import cluster as cluster_lib
+from keras_fda import outer as outer_lib
 from keras_fda import triggers as triggers_lib
 from keras_fda.accounting import CommunicationStats
+from keras_fda.averager import averaging_dtype
 from keras_fda.tensorboard import Dashboard
 
 
@@ -132,6 +134,8 @@ class SimulationHistory:
         synced: whether each step ended with a synchronization.
         step_seconds: wall time of every step (all K workers; the first
             includes tracing).
+        sync_bytes: bytes each worker all-reduces at one sync (see
+            `keras_fda.outer.SyncState.sync_bytes`); None: the model's.
     """
 
     trigger: str
@@ -144,6 +148,7 @@ class SimulationHistory:
     statistic: np.ndarray
     synced: np.ndarray
     step_seconds: np.ndarray
+    sync_bytes: int = None
 
     def communication(self, step=None):
         """`CommunicationStats` after `step` steps (default: the whole run)."""
@@ -154,6 +159,7 @@ class SimulationHistory:
             state_bytes=self.state_bytes,
             steps=step,
             syncs=int(np.sum(self.synced[:step])),
+            sync_bytes=self.sync_bytes,
         )
 
     def first_reaching(self, metric, target):
@@ -283,25 +289,49 @@ class Simulation:
         losses = [w.model.train_step((x[k], y[k]))["loss"] for k, w in enumerate(self._workers)]
         return tf.add_n(losses) / self.num_workers
 
-    def _build_step(self, trigger, x_data, y_data):
-        """The compiled step of one run: K local steps, the trigger, maybe the average."""
+    def _build_step(self, trigger, x_data, y_data, rule):
+        """The compiled step of one run: K local steps, the trigger, maybe a sync by `rule`.
+
+        Returns the step function, the run's `SyncState` and each worker's
+        optimizer moments.
+        """
         workers = self._workers
         monitored = list(zip(*[w.monitored for w in workers]))
         averaged = list(zip(*[w.monitored + w.extra for w in workers]))
+        moments = [outer_lib.moment_variables(w.model.optimizer) for w in workers]
         trigger.build([v[0].shape for v in monitored])
         reference = [tf.Variable(v[0]) for v in monitored]
         round_state = [tf.Variable(s) for s in trigger.initial_round_state()]
         steps_since_sync = tf.Variable(0, dtype=tf.int64)
+        sync = rule.build(reference, averaging_dtype([v[0] for v in averaged]))
 
         def average(mean_state, round_steps):
-            means = [_mean([v.read_value() for v in copies]) for copies in averaged]
+            reads = [r.read_value() for r in reference]
+            payloads = [
+                sync.payload([v[k].read_value() for v in averaged], reads)
+                for k in range(self.num_workers)
+            ]
+            all_reduce = _ring_mean if sync.sends_drift else _mean
+            means = sync.mean_weights([all_reduce(list(p)) for p in zip(*payloads)])
+            mean_moments = [
+                _mean(list(per_worker))
+                for per_worker in zip(*[sync.moments_payload(m) for m in moments])
+            ]
             # All checked before any is assigned: a NaN is never averaged in.
-            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(m)) for m in means])
+            finite = tf.reduce_all(
+                [tf.reduce_all(tf.math.is_finite(m)) for m in means + mean_moments]
+            )
             with tf.control_dependencies([_assert_finite(finite, "the workers' average")]):
-                for copies, mean in zip(averaged, means):
+                # The round's progress, read before an outer optimizer moves w0.
+                global_step = [
+                    tf.cast(m, r.dtype) - r for m, r in zip(means, reference)
+                ]
+                new_values = sync.step(means)
+                for copies, value in zip(averaged, new_values):
                     for v in copies:
-                        v.assign(mean)
-            global_step = [v[0] - r for v, r in zip(monitored, reference)]
+                        v.assign(tf.cast(value, v.dtype))
+                for worker_moments in moments:
+                    sync.update_moments(worker_moments, mean_moments)
             rounds = [s.read_value() for s in round_state]
             next_round = trigger.end_round(rounds, global_step, mean_state, round_steps)
             for s, value in zip(round_state, next_round):
@@ -345,7 +375,7 @@ class Simulation:
                 raise FloatingPointError(cluster_lib.error_cause(e)) from None
             return statistic, synced, loss
 
-        return step
+        return step, sync, moments
 
     def _reset(self):
         for w in self._workers:
@@ -374,6 +404,9 @@ class Simulation:
         eval_batch_size=1024,
         seed=0,
         repartition=None,
+        sync_dtype=None,
+        outer_optimizer=None,
+        optimizer_state="local",
         csv_path=None,
         tensorboard_dir=None,
         verbose=0,
@@ -405,6 +438,18 @@ class Simulation:
                 `{n // 2: parts[1:] + parts[:1]}` hands each worker its
                 neighbour's data at mid-run). Epoch length stays that of
                 `partitions`.
+            sync_dtype: what a sync sends: None (the weights, as they
+                are averaged), or "float32", "bfloat16", "float16": the
+                drift `w_k - w0` in that dtype when it is narrower (see
+                `keras_fda.outer.SyncRule`). The simulated all-reduce adds
+                in that dtype, as TensorFlow's collectives do.
+            outer_optimizer: None, or a Keras optimizer applied to `w0` at
+                each sync with the negative mean drift as its gradient
+                (e.g. `keras.optimizers.SGD(0.7, momentum=0.9,
+                nesterov=True)`, DiLoCo's); a fresh copy per run.
+            optimizer_state: "local" (each worker keeps its optimizer's
+                moments), "average" (averaged at each sync) or "reset"
+                (zeroed at each sync).
             csv_path: if given, the evaluations are written there as CSV.
             tensorboard_dir: if given, the FDA dashboard of
                 `keras_fda.tensorboard.Dashboard` (per step, in the run
@@ -420,6 +465,9 @@ class Simulation:
                 f"trigger must be a keras_fda.SyncTrigger such as keras_fda.FDA('linear', "
                 f"threshold=2.5), got {trigger!r}."
             )
+        rule = outer_lib.SyncRule(
+            sync_dtype=sync_dtype, outer_optimizer=outer_optimizer, optimizer_state=optimizer_state
+        )
         partitions = _check_partitions(partitions)
         if len(partitions) != self.num_workers:
             raise ValueError(
@@ -438,7 +486,9 @@ class Simulation:
 
         schedule = batch_schedule(partitions, batch_size, num_steps, seed, repartition)
         self._reset()
-        step = self._build_step(trigger, tf.convert_to_tensor(x), tf.convert_to_tensor(y))
+        step, sync, moments = self._build_step(
+            trigger, tf.convert_to_tensor(x), tf.convert_to_tensor(y), rule
+        )
         writer = dashboard = None
         if tensorboard_dir:
             writer = tf.summary.create_file_writer(os.path.join(tensorboard_dir, "simulation"))
@@ -455,6 +505,7 @@ class Simulation:
             statistic=np.zeros(num_steps, np.float32),
             synced=np.zeros(num_steps, bool),
             step_seconds=np.zeros(num_steps),
+            sync_bytes=sync.sync_bytes(self.num_params, moments[0], param_bytes=4),
         )
         rows = []
         train_loss = math.nan
@@ -531,6 +582,27 @@ def _mean(per_worker):
     if stacked.dtype in (tf.float16, tf.bfloat16):
         return tf.cast(tf.reduce_mean(tf.cast(stacked, tf.float32), axis=0), stacked.dtype)
     return tf.reduce_mean(stacked, axis=0)
+
+
+def _ring_mean(per_worker):
+    """The simulator's all-reduce MEAN of a payload in its own dtype.
+
+    TensorFlow's collectives add a half-precision payload in half precision
+    (one rounding per worker along the ring) and divide it, rounding once:
+    so does this, in worker order. Each operation goes through float32 and is
+    rounded back explicitly: in half precision grappler would fuse the adds
+    into one more exact AddN and turn the division by a constant into a
+    multiplication by its rounded reciprocal.
+    """
+    dtype = per_worker[0].dtype
+
+    def rounded(value):
+        return tf.cast(value, dtype)
+
+    total = per_worker[0]
+    for tensor in per_worker[1:]:
+        total = rounded(tf.cast(total, tf.float32) + tf.cast(tensor, tf.float32))
+    return rounded(tf.cast(total, tf.float32) / len(per_worker))
 
 
 _DIVERGED = "FDA simulation stopped"

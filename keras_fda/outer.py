@@ -1,0 +1,293 @@
+"""What a synchronization sends, and what it does with the average.
+
+A `SyncRule` is the part of dynamic averaging that runs once a trigger has
+fired, the same in every driver (`FDACallback`, `FDAStrategy`, `Simulation`):
+
+    state   = rule.build(reference, dtype)             # once, eagerly
+    payload = state.payload(values, reference values)   # on each worker
+    mean    = all-reduce MEAN of payload                # the driver's transport
+    average = state.mean_weights(mean)                  # the workers' average model
+    new     = state.step(average)                       # w0's new value (outer optimizer)
+    every worker's weights := new; state.update_moments(...)
+
+Three levers, each off by default (today's plain average of float weights):
+
+* `sync_dtype`: the payload. With a narrower dtype than the weights'
+  averaging dtype each worker sends its drift `w_k - w0` cast down (the
+  drift is small, so its rounding error is small next to the weights), and
+  the average is `w0 + mean drift` computed at full precision from a `w0`
+  that is identical everywhere. TensorFlow's collectives all-reduce bfloat16
+  and float16 natively (the ring adds in the payload's dtype).
+* `outer_optimizer`: a Keras optimizer applied to `w0` with the negative
+  mean drift `-(average - w0)` as its gradient (DiLoCo's outer Nesterov,
+  FedAvgM, FedAdam). Every worker applies it to the same `w0` with the same
+  all-reduced gradient, so its state is identical everywhere and costs no
+  bytes. `SGD(1.0)` without momentum is the plain average.
+* `optimizer_state`: what happens to the workers' own optimizer moments at
+  a sync: kept (`"local"`), averaged like the weights (`"average"`, counted
+  in bytes) or zeroed (`"reset"`).
+"""
+
+import keras
+import tensorflow as tf
+
+_SYNC_DTYPES = ("float32", "bfloat16", "float16")
+_HALF = (tf.float16, tf.bfloat16)
+_OPTIMIZER_STATES = ("local", "average", "reset")
+
+
+class SyncRule:
+    """What a synchronization sends and what it does with the average.
+
+    Args:
+        sync_dtype: the dtype of what each worker all-reduces at a sync.
+            None (default): the weights themselves in their averaging dtype
+            (float32; float64 if a weight is float64), as without a rule.
+            "float32", "bfloat16" or "float16": when narrower than the
+            averaging dtype, the drift `w_k - w0` cast to it (2 bytes per
+            parameter for the half types), while `w0` and the average stay
+            at full precision. float16 flushes drift entries below about
+            6e-8 to zero and rounds those below 6e-5 coarsely; bfloat16 has
+            float32's range and 8 bits of precision. Not-monitored weights
+            (BatchNorm statistics) are sent as values in this dtype.
+        outer_optimizer: None, or a Keras optimizer applied at each sync to
+            `w0` with the gradient `-(mean of the workers' weights - w0)`;
+            the workers then start the next round from the new `w0`. It is
+            copied from its config for each model, so one instance can serve
+            several runs. Its variables are identical on every worker and are
+            part of the averaging state (checkpointed with it).
+        optimizer_state: "local" (default: each worker keeps its optimizer's
+            moments), "average" (the moments are averaged across workers at
+            each sync, in their own dtype, and counted in the bytes) or
+            "reset" (zeroed at each sync; the iteration count, hence the
+            learning-rate schedule and Adam's bias correction, continues).
+
+    Example:
+
+    ```python
+    rule = keras_fda.SyncRule(
+        sync_dtype="bfloat16",
+        outer_optimizer=keras.optimizers.SGD(0.7, momentum=0.9, nesterov=True),
+    )
+    sync = rule.build(reference, dtype=tf.float32)  # in a driver
+    ```
+
+    Users pass the three options to a driver, e.g.
+    `Simulation(model, 10).run(trigger, x, y, parts, sync_dtype="bfloat16")`.
+    """
+
+    def __init__(self, *, sync_dtype=None, outer_optimizer=None, optimizer_state="local"):
+        self.sync_dtype = _check_sync_dtype(sync_dtype)
+        self.outer_optimizer = _check_outer_optimizer(outer_optimizer)
+        if optimizer_state not in _OPTIMIZER_STATES:
+            raise ValueError(
+                f"optimizer_state must be one of {_OPTIMIZER_STATES}, got {optimizer_state!r}."
+            )
+        self.optimizer_state = optimizer_state
+
+    def build(self, reference, dtype):
+        """Binds the rule to one model's reference weights `w0`; call it eagerly.
+
+        Args:
+            reference: the tf.Variables holding `w0` (one per monitored
+                weight, in the order of the payload's first entries).
+            dtype: the dtype in which the driver averages the weights
+                (`keras_fda.averager.averaging_dtype`).
+
+        Returns:
+            A `SyncState`.
+        """
+        return SyncState(self, reference, dtype)
+
+    def get_config(self):
+        return {
+            "sync_dtype": self.sync_dtype,
+            "outer_optimizer": self.outer_optimizer,
+            "optimizer_state": self.optimizer_state,
+        }
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"SyncRule({args})"
+
+
+class SyncState:
+    """A `SyncRule` bound to one model: its `w0`, payload dtype and outer optimizer.
+
+    Every method works eagerly and inside a `tf.function` (also in a branch of
+    `tf.cond`): the outer optimizer's variables are created here, eagerly.
+
+    Attributes:
+        rule: the `SyncRule`.
+        reference: the tf.Variables of `w0`.
+        dtype: the averaging dtype of the weights.
+        payload_dtype: the dtype of the weights' payload.
+        sends_drift: True if the payload is the drift `w_k - w0` (cast to
+            `payload_dtype`), False if it is the weights' values.
+        optimizer: the outer optimizer of this model (a copy of the rule's),
+            built on `reference`, or None.
+    """
+
+    def __init__(self, rule, reference, dtype):
+        self.rule = rule
+        self.reference = list(reference)
+        self.dtype = tf.as_dtype(dtype)
+        wanted = self.dtype if rule.sync_dtype is None else tf.as_dtype(rule.sync_dtype)
+        if wanted in _HALF and self.dtype == tf.float64:
+            raise ValueError(
+                f"sync_dtype={rule.sync_dtype!r} would send the drift of float64 weights with "
+                "2 bytes per parameter, below the precision the float64 weights were chosen "
+                "for; use sync_dtype='float32' (4 bytes) or None (8 bytes), or float32 weights."
+            )
+        self.sends_drift = wanted.size < self.dtype.size
+        self.payload_dtype = wanted if self.sends_drift else self.dtype
+        self.optimizer = None
+        if rule.outer_optimizer is not None:
+            outer = rule.outer_optimizer
+            with tf.init_scope():
+                self.optimizer = type(outer).from_config(outer.get_config())
+                self.optimizer.build(self.reference)
+
+    def state_variables(self):
+        """The variables to checkpoint with the averaging state (the outer optimizer's)."""
+        return list(self.optimizer.variables) if self.optimizer is not None else []
+
+    def payload(self, values, reference_values):
+        """What one worker all-reduces (MEAN) at a sync, one tensor per averaged weight.
+
+        Args:
+            values: this worker's values of every averaged weight, the
+                monitored ones first (in the order of `reference`), then
+                the others (e.g. BatchNorm statistics).
+            reference_values: the values of `reference` (`w0`).
+
+        Returns:
+            The values themselves (the driver averages them in `dtype`), or,
+            if `sends_drift`, `w_k - w0` of the monitored weights and the
+            values of the others, cast to `payload_dtype`.
+        """
+        if not self.sends_drift:
+            return list(values)
+        n = len(reference_values)
+        drift = [
+            tf.cast(tf.cast(v, self.dtype) - tf.cast(r, self.dtype), self.payload_dtype)
+            for v, r in zip(values[:n], reference_values)
+        ]
+        return drift + [tf.cast(v, self.payload_dtype) for v in values[n:]]
+
+    def mean_weights(self, mean_payload):
+        """The workers' average model from the all-reduced payload.
+
+        Returns the mean itself if the payload is values, else `w0 + mean
+        drift` in `dtype` (then the not-monitored weights' mean values).
+        """
+        if not self.sends_drift:
+            return list(mean_payload)
+        n = len(self.reference)
+        averaged = [
+            tf.cast(r, self.dtype) + tf.cast(m, self.dtype)
+            for r, m in zip(self.reference, mean_payload[:n])
+        ]
+        return averaged + [tf.cast(m, self.dtype) for m in mean_payload[n:]]
+
+    def step(self, mean_weights):
+        """The values every worker adopts: `w0`'s new value, then the others' means.
+
+        Without an outer optimizer that is `mean_weights` itself. With one,
+        the optimizer moves `reference` in place with the gradient
+        `w0 - mean` and its new value is returned: the caller must read
+        anything it needs of the old `w0` (the round's global step) first.
+        """
+        if self.optimizer is None:
+            return list(mean_weights)
+        n = len(self.reference)
+        gradients = [
+            r - tf.cast(m, r.dtype) for r, m in zip(self.reference, mean_weights[:n])
+        ]
+        self.optimizer.apply(gradients, self.reference)
+        return [r.read_value() for r in self.reference] + list(mean_weights[n:])
+
+    # --- the workers' optimizer moments ----------------------------------
+
+    def moments_payload(self, moments):
+        """This worker's moments to all-reduce (MEAN) with the weights: all, or none."""
+        if self.rule.optimizer_state != "average":
+            return []
+        return [m.read_value() for m in moments]
+
+    def update_moments(self, moments, mean_moments=()):
+        """Applies `optimizer_state` to this worker's `moments` after a sync."""
+        if self.rule.optimizer_state == "average":
+            for m, mean in zip(moments, mean_moments):
+                m.assign(tf.cast(mean, m.dtype))
+        elif self.rule.optimizer_state == "reset":
+            for m in moments:
+                m.assign(tf.zeros_like(m))
+
+    def sync_bytes(self, num_params, moments=(), param_bytes=None):
+        """Bytes one worker all-reduces at one sync.
+
+        Args:
+            num_params: parameters averaged per sync (monitored and others).
+            moments: one worker's moment variables (see `moment_variables`).
+            param_bytes: bytes per parameter when the values themselves are
+                sent (default: `dtype`'s size).
+        """
+        per_param = self.payload_dtype.size
+        if not self.sends_drift and param_bytes is not None:
+            per_param = param_bytes
+        total = num_params * per_param
+        if self.rule.optimizer_state == "average":
+            total += sum(int(m.shape.num_elements()) * m.dtype.size for m in moments)
+        return total
+
+
+def moment_variables(optimizer):
+    """The moments of a built Keras optimizer: its variables but the iteration count
+    and the learning rate (e.g. Adam's `momentum` and `velocity` slots)."""
+    skip = {id(optimizer.iterations)}
+    rate = getattr(optimizer, "_learning_rate", None)
+    if isinstance(rate, keras.Variable):
+        skip.add(id(rate))
+    # The backend tf.Variables, as the drivers hold the weights.
+    return [v.value for v in optimizer.variables if id(v) not in skip]
+
+
+def _check_sync_dtype(sync_dtype):
+    if sync_dtype is None:
+        return None
+    try:
+        name = tf.as_dtype(sync_dtype).name
+    except TypeError:
+        name = None
+    if name not in _SYNC_DTYPES:
+        raise ValueError(
+            f"sync_dtype must be None or one of {_SYNC_DTYPES}, got {sync_dtype!r}."
+        )
+    return name
+
+
+def _check_outer_optimizer(optimizer):
+    if optimizer is None:
+        return None
+    if not isinstance(optimizer, keras.optimizers.Optimizer):
+        raise TypeError(
+            "outer_optimizer must be a Keras optimizer instance, e.g. "
+            f"keras.optimizers.SGD(0.7, momentum=0.9, nesterov=True), got {optimizer!r}."
+        )
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        raise TypeError(
+            "outer_optimizer cannot be a LossScaleOptimizer: the outer gradient is an "
+            "average of weights, never a scaled loss's gradient; pass its inner optimizer."
+        )
+    if optimizer.use_ema:
+        raise ValueError(
+            "outer_optimizer has use_ema=True: nothing would ever swap the moving average "
+            "into the reference weights, so it would only cost memory; pass use_ema=False."
+        )
+    if optimizer.gradient_accumulation_steps:
+        raise ValueError(
+            "outer_optimizer has gradient_accumulation_steps set: it would skip the updates "
+            "of most syncs while the workers adopt w0; pass gradient_accumulation_steps=None."
+        )
+    return optimizer
