@@ -335,3 +335,62 @@ def test_float16_payload_of_float16_weights():
     assert payload.dtype == tf.float16
     (mean,) = sync.mean_weights([payload])
     np.testing.assert_array_equal(tf.cast(mean, tf.float16).numpy(), worker)
+
+
+# --- the core over TensorFlow's real collectives (3 worker processes) ---
+
+REAL_RUN_TIMEOUT = 150  # seconds for three TensorFlow worker processes
+
+
+@pytest.mark.parametrize(
+    "sync_dtype, outer, optimizer_state",
+    [(None, "none", "local"), ("bfloat16", "diloco", "average"), ("float16", "none", "reset")],
+)
+def test_real_workers_hold_identical_weights_after_each_sync(
+    tmp_path, sync_dtype, outer, optimizer_state
+):
+    from conftest import launch
+
+    args = [f"--out={tmp_path}", f"--outer={outer}", f"--optimizer_state={optimizer_state}"]
+    if sync_dtype:
+        args.append(f"--sync_dtype={sync_dtype}")
+    result = launch(K, "tests/workers/outer_worker.py", *args, timeout=REAL_RUN_TIMEOUT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    runs = [dict(np.load(tmp_path / f"worker{k}.npz")) for k in range(K)]
+    for name in runs[0]:
+        local = optimizer_state == "local" and "_m" in name  # a worker's own moments
+        if name.startswith("after") and not local:  # bit-identical on every worker
+            for k in range(1, K):
+                np.testing.assert_array_equal(runs[k][name], runs[0][name], err_msg=name)
+
+    _, replay = OUTER["diloco"]
+    rng = np.random.default_rng(0)
+    w0 = [rng.normal(size=s).astype(np.float32) for s in [(5, 4), (4,)]]
+    initial = list(w0)
+    slots = [{} for _ in w0]
+    for r in range(3):
+        before = [[run[f"before{r}_w{i}"] for run in runs] for i in range(len(w0))]
+        mean = [np.mean(per_worker, axis=0, dtype=np.float64) for per_worker in before]
+        if outer == "diloco":
+            w0 = [replay(w, w - m, s, r) for w, m, s in zip(w0, mean, slots)]
+        else:
+            w0 = mean
+        for i, want in enumerate(w0):
+            got = runs[0][f"after{r}_w{i}"]
+            start = runs[0][f"after{r - 1}_ref{i}"] if r else initial[i]
+            drift = np.abs(np.asarray(before[i]) - start).max()
+            # Half precision: the drift's rounding along the ring, a few of its ulps
+            # (times the outer step's 0.7 * (1 + 0.9)).
+            atol = 1e-6 if sync_dtype is None else 2**-6 * drift
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=atol)
+            np.testing.assert_array_equal(runs[0][f"after{r}_ref{i}"], got)
+            w0[i] = got  # replay the next round from what the workers hold
+        moments = [[run[f"before{r}_m{i}"] for run in runs] for i in range(4)]
+        for i, per_worker in enumerate(moments):
+            after = runs[0][f"after{r}_m{i}"]
+            if optimizer_state == "average":
+                np.testing.assert_allclose(after, np.mean(per_worker, axis=0), rtol=1e-6)
+            elif optimizer_state == "reset":
+                assert not after.any()
+    if outer == "diloco":
+        assert int(runs[0]["after2_outer0"]) == 3  # the outer optimizer's iterations
