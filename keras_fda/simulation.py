@@ -211,11 +211,13 @@ class Simulation:
     """Trains K workers in one process and synchronizes them with a `SyncTrigger`.
 
     Each worker is a clone of `model` with its own weights, its own copy of
-    the model's optimizer (state stays local, as in the paper) and its own
-    data partition. After every step the trigger decides, exactly as
-    `FDACallback` does across processes, whether the workers average their
-    weights. The compiled training step is kept between `run` calls, so one
-    `Simulation` serves a sweep over triggers and thresholds.
+    the model's optimizer (state stays local, as in the paper, unless
+    `run(optimizer_state=...)` says otherwise) and its own data partition.
+    After every step the trigger decides, exactly as `FDACallback` does
+    across processes, whether the workers synchronize; what a sync sends and
+    does (`sync_dtype`, `outer_optimizer`) is `keras_fda.outer.SyncRule`'s,
+    as in the other drivers. The compiled training step is kept between `run`
+    calls, so one `Simulation` serves a sweep over triggers and thresholds.
 
     Memory: K copies of the weights and optimizer state, plus one reference
     copy of the weights (and for the linear estimator one direction vector;
