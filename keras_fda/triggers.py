@@ -179,52 +179,59 @@ class AutoFDA(SyncTrigger):
     step) and how much the workers disagreed (the exact variance `Var =
     mean ||u_k||^2 - ||mean u||^2`; the first term is in the all-reduced
     state). Their ratio `rho = Var / ||mean u||^2` does not depend on d or
-    on the learning rate: below 1 the workers mostly agree (whole writers
-    per worker: rho ~ 0.1-5 in our runs), far above 1 they pull their own
-    ways (label skew: 6-50), and it grows over training like the accuracy
-    that a unit of variance costs. The next round aims at
-    `L = horizon / sqrt(rho)` local steps: its threshold is this round's
-    variance estimate scaled to that length assuming linear growth,
-    `Theta = V_r * L / E_r` (E_r: this round's length), so a variance that
-    grows faster (a drift in the data, a higher learning rate) still ends a
-    round early, and a decaying learning rate lowers Theta with the
-    variance. No round lasts more than `L` steps: with a decaying learning
-    rate the variance grows ever slower and rounds would stretch exactly
-    when a unit of variance costs the most. The first round, with nothing
-    to learn from, lasts `first_round` steps. (The square root keeps round lengths stable: rho
-    falls as rounds get longer when the variance is mostly noise, and
-    `horizon / rho` fed that back into ever longer rounds.)
+    on the learning rate: around or below 1 the workers mostly agree (whole
+    writers per worker: rho ~ 0.1 in our runs), above it they pull their
+    own ways (label skew: 4-10 over rounds of 100 steps).
 
-    Why not a constant Theta: it spends its synchronizations where the
-    variance grows fastest, at high learning rates early in training, where
-    they buy no accuracy, and rarely syncs late, where a unit of variance
-    costs the most (benchmarks/results/regimes_diagnosis.md).
+    * Round length. The next round lasts `L = max(L_prev, horizon /
+      sqrt(rho))` steps: as long as the workers' disagreement allows, and
+      never shorter than the last one, so rounds settle on a period (where
+      workers agree, a period longer than the run: no sync before the end).
+      Never shortening is deliberate: rho measured on a longer round is
+      lower (noise adds to the variance linearly, the common progress
+      quadratically), so a rule that also shortened would chase its own
+      measurements; and what a sync buys is not a variance level (that
+      costs 10x more accuracy late in training than early), so a variance
+      level is a poor reason to sync more often.
+    * Drift guard. Within a round, the variance estimate is compared with
+      the last round's, extrapolated quadratically to L steps: `Theta =
+      V_r (L / E_r)^2` (E_r: the last round's length). It is reached before
+      L only if the variance grows faster than in the last round (the data
+      changed, or the learning rate rose), and then the round ends early.
+    * The first round, with nothing to learn from, lasts `first_round`
+      steps.
 
     The state each worker all-reduces per step is the estimator's plus two
-    floats (`1 / Theta` and `1 / cap`, equal on all workers); the statistic
-    is `max(V / Theta, steps / cap)` and a round ends when it reaches 1.
+    floats (`1 / Theta` and `1 / L`, equal on all workers); the statistic
+    is `max(V / Theta, steps / L)` and a round ends when it reaches 1.
     Drivers must call `end_round` with the sync step's all-reduced state
-    and the round's length; otherwise the threshold stays at its first
-    value (infinite: every round lasts `first_round` steps).
+    and the round's length; otherwise every round keeps the first round's
+    length.
+
+    When it loses (benchmarks/results/issue13_report.md): against a fixed
+    period under a high, decaying learning rate (warmup + cosine), where
+    short rounds early reach accuracy targets in fewer steps: its rounds
+    of 100+ steps reach them with fewer bytes but in up to 2x the steps of
+    synchronous averaging.
 
     Args:
         estimator: a `VarianceEstimator` or one of "naive", "linear",
             "sketch", "exact" (its state must begin with `||u_k||^2`, as the
             built-in ones' do).
         horizon: the one knob, in local steps: the round length while the
-            workers disagree as much as they agree (rho = 1); rounds last
-            about `horizon / sqrt(rho)` steps. Larger sends less.
+            workers disagree as much as they agree (rho = 1). Rounds last
+            about `horizon / sqrt(rho)` steps; larger sends less.
         first_round: length of the first round, in steps.
 
     Example:
 
-    >>> trigger = AutoFDA("linear", horizon=90)
+    >>> trigger = AutoFDA("linear", horizon=256)
     """
 
     name = "fda-auto"
     threshold = 1.0
 
-    def __init__(self, estimator="linear", *, horizon=90, first_round=16):
+    def __init__(self, estimator="linear", *, horizon=256, first_round=32):
         self.estimator = estimators_lib.get(estimator)
         for arg, value in (("horizon", horizon), ("first_round", first_round)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 1:
@@ -241,7 +248,7 @@ class AutoFDA(SyncTrigger):
         return self.estimator.state_size + 2
 
     def initial_round_state(self):
-        # 1 / Theta = 0: the first round ends at its cap.
+        # 1 / Theta = 0: the first round ends at its length.
         control = tf.constant([0.0, 1.0 / self.first_round], tf.float32)
         return [*self.estimator.initial_round_state(), control]
 
@@ -259,9 +266,9 @@ class AutoFDA(SyncTrigger):
 
     def statistic(self, mean_state, steps_since_sync):
         variance = self.estimator.estimate(mean_state[:-2])
-        by_cap = tf.cast(steps_since_sync, tf.float32) * mean_state[-1]
-        # A mean of K equal floats may be an ulp off: round the cap's ratio.
-        return tf.maximum(variance * mean_state[-2], tf.round(by_cap * 1e4) / 1e4)
+        by_length = tf.cast(steps_since_sync, tf.float32) * mean_state[-1]
+        # A mean of K equal floats may be an ulp off: round the length's ratio.
+        return tf.maximum(variance * mean_state[-2], tf.round(by_length * 1e4) / 1e4)
 
     def should_sync(self, statistic, steps_since_sync):
         return statistic >= 1.0
@@ -278,9 +285,9 @@ class AutoFDA(SyncTrigger):
         progress = estimators_lib.squared_norm(global_step)
         variance = tf.maximum(mean_state[0] - progress, 0.0)
         rho = variance / tf.maximum(progress, 1e-30)
-        length = tf.maximum(self.horizon / tf.sqrt(tf.maximum(rho, 1e-30)), 1.0)
+        length = tf.maximum(1.0 / control[1], self.horizon / tf.sqrt(tf.maximum(rho, 1e-30)))
         # The estimator's own value at the sync, in the units of its checks.
-        theta = self.estimator.estimate(mean_state[:-2]) * (length / steps)
+        theta = self.estimator.estimate(mean_state[:-2]) * tf.square(length / steps)
         inverse = tf.where(theta > 0, 1.0 / tf.maximum(theta, 1e-30), control[0])
         return [*next_rounds, tf.stack([inverse, 1.0 / length])]
 

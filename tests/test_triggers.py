@@ -148,21 +148,49 @@ def test_auto_first_round_ends_at_first_round_steps():
 
 def test_auto_sets_the_next_threshold_from_rho_and_the_round_length():
     trigger, next_state = _auto_after_one_round(horizon=100.0, steps=10)
-    # rho = 50 / 25 = 2: the next round aims at L = 100 / sqrt(2) steps, so Theta is
-    # the round's variance 50 scaled linearly to L; no round lasts more than L steps.
+    # rho = 50 / 25 = 2: the next round lasts L = 100 / sqrt(2) steps unless the
+    # variance outgrows the round's 50 extrapolated quadratically to L steps.
     length = 100.0 / math.sqrt(2.0)
-    inverse_theta, inverse_cap = next_state[-1].numpy()
-    theta = 50.0 * length / 10.0
+    inverse_theta, inverse_length = next_state[-1].numpy()
+    theta = 50.0 * (length / 10.0) ** 2
     np.testing.assert_allclose(1.0 / inverse_theta, theta, rtol=1e-5)
-    np.testing.assert_allclose(1.0 / inverse_cap, length, rtol=1e-5)
-    mean_state = lambda v: tf.constant([v, 0.0, 0.0, inverse_theta, inverse_cap])  # noqa: E731
+    np.testing.assert_allclose(1.0 / inverse_length, length, rtol=1e-5)
+    mean_state = lambda v: tf.constant([v, 0.0, 0.0, inverse_theta, inverse_length])  # noqa: E731
     assert not bool(trigger.should_sync(trigger.statistic(mean_state(theta - 1), 10), 10))
     assert bool(trigger.should_sync(trigger.statistic(mean_state(theta + 1), 10), 10))
     assert not bool(trigger.should_sync(trigger.statistic(mean_state(0.0), 70), 70))
     assert bool(trigger.should_sync(trigger.statistic(mean_state(0.0), 71), 71))
-    # Twice the horizon, twice the round length: Theta doubles.
+    # Twice the horizon, twice the round length: Theta grows 4x.
     _, longer = _auto_after_one_round(horizon=200.0, steps=10)
-    np.testing.assert_allclose(inverse_theta / longer[-1].numpy()[0], 2.0, rtol=1e-5)
+    np.testing.assert_allclose(inverse_theta / longer[-1].numpy()[0], 4.0, rtol=1e-5)
+
+
+def test_auto_rounds_never_get_shorter():
+    trigger, state = _auto_after_one_round(horizon=100.0, steps=10)
+    length = 1.0 / state[-1].numpy()[1]
+    # Workers that disagree 10^4 times more than they agree: horizon / sqrt(rho) = 1
+    # step, but the round keeps the last one's length; Theta follows it.
+    mean_state = tf.constant([1e4 + 1.0, 0.6, 0.8, *state[-1].numpy()])
+    after = trigger.end_round(state, [tf.constant([0.6, 0.8])], mean_state,
+                              tf.constant(20, tf.int64))
+    inverse_theta, inverse_length = after[-1].numpy()
+    np.testing.assert_allclose(1.0 / inverse_length, length, rtol=1e-5)
+    np.testing.assert_allclose(1.0 / inverse_theta, 1e4 * (length / 20.0) ** 2, rtol=1e-4)
+    # Workers that agree (rho = 1/4): the rounds lengthen to horizon / sqrt(rho).
+    mean_state = tf.constant([1.25, 0.6, 0.8, *after[-1].numpy()])
+    longer = trigger.end_round(after, [tf.constant([0.6, 0.8])], mean_state,
+                               tf.constant(20, tf.int64))
+    np.testing.assert_allclose(1.0 / longer[-1].numpy()[1], 200.0, rtol=1e-5)
+
+
+def test_auto_first_round_lasts_first_round_steps_and_bounds_the_rest():
+    trigger = triggers.AutoFDA("exact", horizon=1, first_round=8)
+    trigger.build([tf.TensorShape([2])])
+    state = trigger.initial_round_state()
+    mean_state = tf.constant([75.0, 3.0, 4.0, *state[-1].numpy()])
+    after = trigger.end_round(state, [tf.constant([3.0, 4.0])], mean_state,
+                              tf.constant(8, tf.int64))
+    np.testing.assert_allclose(1.0 / after[-1].numpy()[1], 8.0, rtol=1e-6)
 
 
 def test_auto_keeps_its_threshold_when_no_statistic_decided_the_sync():
@@ -212,4 +240,4 @@ def test_a_stopped_peer_is_seen_and_nothing_is_averaged():
     """With one worker, `stop` reports nobody else training; `step` is active."""
     averager = WorkerAverager(triggers.Synchronous(), LocalTransport(), [tf.Variable([1.0])])
     assert bool(averager.step()["peers_active"])
-    assert not bool(averager.stop())
+    assert not bool(averager.stop()["others_active"])
