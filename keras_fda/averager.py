@@ -109,6 +109,16 @@ class AveragingState:
 class WorkerAverager(AveragingState):
     """Dynamic averaging of `variables` (plus `extra_variables`) across workers.
 
+    Each step has two halves: `message` (this worker's local state on its
+    drift, for the all-reduce) and the decision on the all-reduced state
+    (`decide`, which may average the weights). `step` runs them back to back
+    around a blocking all-reduce; a driver that overlaps the all-reduce with
+    the next training step calls them apart (`FDACallback(overlap=True)`):
+    the decision on step t's state is then applied after step t+1. Between
+    the halves the all-reduced state waits in `pending_state`, which is part
+    of the checkpointed state, so a resumed run decides as the uninterrupted
+    one would.
+
     Args:
         trigger: a built-in or custom `keras_fda.triggers.SyncTrigger`.
         transport: the `keras_fda.transport.Transport` to the other workers.
@@ -121,6 +131,18 @@ class WorkerAverager(AveragingState):
     def __init__(self, trigger, transport, variables, extra_variables=()):
         super().__init__(trigger, variables, extra_variables)
         self.transport = transport
+        # The all-reduced message (state and 'still training' fraction) that
+        # awaits its decision, and the round length when it was computed
+        # (-1: none awaits).
+        self.pending_state = tf.Variable(
+            tf.zeros([trigger.state_size + 1]), trainable=False, name="fda_pending_state"
+        )
+        self.pending_since = tf.Variable(
+            -1, dtype=tf.int64, trainable=False, name="fda_pending_since"
+        )
+
+    def state_variables(self):
+        return [*super().state_variables(), self.pending_state, self.pending_since]
 
     def _assign_flat(self, flat, variables=None):
         variables = self.averaged if variables is None else variables
@@ -142,6 +164,7 @@ class WorkerAverager(AveragingState):
         for r, v in zip(self.reference, self.variables):
             r.assign(v)
         self.steps_since_sync.assign(0)
+        self.pending_since.assign(-1)
 
     @tf.function
     def adopt(self, source):
@@ -178,87 +201,152 @@ class WorkerAverager(AveragingState):
     def _exchange(self, payload, active):
         """All-reduces `payload` with a trailing 'still training' flag.
 
-        The flag is the one float keras_fda adds to each step's message: a
-        worker that stops early sends 0 in place of a step's message, so the
-        others learn it from the collective they are already waiting in.
+        The flag is the one float keras_fda adds to a message: a worker that
+        stops early sends 0 in place of a message, so the others learn it
+        from the collective they are already waiting in.
         """
-        message = tf.concat([payload, [tf.cast(active, payload.dtype)]], 0)
-        mean = self.transport.all_reduce(message, "mean")
+        mean = self.transport.all_reduce(_with_flag(payload, active), "mean")
         return mean[:-1], tf.cast(mean[-1], tf.float32)
 
-    def _planned_sync(self, steps_since_sync):
-        """A stateless trigger's decision, known from the step count alone."""
-        statistic = self.trigger.statistic(None, steps_since_sync)
-        return tf.cast(statistic, tf.float32), self.trigger.should_sync(statistic, steps_since_sync)
+    def _advance(self):
+        self.steps.assign_add(1)
+        return self.steps_since_sync.assign_add(1)
 
-    def _flag_only(self, active):
-        return tf.constant(False), self._exchange(tf.zeros([0]), active)[1]
+    def _message(self):
+        drift = [v - r for v, r in zip(self.variables, self.reference)]
+        local = self.trigger.local_state(drift, [s.read_value() for s in self.round_state])
+        return _with_flag(tf.cast(local, tf.float32), 1.0), self.steps_since_sync.read_value()
 
     @tf.function
-    def step(self):
-        """Runs after one local step.
+    def message(self):
+        """This worker's half of the state all-reduce, from its weights now.
 
         Returns:
-            A dict of scalar tensors: `statistic` (the trigger's monitored
-            value), `synced`, `peers_active` (False if another worker has
-            stopped: nothing was averaged and this worker must stop too) and
-            `healthy` (False if the statistic or the average was NaN/Inf:
-            nothing was averaged).
+            `(message, since)`: the local state with a trailing 1.0 ('still
+            training'), to be all-reduced (MEAN) and handed to `receive`
+            with `since`, the round's length now.
         """
-        self.steps.assign_add(1)
-        steps_since_sync = self.steps_since_sync.assign_add(1)
-        # Every predicate below depends only on all-reduced values and the
-        # shared step count, so all workers take the same branch and join the
-        # same collectives.
-        if self.trigger.state_size:
-            drift = [v - r for v, r in zip(self.variables, self.reference)]
-            local = self.trigger.local_state(drift, [s.read_value() for s in self.round_state])
-            mean_state, active_fraction = self._exchange(tf.cast(local, tf.float32), 1.0)
-            statistic = tf.cast(self.trigger.statistic(mean_state, steps_since_sync), tf.float32)
-            finite = tf.math.is_finite(statistic)
-            decided = (
-                self.trigger.should_sync(statistic, steps_since_sync)
-                & (active_fraction >= 1.0)
-                & finite
-            )
-            synced = tf.cond(
-                decided,
-                lambda: self._average(mean_state=mean_state)[0],
-                lambda: tf.constant(False),
-            )
-            healthy = finite & (synced | ~decided)
-        else:
-            # Decided before any exchange: on sync steps the flag rides in the
-            # weights' all-reduce, so a synchronous step costs one collective.
-            statistic, decided = self._planned_sync(steps_since_sync)
-            synced, active_fraction = tf.cond(
-                decided, lambda: self._average(1.0), lambda: self._flag_only(1.0)
-            )
-            healthy = synced | ~decided | (active_fraction < 1.0)
+        return self._message()
+
+    @tf.function
+    def receive(self, mean_message, since):
+        """Stores the all-reduced `message` for the next `decide`."""
+        self._receive(mean_message, since)
+
+    def _receive(self, mean_message, since):
+        self.pending_state.assign(mean_message)
+        self.pending_since.assign(since)
+
+    def _decide(self):
+        """The trigger's decision on the pending state, if any, and maybe the average.
+
+        Every predicate depends only on all-reduced values and the shared
+        step count, so all workers take the same branch and join the same
+        collectives.
+        """
+        exchanged = self.pending_since >= 0
+        since = self.pending_since.read_value()
+        mean_state = self.pending_state[:-1]
+        active_fraction = self.pending_state[-1]
+        statistic = tf.cast(self.trigger.statistic(mean_state, since), tf.float32)
+        finite = tf.math.is_finite(statistic)
+        decided = (
+            exchanged
+            & self.trigger.should_sync(statistic, since)
+            & (active_fraction >= 1.0)
+            & finite
+        )
+        self.pending_since.assign(-1)
+        synced = tf.cond(
+            decided,
+            lambda: self._average(mean_state=mean_state)[0],
+            lambda: tf.constant(False),
+        )
+        return {
+            "statistic": statistic,
+            "synced": synced,
+            "peers_active": ~exchanged | (active_fraction >= 1.0),
+            "healthy": ~exchanged | (finite & (synced | ~decided)),
+            "exchanged": exchanged,
+        }
+
+    @tf.function
+    def decide(self, advance=True):
+        """Counts a local step (if `advance`) and acts on the pending state.
+
+        Returns:
+            The dict of `step`; `exchanged` is False (and `statistic`
+            meaningless) when no state was pending.
+        """
+        if advance:
+            self._advance()
+        return self._decide()
+
+    def _planned_step(self, steps_since_sync):
+        """A stateless trigger's step: nothing is sent between syncs.
+
+        Its decision is known from the step count alone; on a sync step the
+        'still training' flag rides in the weights' all-reduce, so a
+        synchronous step costs one collective. A worker that stopped early
+        meets the others in their next scheduled sync (see `stop`).
+        """
+        statistic = tf.cast(self.trigger.statistic(None, steps_since_sync), tf.float32)
+        decided = self.trigger.should_sync(statistic, steps_since_sync)
+        synced, active_fraction = tf.cond(
+            decided,
+            lambda: self._average(1.0),
+            lambda: (tf.constant(False), tf.constant(1.0)),
+        )
         return {
             "statistic": statistic,
             "synced": synced,
             "peers_active": active_fraction >= 1.0,
-            "healthy": healthy,
+            "healthy": synced | ~decided | (active_fraction < 1.0),
+            "exchanged": decided,
         }
 
     @tf.function
-    def stop(self):
-        """Tells the other workers that this one stopped; returns True if any still trains.
+    def step(self):
+        """Runs after one local step: message, blocking all-reduce, decision.
 
-        Pairs with the others' next `step` (or their own `stop`): the message
-        has that step's shape, with the 'still training' flag at 0.
+        Returns:
+            A dict of scalar tensors: `statistic` (the trigger's monitored
+            value), `synced`, `peers_active` (False if another worker has
+            stopped: nothing was averaged and this worker must stop too),
+            `healthy` (False if the statistic or the average was NaN/Inf:
+            nothing was averaged) and `exchanged` (False on a stateless
+            trigger's steps between syncs, which send nothing).
+        """
+        steps_since_sync = self._advance()
+        if not self.trigger.state_size:
+            return self._planned_step(steps_since_sync)
+        message, since = self._message()
+        self._receive(self.transport.all_reduce(message, "mean"), since)
+        return self._decide()
+
+    @tf.function
+    def stop(self):
+        """Tells the other workers that this one stopped.
+
+        Pairs with the others' next message: a state all-reduce, or for a
+        stateless trigger the weights' all-reduce of the next scheduled sync
+        (or their own `stop`). The message has that shape, with the 'still
+        training' flag at 0 and, in place of a state, whether this worker
+        has steps since the last sync.
+
+        Returns:
+            A dict: `others_active`, True if another worker still trains,
+            and `unsynced` (meaningful when none does): whether any worker
+            has steps since the last sync, so that all of them agree on
+            whether to make a final sync.
         """
         if self.trigger.state_size:
-            _, active_fraction = self._exchange(tf.zeros([self.trigger.state_size]), 0.0)
+            size, dtype = self.trigger.state_size, tf.float32
         else:
-            _, decided = self._planned_sync(self.steps_since_sync + 1)
-            active_fraction = tf.cond(
-                decided,
-                lambda: self._exchange(tf.zeros([self.num_params], self.dtype), 0.0)[1],
-                lambda: self._flag_only(0.0)[1],
-            )
-        return active_fraction > 0.0
+            size, dtype = self.num_params, self.dtype
+        unsynced = tf.cast(self.steps_since_sync > 0, dtype)
+        mean, active_fraction = self._exchange(tf.one_hot(0, size, dtype=dtype) * unsynced, 0.0)
+        return {"others_active": active_fraction > 0.0, "unsynced": mean[0] > 0}
 
     @tf.function
     def finish(self, force):
@@ -273,5 +361,15 @@ class WorkerAverager(AveragingState):
         return {"synced": synced, "healthy": synced | ~attempted}
 
     def communication(self):
-        """The `CommunicationStats` so far; 4 control bytes per step on the wire."""
-        return super().communication(self.transport.num_workers, control_bytes=4)
+        """The `CommunicationStats` so far.
+
+        A trigger with a state adds the 4-byte 'still training' flag to each
+        step's message; a stateless one sends nothing between syncs (its
+        flag's 4 bytes per sync are not counted).
+        """
+        control_bytes = 4 if self.trigger.state_size else 0
+        return super().communication(self.transport.num_workers, control_bytes=control_bytes)
+
+
+def _with_flag(payload, active):
+    return tf.concat([payload, [tf.cast(active, payload.dtype)]], 0)

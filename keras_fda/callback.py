@@ -110,6 +110,16 @@ class FDACallback(keras.callbacks.Callback):
             `keras.callbacks.TensorBoard`. See `keras_fda.tensorboard`.
         update_freq: write the dashboard every this many steps (an int), or
             "epoch" for once per epoch.
+        overlap: all-reduce each step's state while the next step trains
+            (default True). The decision on step t's state is then applied
+            after step t+1 (a one-step lag; all workers still decide alike),
+            and a step no longer waits for a network round trip. False
+            restores the blocking exchange (decision after the same step).
+            Stateless triggers (periodic, synchronous) send nothing between
+            syncs either way.
+        exchange_every: with `overlap`, exchange the state every this many
+            steps (an int >= 1): for links whose round trip is longer than a
+            step. The decision then lags up to this many steps.
         cluster: the `keras_fda.Cluster`; defaults to the one `keras_fda.connect()`
             joined (a single local worker without TF_CONFIG).
 
@@ -143,10 +153,21 @@ class FDACallback(keras.callbacks.Callback):
         average_non_trainable=True,
         log_dir=None,
         update_freq=1,
+        overlap=True,
+        exchange_every=1,
         cluster=None,
     ):
         super().__init__()
         self.trigger = triggers_lib.get(trigger, threshold=threshold, variant=variant, tau=tau)
+        if isinstance(exchange_every, bool) or not isinstance(exchange_every, int) or exchange_every < 1:
+            raise ValueError(f"exchange_every must be an integer >= 1, got {exchange_every!r}.")
+        if exchange_every > 1 and not overlap:
+            raise ValueError(
+                f"exchange_every={exchange_every} needs overlap=True: the blocking exchange "
+                "decides after every step."
+            )
+        self.overlap = bool(overlap)
+        self.exchange_every = exchange_every
         self.average_non_trainable = bool(average_non_trainable)
         self.log_dir = log_dir
         self.update_freq = standardize_update_freq(update_freq)
@@ -162,6 +183,7 @@ class FDACallback(keras.callbacks.Callback):
         self._began = False
         self._ended = False
         self._end_deferred = False
+        self._in_flight = None
 
     @property
     def cluster(self):
@@ -320,6 +342,9 @@ class FDACallback(keras.callbacks.Callback):
         # train end.
         object.__setattr__(model, "_fda_state", self._checkpoint)
         self._started = self._began = self._ended = self._end_deferred = False
+        self._in_flight = None
+        # Only a trigger with a state (built now) has a per-step exchange to overlap.
+        self._lagged = self.overlap and self.trigger.state_size > 0
         # Keras hands the fit's History to the model before any callback's
         # set_model and calls it after the callbacks the user listed: hooked
         # there, the start and the final sync see every other callback's
@@ -382,8 +407,41 @@ class FDACallback(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         with self._collective("after step {step}"):
-            result = self._averager.step()
-        self._last_statistic = float(result["statistic"])
+            if self._lagged:
+                self._collect(due_only=True)
+                result = self._averager.decide()
+                if self._in_flight is None and bool(result["peers_active"]):
+                    self._send()
+            else:
+                result = self._averager.step()
+        self._check(result)
+        self._record(logs, synced=bool(result["synced"]))
+
+    def _send(self):
+        """Starts the all-reduce of this step's state; the next steps train meanwhile."""
+        message, since = self._averager.message()
+        self._in_flight = self.cluster.transport.all_reduce_async(message)
+        self._in_flight_since, self._in_flight_steps = since, 0
+
+    def _collect(self, due_only=False):
+        """Hands the in-flight all-reduce's result to the averager (waits for it).
+
+        With `due_only`, only once `exchange_every` steps have trained since
+        it started. Called inside `_collective`, so a dead peer is detected
+        within the cluster's timeout.
+        """
+        if self._in_flight is None:
+            return
+        self._in_flight_steps += 1
+        if due_only and self._in_flight_steps < self.exchange_every:
+            return
+        in_flight, self._in_flight = self._in_flight, None
+        self._averager.receive(in_flight.result(), self._in_flight_since)
+
+    def _check(self, result):
+        """Raises on NaN/Inf; stops this worker if another one stopped."""
+        if bool(result["exchanged"]):
+            self._last_statistic = float(result["statistic"])
         if not bool(result["healthy"]):
             what = (
                 "average of the workers' weights"
@@ -404,9 +462,12 @@ class FDACallback(keras.callbacks.Callback):
                 "keras_fda: another worker stopped training; stopping this worker "
                 "after step %d and synchronizing.", int(self._averager.steps.numpy())
             )
-        self._record(logs, synced=bool(result["synced"]))
 
     def on_epoch_end(self, epoch, logs=None):
+        # Nothing in flight across the epoch's end: the checkpoints written now
+        # hold the exchanged state, decided after the next step as usual.
+        with self._collective("at the end of epoch %d (step {step})" % (epoch + 1)):
+            self._collect()
         self._record(logs, force=self.update_freq == "epoch")
 
     def on_train_end(self, logs=None):
@@ -423,10 +484,19 @@ class FDACallback(keras.callbacks.Callback):
         """The final synchronization: every worker leaves fit with the same weights."""
         vars(self.model).pop("_fda_state", None)
         with self._collective("of the final synchronization at train end"):
+            self._collect()
+            if self._lagged:
+                # The last exchanged state's decision: the workers still
+                # training apply it after their next step, in the same
+                # collective.
+                settled = self._averager.decide(advance=False)
+                self._check(settled)
+                if bool(settled["synced"]):
+                    self._record(None, synced=True)
             # A worker that already saw a peer stop must not announce its own
             # stop: the others are no longer stepping and would not answer it.
-            early = self._peer_stopped or bool(self._averager.stop())
-            result = self._averager.finish(early)
+            force = self._peer_stopped or any(bool(x) for x in self._averager.stop().values())
+            result = self._averager.finish(force)
         if not bool(result["healthy"]):
             raise FloatingPointError(
                 "FDA's final synchronization at train end found NaN or Inf in the "

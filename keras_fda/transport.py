@@ -8,6 +8,7 @@ collectives: the user's model is built outside its scope and stays local.
 """
 
 import contextlib
+import queue
 import threading
 import time
 import zlib
@@ -40,6 +41,19 @@ class Transport:
     def all_gather(self, tensor):
         """Stacks every worker's `tensor` along a new leading axis (worker order)."""
         raise NotImplementedError
+
+    def all_reduce_async(self, tensor, op="mean"):
+        """Starts `all_reduce(tensor, op)` in the background; returns its `InFlight`.
+
+        One background thread per transport runs the collectives in the
+        order they were started, so a driver can overlap a small all-reduce
+        with its next training step. Collectives started here and ones called
+        directly must not be in flight together (the runtime pairs them by
+        order): take the result before the next direct call.
+        """
+        if getattr(self, "_background", None) is None:
+            self._background = _Background()
+        return self._background.start(self.all_reduce, tensor, op)
 
     def deadline(self):
         """A context manager bounding how long the collectives run inside it may wait.
@@ -147,6 +161,58 @@ class CollectiveTransport(Transport):
 
     def __repr__(self):
         return f"CollectiveTransport(num_workers={self.num_workers}, worker_index={self.worker_index})"
+
+
+class InFlight:
+    """The result of a collective started with `Transport.all_reduce_async`."""
+
+    def __init__(self):
+        self._done = threading.Event()
+        self._value = self._error = None
+
+    def _set(self, value=None, error=None):
+        self._value, self._error = value, error
+        self._done.set()
+
+    def done(self):
+        return self._done.is_set()
+
+    def result(self):
+        """Waits for the collective; returns its tensor or raises its error.
+
+        Call it inside `Transport.deadline()`: a collective that waits on a
+        dead worker is then aborted like one called directly.
+        """
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+class _Background:
+    """One daemon thread that runs queued calls in order.
+
+    A daemon, not a `concurrent.futures` pool: a pool's threads are joined at
+    interpreter exit, and one stuck in a collective of a dead peer would keep
+    the process from exiting.
+    """
+
+    def __init__(self):
+        self._queue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="keras_fda-collectives", daemon=True).start()
+
+    def start(self, fn, *args):
+        result = InFlight()
+        self._queue.put((fn, args, result))
+        return result
+
+    def _run(self):
+        while True:
+            fn, args, result = self._queue.get()
+            try:
+                result._set(value=fn(*args))
+            except Exception as e:  # noqa: BLE001 - handed to the caller of result()
+                result._set(error=e)
 
 
 class _Watchdog:

@@ -94,7 +94,8 @@ def main():
         epochs=1,
         shuffle=False,
         verbose=0,
-        callbacks=[keras_fda.FDACallback(trigger=make_trigger(args.trigger)), Record()],
+        # The blocking exchange decides after the same step, as the simulator does.
+        callbacks=[keras_fda.FDACallback(trigger=make_trigger(args.trigger), overlap=False), Record()],
     )
     weights = {f"weight{i}": w for i, w in enumerate(model.get_weights())}
     np.savez(

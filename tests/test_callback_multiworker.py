@@ -71,22 +71,79 @@ def assert_syncs_exactly_when_above_threshold(runs):
     np.testing.assert_array_equal(sync_steps(r), above)
 
 
-def numpy_statistics(runs, statistic_fn, initial_w0):
-    """Recomputes each step's statistic in numpy from the recorded weights.
+def numpy_statistics(runs, statistic_fn, initial_w0, lag=1, every=1, steps_per_epoch=8):
+    """Replays FDACallback's exchange schedule in numpy from the recorded weights.
 
-    `statistic_fn(drifts, w0, w_prev)` gets the K drifts (rows) before FDA
-    acted, the reference w0 and the previous reference; the reference moves to
-    the averaged weights after each logged sync.
+    `statistic_fn(drifts, w0, w_prev)` gets the K drifts (rows), the
+    reference w0 and the previous reference; the reference moves to the
+    averaged weights after each logged sync. With `lag=0` (the blocking
+    exchange) step t's state is computed from the weights after the local
+    step, before FDA acted, and decides at step t. With `lag=1` (overlap) a
+    state is computed after FDA acted at the step it is sent, and decides
+    `every` steps later, or after the next step if an epoch ended meanwhile
+    (the callback takes the result at an epoch's end).
+
+    Returns:
+        The statistic each step's decision used (NaN where none was made).
     """
     synced = set(sync_steps(runs[0]))
+    steps = len(runs[0]["syncs"])
     w0, w_prev = initial_w0, initial_w0
-    values = []
-    for t in range(len(runs[0]["syncs"])):
-        drifts = np.stack([r["before_trainable"][t] for r in runs]).astype(np.float64) - w0
-        values.append(statistic_fn(drifts, w0, w_prev))
+    values = np.full(steps, np.nan)
+    in_flight = pending = None
+
+    def state(key, t):
+        drifts = np.stack([r[key][t] for r in runs]).astype(np.float64) - w0
+        return statistic_fn(drifts, w0, w_prev)
+
+    for t in range(steps):
+        if lag == 0:
+            values[t] = state("before_trainable", t)
+        else:
+            if in_flight is not None:
+                in_flight[1] += 1
+                if in_flight[1] >= every:
+                    pending, in_flight = in_flight[0], None
+            if pending is not None:
+                values[t], pending = pending, None
         if t in synced:
             w_prev, w0 = w0, runs[0]["after_trainable"][t].astype(np.float64)
-    return np.array(values)
+        if lag and in_flight is None:
+            in_flight = [state("after_trainable", t), 0]
+        if lag and (t + 1) % steps_per_epoch == 0 and in_flight is not None:
+            pending, in_flight = in_flight[0], None
+    return values
+
+
+def assert_statistics_replayed(runs, expected, rtol=2e-3):
+    """The logged statistics are the replayed ones; the syncs, those above threshold."""
+    r = runs[0]
+    decided = np.flatnonzero(~np.isnan(expected))
+    np.testing.assert_allclose(r["statistic"][decided], expected[decided], rtol=rtol, atol=1e-6)
+    above = decided[r["statistic"][decided] > r["threshold"][decided]]
+    np.testing.assert_array_equal(sync_steps(r), above)
+
+
+def exact_variance(drifts, w0, w_prev):
+    return np.mean(np.sum((drifts - drifts.mean(0)) ** 2, axis=1))
+
+
+def linear_statistic(shapes):
+    """Linear FDA's estimate in numpy, with its direction from the last round's step."""
+    from keras_fda.estimators import LinearEstimator
+
+    est = LinearEstimator(seed=0)
+    est.build(shapes)
+    xi = {"v": np.concatenate([np.ravel(x) for x in est.initial_round_state()])}
+
+    def linear(drifts, w0, w_prev):
+        step = w0 - w_prev
+        if np.any(step):
+            xi["v"] = step / np.linalg.norm(step)
+        s1 = np.mean(np.sum(drifts**2, axis=1))
+        return s1 - np.mean(drifts @ xi["v"]) ** 2
+
+    return linear
 
 
 def test_two_workers_linear_sync_structure(linear2):
@@ -103,31 +160,40 @@ def test_three_workers_exact_sync_structure_and_decisions(exact3):
     assert_syncs_exactly_when_above_threshold(exact3)
 
 
-def test_three_workers_exact_statistic_equals_numpy_variance(exact3):
-    def variance(drifts, w0, w_prev):
-        return np.mean(np.sum((drifts - drifts.mean(0)) ** 2, axis=1))
+def test_three_workers_exact_lagged_decisions_equal_numpy_replay(exact3):
+    """Overlap (the default): step t's variance decides after step t+1."""
+    expected = numpy_statistics(exact3, exact_variance, exact3[0]["initial_trainable"])
+    assert np.isnan(expected[0]) and not np.isnan(expected[1:]).any()
+    assert_statistics_replayed(exact3, expected)
 
-    expected = numpy_statistics(exact3, variance, exact3[0]["initial_trainable"])
-    np.testing.assert_allclose(exact3[0]["statistic"], expected, rtol=2e-3, atol=1e-6)
 
-
-def test_two_workers_linear_statistic_equals_numpy(linear2):
-    from keras_fda.estimators import LinearEstimator
-
-    shapes = linear2[0]["trainable_shapes"]
-    est = LinearEstimator(seed=0)
-    est.build(shapes)
-    xi = {"v": np.concatenate([np.ravel(x) for x in est.initial_round_state()])}
-
-    def linear(drifts, w0, w_prev):
-        step = w0 - w_prev
-        if np.any(step):
-            xi["v"] = step / np.linalg.norm(step)
-        s1 = np.mean(np.sum(drifts**2, axis=1))
-        return s1 - np.mean(drifts @ xi["v"]) ** 2
-
+def test_two_workers_linear_lagged_decisions_equal_numpy(linear2):
+    linear = linear_statistic(linear2[0]["trainable_shapes"])
     expected = numpy_statistics(linear2, linear, linear2[0]["initial_trainable"])
-    np.testing.assert_allclose(linear2[0]["statistic"], expected, rtol=2e-3, atol=1e-6)
+    assert_statistics_replayed(linear2, expected)
+
+
+def test_blocking_exchange_decides_on_the_same_step(tmp_path_factory):
+    """overlap=False: the state of step t decides after step t."""
+    runs = run(
+        tmp_path_factory, 2, "--variant", "linear", "--threshold", LINEAR_THRESHOLD, "--blocking"
+    )
+    assert_sync_structure(runs)
+    linear = linear_statistic(runs[0]["trainable_shapes"])
+    expected = numpy_statistics(runs, linear, runs[0]["initial_trainable"], lag=0)
+    assert not np.isnan(expected).any()
+    assert_statistics_replayed(runs, expected)
+
+
+def test_exchange_every_three_steps_decides_on_the_replayed_schedule(tmp_path_factory):
+    runs = run(
+        tmp_path_factory, 3, "--variant", "exact", "--threshold", 0.1, "--exchange_every", 3
+    )
+    assert_sync_structure(runs)
+    expected = numpy_statistics(runs, exact_variance, runs[0]["initial_trainable"], every=3)
+    # Decisions every 3 steps and one step after each epoch's end (8 steps per epoch).
+    np.testing.assert_array_equal(np.flatnonzero(~np.isnan(expected)), [3, 6, 8, 11, 14])
+    assert_statistics_replayed(runs, expected)
 
 
 def test_two_workers_sketch_uses_same_hashes_and_tracks_variance(sketch2):
@@ -135,17 +201,14 @@ def test_two_workers_sketch_uses_same_hashes_and_tracks_variance(sketch2):
     assert_sync_structure(sketch2)
     assert_syncs_exactly_when_above_threshold(sketch2)
 
-    def variance(drifts, w0, w_prev):
-        return np.mean(np.sum((drifts - drifts.mean(0)) ** 2, axis=1))
-
     def naive(drifts, w0, w_prev):
         return np.mean(np.sum(drifts**2, axis=1))
 
     initial = sketch2[0]["initial_trainable"]
-    exact = numpy_statistics(sketch2, variance, initial)
-    s1 = numpy_statistics(sketch2, naive, initial)
+    exact = numpy_statistics(sketch2, exact_variance, initial)[1:]
+    s1 = numpy_statistics(sketch2, naive, initial)[1:]
     # sketch V = S1 - M/(1+eps): between the variance (minus AMS error) and S1.
-    stat = sketch2[0]["statistic"]
+    stat = sketch2[0]["statistic"][1:]
     assert (stat <= s1 * (1 + 1e-4) + 1e-7).all()
     assert (np.abs(stat - exact) <= 0.5 * (s1 - exact) + 1e-6).all()
 
@@ -199,7 +262,7 @@ def test_kamp_syncs_when_any_worker_drifts_past_threshold(tmp_path_factory):
         return float(np.mean(np.sum(drifts**2, axis=1) > threshold))
 
     expected = numpy_statistics(runs, any_violation, runs[0]["initial_trainable"])
-    np.testing.assert_array_equal(sync_steps(runs[0]), np.flatnonzero(expected > 0))
+    np.testing.assert_array_equal(sync_steps(runs[0]), np.flatnonzero(np.nan_to_num(expected) > 0))
     assert_sync_structure(runs)
 
 

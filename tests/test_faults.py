@@ -46,9 +46,9 @@ def wait_for_file(path, proc_list, deadline_s=90):
     return int(path.read_text())
 
 
-def long_run_args(out, timeout):
+def long_run_args(out, timeout, trigger=("--threshold", 1.0)):
     return [
-        "--out", out, "--threshold", 1.0, "--repeat", "--steps_per_epoch", 100,
+        "--out", out, *trigger, "--repeat", "--steps_per_epoch", 100,
         "--epochs", 1000, "--collective_timeout", timeout, "--pid_after_step", 20,
     ]
 
@@ -74,10 +74,18 @@ def workers_without_launcher(args, script=WORKER):
             p.wait(timeout=30)
 
 
-def test_a_killed_worker_makes_the_survivor_fail_with_a_clear_error(tmp_path):
+@pytest.mark.parametrize(
+    "trigger",
+    [
+        ("--threshold", 1.0),  # FDA: the overlapped per-step exchange
+        ("--trigger", "periodic", "--tau", 10),  # nothing sent between syncs
+    ],
+    ids=["fda", "periodic"],
+)
+def test_a_killed_worker_makes_the_survivor_fail_with_a_clear_error(tmp_path, trigger):
     """Without the launcher: the survivor must notice by itself, within the timeout."""
     timeout = 20
-    with workers_without_launcher(long_run_args(tmp_path, timeout)) as procs:
+    with workers_without_launcher(long_run_args(tmp_path, timeout, trigger)) as procs:
         victim = wait_for_file(tmp_path / "pid1", procs)
         os.kill(victim, signal.SIGKILL)
         output, _ = procs[0].communicate(timeout=timeout + 60)
@@ -187,32 +195,37 @@ def load(out, index):
 
 
 @pytest.mark.parametrize(
-    "args, steps_of_last",
+    "args, steps_of_last, steps_of_first",
     [
         # A finite dataset shorter than steps_per_epoch: Keras ends each of the
-        # last worker's epochs after 6 of 8 steps ("ran out of data").
-        (["--threshold", 0.05, "--steps_per_epoch", 8, "--extra_rows_on_last", -32], 12),
+        # last worker's epochs after 6 of 8 steps ("ran out of data"). FDA's
+        # state exchange overlaps the next step: the other worker learns of
+        # the stop from the exchange it collects after its second step more.
+        (["--threshold", 0.05, "--steps_per_epoch", 8, "--extra_rows_on_last", -32], 12, 14),
         # A callback (as EarlyStopping would) stops the last worker mid-epoch.
-        (["--threshold", 0.05, "--steps_per_epoch", 8, "--repeat", "--stop_at_step_on_last", 5], 5),
-        # Stateless triggers: the stop must mirror the others' next message,
-        # the weights' all-reduce on a sync step (6) or the bare flag (5).
+        (["--threshold", 0.05, "--steps_per_epoch", 8, "--repeat", "--stop_at_step_on_last", 5],
+         5, 7),
+        # The blocking exchange: in its next step's collective.
+        (["--threshold", 0.05, "--steps_per_epoch", 8, "--repeat", "--stop_at_step_on_last", 5,
+          "--blocking"], 5, 6),
+        # Stateless triggers send nothing between syncs: the stop meets the
+        # others' next sync, every step for synchronous, step 6 for tau 3.
         (["--trigger", "synchronous", "--repeat", "--steps_per_epoch", 8,
-          "--stop_at_step_on_last", 5], 5),
+          "--stop_at_step_on_last", 5], 5, 6),
         (["--trigger", "periodic", "--tau", 3, "--repeat", "--steps_per_epoch", 8,
-          "--stop_at_step_on_last", 5], 5),
+          "--stop_at_step_on_last", 5], 5, 6),
         (["--trigger", "periodic", "--tau", 3, "--repeat", "--steps_per_epoch", 8,
-          "--stop_at_step_on_last", 4], 4),
+          "--stop_at_step_on_last", 4], 4, 6),
     ],
 )
 def test_a_worker_that_stops_early_stops_everyone_with_identical_weights(
-    tmp_path, args, steps_of_last
+    tmp_path, args, steps_of_last, steps_of_first
 ):
     result = launch(2, WORKER, "--out", tmp_path, *args, timeout=120)
     assert result.returncode == 0, result.stdout[-3000:]
     first, last = load(tmp_path, 0), load(tmp_path, 1)
     assert len(last["syncs"]) == steps_of_last
-    # The other worker learns of the stop in its next step's collective.
-    assert len(first["syncs"]) == steps_of_last + 1
+    assert len(first["syncs"]) == steps_of_first
     assert "[worker 0] " in result.stdout and "another worker stopped training" in result.stdout
     np.testing.assert_array_equal(first["final"], last["final"])
 
@@ -223,8 +236,9 @@ def test_nan_on_one_worker_is_an_error_naming_the_step_on_every_worker(tmp_path)
     )
     assert result.returncode == 4, result.stdout[-3000:]
     for worker in (0, 1):
+        # Step 3's state is all-reduced while step 4 trains, and decided after it.
         assert (
-            f"[worker {worker}] FloatingPointError: FDA stopped training at step 3: the "
+            f"[worker {worker}] FloatingPointError: FDA stopped training at step 4: the "
             "fda-linear statistic (fda/variance) is NaN or Inf, so nothing was averaged"
         ) in result.stdout
     healthy = np.load(tmp_path / "nan_final0.npy")

@@ -20,6 +20,8 @@ parser.add_argument("--trigger", default="fda")
 parser.add_argument("--variant", default=None)
 parser.add_argument("--threshold", type=float, default=None)
 parser.add_argument("--tau", type=int, default=None)
+parser.add_argument("--blocking", action="store_true", help="FDACallback(overlap=False)")
+parser.add_argument("--exchange_every", type=int, default=1)
 parser.add_argument("--model", choices=["mlp", "linear"], default="mlp")
 parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
 parser.add_argument("--lr", type=float, default=0.01)
@@ -180,7 +182,8 @@ def main():
         data = data.filter(lambda *_: True)
     data = data.batch(args.batch_size)
     fda = keras_fda.FDACallback(
-        threshold=args.threshold, variant=args.variant, trigger=args.trigger, tau=args.tau
+        threshold=args.threshold, variant=args.variant, trigger=args.trigger, tau=args.tau,
+        overlap=not args.blocking, exchange_every=args.exchange_every,
     )
     before, after = Recorder(), Recorder()
     callbacks = [before, fda, after]
@@ -233,7 +236,10 @@ def main():
         comm_bytes=np.array([l["fda/comm_bytes"] for l in after.logs]),
         final=flat_weights(model),
         fit_steps=np.array(fit_steps),
-        step_traces=fda._averager.step.experimental_get_tracing_count(),
+        # The function each step runs: `decide` when the exchange overlaps.
+        step_traces=(
+            fda._averager.message if fda._lagged else fda._averager.step
+        ).experimental_get_tracing_count(),
         optimizer_iterations=int(model.optimizer.iterations.numpy()),
         saved_keys=json.dumps(
             saved_keys(model, os.path.join(args.out, f"model{index}.keras"))
