@@ -38,6 +38,9 @@ class CommunicationStats:
         sync_bytes: bytes each worker all-reduces at one synchronization,
             if not the model's (`keras_fda.outer.SyncState.sync_bytes`);
             None: `model_bytes`. The initial broadcast always sends the model.
+        exchanges: state all-reduces made (None: one per step). Fewer with
+            `FDACallback(exchange_every=...)`; state and control bytes are
+            counted per exchange.
     """
 
     num_workers: int
@@ -48,6 +51,11 @@ class CommunicationStats:
     control_bytes: int = 0
     param_bytes: int = 4
     sync_bytes: int = None
+    exchanges: int = None
+
+    @property
+    def state_exchanges(self):
+        return self.steps if self.exchanges is None else self.exchanges
 
     @property
     def model_bytes(self):
@@ -63,7 +71,7 @@ class CommunicationStats:
         """Bytes by the paper's formula (see the module docstring)."""
         k = self.num_workers
         models = self.model_bytes + self.syncs * self.bytes_per_sync
-        return 2 * k * models + self.state_bytes * self.steps * k
+        return 2 * k * models + self.state_bytes * self.state_exchanges * k
 
     @property
     def synchronous_paper_bytes(self):
@@ -75,8 +83,11 @@ class CommunicationStats:
     def wire_bytes_per_worker(self):
         """Bytes one worker sends over a ring all-reduce, broadcast included."""
         k = self.num_workers
-        per_step = self.state_bytes + self.control_bytes
-        payload = self.model_bytes + self.syncs * self.bytes_per_sync + self.steps * per_step
+        per_exchange = self.state_bytes + self.control_bytes
+        payload = (
+            self.model_bytes + self.syncs * self.bytes_per_sync
+            + self.state_exchanges * per_exchange
+        )
         return 2.0 * (k - 1) / k * payload
 
     @property

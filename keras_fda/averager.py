@@ -90,10 +90,13 @@ class AveragingState:
         self.syncs.assign_add(1)
         return tf.constant(True)
 
-    def communication(self, num_workers, control_bytes=0, *, steps=None, syncs=None):
+    def communication(
+        self, num_workers, control_bytes=0, *, steps=None, syncs=None, exchanges=None
+    ):
         """The `CommunicationStats` of the steps and syncs so far.
 
-        `steps` and `syncs` default to the counters' current values.
+        `steps` and `syncs` default to the counters' current values;
+        `exchanges` (state all-reduces) to one per step.
         """
         return CommunicationStats(
             num_workers=num_workers,
@@ -103,6 +106,7 @@ class AveragingState:
             syncs=int(self.syncs.numpy()) if syncs is None else syncs,
             control_bytes=control_bytes,
             param_bytes=self.dtype.size,
+            exchanges=exchanges,
         )
 
 
@@ -140,9 +144,12 @@ class WorkerAverager(AveragingState):
         self.pending_since = tf.Variable(
             -1, dtype=tf.int64, trainable=False, name="fda_pending_since"
         )
+        self.exchanges = tf.Variable(0, dtype=tf.int64, trainable=False, name="fda_exchanges")
 
     def state_variables(self):
-        return [*super().state_variables(), self.pending_state, self.pending_since]
+        return [
+            *super().state_variables(), self.pending_state, self.pending_since, self.exchanges
+        ]
 
     def _assign_flat(self, flat, variables=None):
         variables = self.averaged if variables is None else variables
@@ -213,6 +220,7 @@ class WorkerAverager(AveragingState):
         return self.steps_since_sync.assign_add(1)
 
     def _message(self):
+        self.exchanges.assign_add(1)
         drift = [v - r for v, r in zip(self.variables, self.reference)]
         local = self.trigger.local_state(drift, [s.read_value() for s in self.round_state])
         return _with_flag(tf.cast(local, tf.float32), 1.0), self.steps_since_sync.read_value()
@@ -360,15 +368,19 @@ class WorkerAverager(AveragingState):
         synced = tf.cond(attempted, lambda: self._average()[0], lambda: tf.constant(False))
         return {"synced": synced, "healthy": synced | ~attempted}
 
-    def communication(self):
+    def communication(self, control_bytes=4):
         """The `CommunicationStats` so far.
 
-        A trigger with a state adds the 4-byte 'still training' flag to each
-        step's message; a stateless one sends nothing between syncs (its
-        flag's 4 bytes per sync are not counted).
+        A trigger with a state sends `control_bytes` with each state (the
+        'still training' flag, and what the driver adds); a stateless one
+        sends nothing between syncs (its flag's 4 bytes per sync are not
+        counted).
         """
-        control_bytes = 4 if self.trigger.state_size else 0
-        return super().communication(self.transport.num_workers, control_bytes=control_bytes)
+        return super().communication(
+            self.transport.num_workers,
+            control_bytes=control_bytes if self.trigger.state_size else 0,
+            exchanges=int(self.exchanges.numpy()),
+        )
 
 
 def _with_flag(payload, active):

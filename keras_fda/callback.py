@@ -2,6 +2,7 @@
 
 import contextlib
 import math
+import time
 import zlib
 
 import keras
@@ -118,8 +119,12 @@ class FDACallback(keras.callbacks.Callback):
             Stateless triggers (periodic, synchronous) send nothing between
             syncs either way.
         exchange_every: with `overlap`, exchange the state every this many
-            steps (an int >= 1): for links whose round trip is longer than a
-            step. The decision then lags up to this many steps.
+            steps (an int >= 1), for links whose round trip is longer than a
+            step; the decision then lags this many steps. "auto" sets it from
+            the measured round trip and step time: each message carries the
+            worker's ratio of the two (4 bytes), and the workers take the
+            period that hides the mean ratio from the all-reduced value, so
+            all of them switch at the same step.
         cluster: the `keras_fda.Cluster`; defaults to the one `keras_fda.connect()`
             joined (a single local worker without TF_CONFIG).
 
@@ -159,9 +164,14 @@ class FDACallback(keras.callbacks.Callback):
     ):
         super().__init__()
         self.trigger = triggers_lib.get(trigger, threshold=threshold, variant=variant, tau=tau)
-        if isinstance(exchange_every, bool) or not isinstance(exchange_every, int) or exchange_every < 1:
-            raise ValueError(f"exchange_every must be an integer >= 1, got {exchange_every!r}.")
-        if exchange_every > 1 and not overlap:
+        if exchange_every != "auto" and (
+            isinstance(exchange_every, bool) or not isinstance(exchange_every, int)
+            or exchange_every < 1
+        ):
+            raise ValueError(
+                f'exchange_every must be an integer >= 1 or "auto", got {exchange_every!r}.'
+            )
+        if exchange_every != 1 and not overlap:
             raise ValueError(
                 f"exchange_every={exchange_every} needs overlap=True: the blocking exchange "
                 "decides after every step."
@@ -184,6 +194,7 @@ class FDACallback(keras.callbacks.Callback):
         self._ended = False
         self._end_deferred = False
         self._in_flight = None
+        self._lagged, self._every, self._timing = False, 1, None
 
     @property
     def cluster(self):
@@ -195,7 +206,8 @@ class FDACallback(keras.callbacks.Callback):
     def communication(self):
         if self._averager is None:
             raise ValueError("No communication yet: FDACallback has not been used in fit().")
-        return self._averager.communication()
+        # exchange_every="auto" adds each worker's round-trip ratio to a message.
+        return self._averager.communication(control_bytes=8 if self._timing else 4)
 
     def _check_model(self):
         model = self.model
@@ -345,6 +357,9 @@ class FDACallback(keras.callbacks.Callback):
         self._in_flight = None
         # Only a trigger with a state (built now) has a per-step exchange to overlap.
         self._lagged = self.overlap and self.trigger.state_size > 0
+        auto = self._lagged and self.exchange_every == "auto"
+        self._every = 1 if auto else self.exchange_every
+        self._timing = _StepTiming() if auto else None
         # Keras hands the fit's History to the model before any callback's
         # set_model and calls it after the callbacks the user listed: hooked
         # there, the start and the final sync see every other callback's
@@ -383,8 +398,7 @@ class FDACallback(keras.callbacks.Callback):
 
     def _record(self, logs, synced=False, force=False):
         """Puts the fda/* values into Keras' logs and, on the chief, the dashboard."""
-        averager = self._averager
-        stats = averager.communication()
+        stats = self.communication
         if logs is not None:
             logs["fda/variance"] = self._last_statistic
             logs["fda/threshold"] = self.trigger.threshold
@@ -406,6 +420,8 @@ class FDACallback(keras.callbacks.Callback):
         )
 
     def on_train_batch_end(self, batch, logs=None):
+        if self._timing is not None:
+            self._timing.step_ended()
         with self._collective("after step {step}"):
             if self._lagged:
                 self._collect(due_only=True)
@@ -420,6 +436,8 @@ class FDACallback(keras.callbacks.Callback):
     def _send(self):
         """Starts the all-reduce of this step's state; the next steps train meanwhile."""
         message, since = self._averager.message()
+        if self._timing is not None:
+            message = tf.concat([[self._timing.ratio()], message], 0)
         self._in_flight = self.cluster.transport.all_reduce_async(message)
         self._in_flight_since, self._in_flight_steps = since, 0
 
@@ -433,10 +451,16 @@ class FDACallback(keras.callbacks.Callback):
         if self._in_flight is None:
             return
         self._in_flight_steps += 1
-        if due_only and self._in_flight_steps < self.exchange_every:
+        if due_only and self._in_flight_steps < self._every:
             return
         in_flight, self._in_flight = self._in_flight, None
-        self._averager.receive(in_flight.result(), self._in_flight_since)
+        started = time.perf_counter()
+        mean = in_flight.result()
+        if self._timing is not None:
+            self._timing.exchanged(in_flight.elapsed, waited=time.perf_counter() - started)
+            self._every = exchange_period(float(mean[0]))
+            mean = mean[1:]
+        self._averager.receive(mean, self._in_flight_since)
 
     def _check(self, result):
         """Raises on NaN/Inf; stops this worker if another one stopped."""
@@ -507,6 +531,54 @@ class FDACallback(keras.callbacks.Callback):
         if self._dashboard is not None:
             self._dashboard.close()
             self._dashboard = None
+
+
+def exchange_period(ratio, longest=100):
+    """Steps per state exchange that hide a round trip of `ratio` steps.
+
+    A quarter more than the ratio, so that a round trip a little slower than
+    measured still ends before its result is due.
+
+    >>> exchange_period(0.3), exchange_period(8.0)
+    (1, 10)
+    """
+    if not math.isfinite(ratio):
+        return longest
+    return int(min(max(math.ceil(1.25 * ratio), 1), longest))
+
+
+class _StepTiming:
+    """This worker's round trip of the state exchange, in steps (for exchange_every="auto").
+
+    Steps are timed between batch ends, less the time spent waiting there for
+    an exchange, so a round trip that is not yet hidden does not pass for
+    compute; both are smoothed over about ten samples.
+    """
+
+    def __init__(self):
+        self._step = self._round_trip = None
+        self._last_end = None
+        self._waited = 0.0
+
+    def step_ended(self):
+        now = time.perf_counter()
+        if self._last_end is not None:
+            self._step = _smooth(self._step, now - self._last_end - self._waited)
+        self._last_end, self._waited = now, 0.0
+
+    def exchanged(self, round_trip, waited):
+        """An exchange took `round_trip` seconds, of which the step waited `waited`."""
+        self._round_trip = _smooth(self._round_trip, round_trip)
+        self._waited += waited
+
+    def ratio(self):
+        if self._step is None or self._round_trip is None:
+            return 0.0
+        return self._round_trip / max(self._step, 1e-6)
+
+
+def _smooth(average, sample):
+    return sample if average is None else 0.9 * average + 0.1 * sample
 
 
 def _run_after(callback, method, action):

@@ -169,6 +169,7 @@ class InFlight:
     def __init__(self):
         self._done = threading.Event()
         self._value = self._error = None
+        self.elapsed = None  # seconds the collective ran, once done
 
     def _set(self, value=None, error=None):
         self._value, self._error = value, error
@@ -209,10 +210,13 @@ class _Background:
     def _run(self):
         while True:
             fn, args, result = self._queue.get()
+            started = time.perf_counter()
             try:
-                result._set(value=fn(*args))
+                value, error = fn(*args), None
             except Exception as e:  # noqa: BLE001 - handed to the caller of result()
-                result._set(error=e)
+                value, error = None, e
+            result.elapsed = time.perf_counter() - started
+            result._set(value, error)
 
 
 class _Watchdog:

@@ -89,11 +89,43 @@ def test_rejects_models_built_in_a_strategy_scope():
         (dict(trigger="kamp", threshold=1.0, tau=3), "does not use tau"),
         (dict(threshold=1.0, tau=3), "does not use tau"),
         (dict(trigger=keras_fda.Periodic(4), threshold=1.0), "does not use threshold"),
+        (dict(threshold=1.0, exchange_every=0), "integer >= 1 or \"auto\""),
+        (dict(threshold=1.0, exchange_every="fast"), "integer >= 1 or \"auto\""),
+        (dict(threshold=1.0, exchange_every=2.5), "integer >= 1 or \"auto\""),
+        (dict(threshold=1.0, exchange_every=4, overlap=False), "needs overlap=True"),
     ],
 )
 def test_bad_arguments_say_what_to_do(kwargs, message):
     with pytest.raises(ValueError, match=message):
         keras_fda.FDACallback(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "ratio, period", [(0.0, 1), (0.8, 1), (1.0, 2), (8.0, 10), (1e6, 100), (float("nan"), 100)]
+)
+def test_exchange_period_hides_the_measured_round_trip(ratio, period):
+    from keras_fda.callback import exchange_period
+
+    assert exchange_period(ratio) == period
+
+
+@pytest.mark.parametrize("exchange_every", [1, 3, "auto"])
+def test_overlapped_exchange_decides_one_exchange_later(exchange_every):
+    """One worker: every decision uses a state sent `exchange_every` steps before."""
+    model = compiled_model()
+    x, y = data()
+    fda = keras_fda.FDACallback(threshold=1e9, variant="naive", exchange_every=exchange_every)
+    logged = []
+    record = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: logged.append(logs["fda/variance"])
+    )
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[fda, record])
+    # "auto" starts at 1 and measures; the first state is sent after step 0.
+    first_decision = 3 if exchange_every == 3 else 1
+    assert np.isnan(logged[:first_decision]).all()
+    assert not np.isnan(logged[first_decision:]).any()
+    assert fda._in_flight is None  # collected at the end
+    assert fda.communication.steps == 8
 
 
 @pytest.mark.parametrize(

@@ -194,6 +194,11 @@ def test_exchange_every_three_steps_decides_on_the_replayed_schedule(tmp_path_fa
     # Decisions every 3 steps and one step after each epoch's end (8 steps per epoch).
     np.testing.assert_array_equal(np.flatnonzero(~np.isnan(expected)), [3, 6, 8, 11, 14])
     assert_statistics_replayed(runs, expected)
+    # Sent after steps 0, 3, 6, 8, 11, 14: the state bytes of 6 exchanges, not 16.
+    stats = runs[0]["stats"]
+    assert stats["paper_bytes"] == (stats["syncs"] + 1) * 2 * 3 * 4 * stats["num_params"] + (
+        stats["state_bytes"] * 6 * 3
+    )
 
 
 def test_two_workers_sketch_uses_same_hashes_and_tracks_variance(sketch2):
