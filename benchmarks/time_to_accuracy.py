@@ -242,20 +242,25 @@ def goal_lines(results, targets):
 
 def per_step_table(rows):
     lines = [
-        "| link | model (d) | local step | FDA linear, no sync | periodic tau 32, between syncs "
-        "| synchronous | FDA / local | periodic / local | FDA exchange part | load |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| link | model (d) | local step | FDA linear, no sync (overlap) | FDA, blocking | "
+        "FDA, exchange_every=auto | periodic tau 32, between syncs | synchronous | "
+        "FDA overlap / local | FDA blocking / local | FDA auto / local | periodic / local | load |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for link, r in rows:
         s = r["sections"]
+        local = s["local"]["step"]
+        # Runs from before the overlap have no blocking / auto sections.
+        step = {k: s[k]["step"] if k in s else float("nan") for k in (
+            "fda_nosync", "fda_blocking", "fda_every_auto", "periodic_32", "synchronous")}
         lines.append(
-            f"| {link_label(link)} | {r['model']} ({r['params']:,}) | "
-            f"{s['local']['step']:.1f} ms | "
-            f"{s['fda_nosync']['step']:.1f} ms | {s['periodic_32']['step']:.1f} ms | "
-            f"{s['synchronous']['step']:.1f} ms | "
-            f"{s['fda_nosync']['step'] / s['local']['step']:.2f}x | "
-            f"{s['periodic_32']['step'] / s['local']['step']:.2f}x | "
-            f"{s['fda_nosync']['exchange']:.1f} ms | {r['load'][0]:.1f} |"
+            f"| {link_label(link)} | {r['model']} ({r['params']:,}) | {local:.1f} ms | "
+            f"{step['fda_nosync']:.1f} ms | {step['fda_blocking']:.1f} ms | "
+            f"{step['fda_every_auto']:.1f} ms | {step['periodic_32']:.1f} ms | "
+            f"{step['synchronous']:.1f} ms | "
+            f"{step['fda_nosync'] / local:.2f}x | {step['fda_blocking'] / local:.2f}x | "
+            f"{step['fda_every_auto'] / local:.2f}x | {step['periodic_32'] / local:.2f}x | "
+            f"{r['load'][0]:.1f} |"
         )
     return lines
 

@@ -190,7 +190,10 @@ def fda_callback(strategy, num_params):
     if strategy["trigger"] == "periodic":
         return keras_fda.FDACallback(trigger="periodic", tau=strategy["tau"])
     if strategy["trigger"] == "never":
-        return keras_fda.FDACallback(threshold=1e30, variant="linear")
+        return keras_fda.FDACallback(
+            threshold=1e30, variant="linear", overlap=strategy.get("overlap", True),
+            exchange_every=strategy.get("exchange_every", 1),
+        )
     return keras_fda.FDACallback(trigger=strategy["trigger"])
 
 
@@ -255,6 +258,8 @@ def run_strategy(model_name, strategy):
 PER_STEP_SECTIONS = {
     "local": None,
     "fda_nosync": {"trigger": "never"},
+    "fda_blocking": {"trigger": "never", "overlap": False},
+    "fda_every_auto": {"trigger": "never", "exchange_every": "auto"},
     "periodic_32": {"trigger": "periodic", "tau": 32},
     "synchronous": {"trigger": "synchronous"},
 }
