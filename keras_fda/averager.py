@@ -12,6 +12,7 @@ It knows nothing of Keras: `FDACallback` feeds it a model's variables.
 
 import tensorflow as tf
 
+from keras_fda import outer as outer_lib
 from keras_fda.accounting import CommunicationStats
 
 
@@ -41,9 +42,14 @@ class AveragingState:
             (a model's trainable weights).
         extra_variables: tf.Variables averaged at each sync but not monitored
             (e.g. BatchNorm moving statistics).
+        sync_rule: a `keras_fda.SyncRule` (what a sync sends and does with
+            the average; default: the plain average of the weights).
+        moments: this worker's optimizer moment variables
+            (`keras_fda.outer.moment_variables`), for the rule's
+            `optimizer_state`.
     """
 
-    def __init__(self, trigger, variables, extra_variables=()):
+    def __init__(self, trigger, variables, extra_variables=(), sync_rule=None, moments=()):
         self.trigger = trigger
         self.variables = list(variables)
         self.averaged = self.variables + list(extra_variables)
@@ -63,19 +69,27 @@ class AveragingState:
         self.steps_since_sync = tf.Variable(
             0, dtype=tf.int64, trainable=False, name="fda_steps_since_sync"
         )
+        self.sync = (sync_rule or outer_lib.SyncRule()).build(self.reference, self.dtype)
+        self.moments = list(moments)
 
     def state_variables(self):
         """Every variable of the averaging state, for checkpoints (fixed order)."""
-        return [*self.reference, *self.round_state, self.steps, self.syncs, self.steps_since_sync]
+        return [
+            *self.reference, *self.round_state, self.steps, self.syncs, self.steps_since_sync,
+            *self.sync.state_variables(),
+        ]
 
-    def _start_round(self, new_reference, mean_state=None):
-        """After a sync: `new_reference` (the averaged trainable values) becomes w0.
+    def _start_round(self, new_reference, mean_state=None, global_step=None):
+        """After a sync: `new_reference` (the new trainable values) becomes w0.
 
         `mean_state` is the all-reduced trigger state of the step that decided
-        the sync (None for a final or planned sync); with the round's length it
-        goes to `trigger.end_round`, which may adapt the next round (AutoFDA).
+        the sync (None for a final or planned sync); with the round's length
+        and `global_step` (the round's averaged drift; default `new_reference
+        - w0`) it goes to `trigger.end_round`, which may adapt the next round
+        (AutoFDA).
         """
-        global_step = [n - r.read_value() for n, r in zip(new_reference, self.reference)]
+        if global_step is None:
+            global_step = [n - r.read_value() for n, r in zip(new_reference, self.reference)]
         next_round = self.trigger.end_round(
             [s.read_value() for s in self.round_state],
             global_step,
@@ -106,6 +120,9 @@ class AveragingState:
             syncs=int(self.syncs.numpy()) if syncs is None else syncs,
             control_bytes=control_bytes,
             param_bytes=self.dtype.size,
+            sync_bytes=self.sync.sync_bytes(
+                self.num_params, self.moments, param_bytes=self.dtype.size
+            ),
             exchanges=exchanges,
         )
 
@@ -132,8 +149,10 @@ class WorkerAverager(AveragingState):
             (e.g. BatchNorm moving statistics).
     """
 
-    def __init__(self, trigger, transport, variables, extra_variables=()):
-        super().__init__(trigger, variables, extra_variables)
+    def __init__(
+        self, trigger, transport, variables, extra_variables=(), sync_rule=None, moments=()
+    ):
+        super().__init__(trigger, variables, extra_variables, sync_rule, moments)
         self.transport = transport
         # The all-reduced message (state and 'still training' fraction) that
         # awaits its decision, and the round length when it was computed
@@ -189,12 +208,15 @@ class WorkerAverager(AveragingState):
         Nothing is assigned if the mean is NaN/Inf or a worker has stopped;
         every worker sees the same mean, so all of them refuse it together.
         """
-        flat = _flatten(self.averaged, self.dtype)
+        payload = self.sync.payload(
+            [v.read_value() for v in self.averaged], [r.read_value() for r in self.reference]
+        )
+        flat = _flatten(payload, self.sync.payload_dtype)
         if active is None:
             mean, active_fraction = self.transport.all_reduce(flat, "mean"), tf.constant(1.0)
         else:
             mean, active_fraction = self._exchange(flat, active)
-        # A mean of K ones is exactly 1.0 in float32.
+        # A mean of K ones is exactly 1.0 in float32, float16 and bfloat16 (K <= 256).
         usable = (active_fraction >= 1.0) & tf.reduce_all(tf.math.is_finite(mean))
         adopted = tf.cond(
             usable, lambda: self._adopt(mean, mean_state), lambda: tf.constant(False)
@@ -202,8 +224,28 @@ class WorkerAverager(AveragingState):
         return adopted, active_fraction
 
     def _adopt(self, mean, mean_state=None):
-        self._assign_flat(mean)
-        return self._start_round([v.read_value() for v in self.variables], mean_state)
+        sizes = [int(v.shape.num_elements()) for v in self.averaged]
+        parts = [tf.reshape(p, v.shape) for v, p in zip(self.averaged, tf.split(mean, sizes))]
+        means = self.sync.mean_weights(parts)
+        # The round's progress, read before an outer optimizer moves w0.
+        global_step = [tf.cast(m, r.dtype) - r for m, r in zip(means, self.reference)]
+        new_values = self.sync.step(means)
+        for v, value in zip(self.averaged, new_values):
+            v.assign(tf.cast(value, v.dtype))
+        self._sync_moments()
+        return self._start_round(
+            [v.read_value() for v in self.variables], mean_state, global_step
+        )
+
+    def _sync_moments(self):
+        """Applies the rule's `optimizer_state` (one more all-reduce for "average")."""
+        payload = self.sync.moments_payload(self.moments)
+        mean = []
+        if payload:
+            sizes = [int(m.shape.num_elements()) for m in payload]
+            flat = self.transport.all_reduce(_flatten(payload, tf.float32), "mean")
+            mean = [tf.reshape(p, m.shape) for m, p in zip(payload, tf.split(flat, sizes))]
+        self.sync.update_moments(self.moments, mean)
 
     def _exchange(self, payload, active):
         """All-reduces `payload` with a trailing 'still training' flag.

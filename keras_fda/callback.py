@@ -11,6 +11,7 @@ import tensorflow as tf
 from absl import logging
 
 from keras_fda import cluster as cluster_lib
+from keras_fda import outer as outer_lib
 from keras_fda import triggers as triggers_lib
 from keras_fda.averager import WorkerAverager
 from keras_fda.tensorboard import Dashboard, standardize_update_freq
@@ -125,6 +126,20 @@ class FDACallback(keras.callbacks.Callback):
             worker's ratio of the two (4 bytes), and the workers take the
             period that hides the mean ratio from the all-reduced value, so
             all of them switch at the same step.
+        sync_dtype: what a sync all-reduces: None (the weights in float32,
+            or float64), or "float32", "bfloat16", "float16": the drift
+            `w_k - w0` in that dtype (2 bytes per parameter for the half
+            types) while `w0` stays full precision. See `keras_fda.SyncRule`.
+        outer_optimizer: None (the plain average), or a Keras optimizer
+            applied to `w0` at each sync with the negative mean drift as its
+            gradient, e.g. `keras.optimizers.SGD(0.7, momentum=0.9,
+            nesterov=True)` (DiLoCo), `SGD(1.0, momentum=0.9)` (FedAvgM) or
+            `Adam(...)` (FedAdam). Its state is identical on every worker,
+            sends nothing, and is checkpointed with the FDA state.
+        optimizer_state: the workers' optimizer moments at a sync: "local"
+            (default, kept), "average" (averaged, counted in the bytes) or
+            "reset" (zeroed). A recompile with a new optimizer then starts a
+            new FDA state (counters included).
         cluster: the `keras_fda.Cluster`; defaults to the one `keras_fda.connect()`
             joined (a single local worker without TF_CONFIG).
 
@@ -160,10 +175,16 @@ class FDACallback(keras.callbacks.Callback):
         update_freq=1,
         overlap=True,
         exchange_every=1,
+        sync_dtype=None,
+        outer_optimizer=None,
+        optimizer_state="local",
         cluster=None,
     ):
         super().__init__()
         self.trigger = triggers_lib.get(trigger, threshold=threshold, variant=variant, tau=tau)
+        self.sync_rule = outer_lib.SyncRule(
+            sync_dtype=sync_dtype, outer_optimizer=outer_optimizer, optimizer_state=optimizer_state
+        )
         if exchange_every != "auto" and (
             isinstance(exchange_every, bool) or not isinstance(exchange_every, int)
             or exchange_every < 1
@@ -337,13 +358,21 @@ class FDACallback(keras.callbacks.Callback):
         if self.average_non_trainable:
             extra = [w.value for w in model.non_trainable_weights if w.dtype.startswith("float")]
         trainable = [w.value for w in model.trainable_weights]
+        moments = []
+        if self.sync_rule.optimizer_state != "local" and model.optimizer is not None:
+            if not model.optimizer.built:
+                # Keras would build it at the first step, after the averager's variables.
+                model.optimizer.build(model.trainable_variables)
+            moments = outer_lib.moment_variables(model.optimizer)
         same = self._averager is not None and self._owner is model and [
-            id(v) for v in self._averager.averaged
-        ] == [id(v) for v in trainable + extra]
+            id(v) for v in self._averager.averaged + self._averager.moments
+        ] == [id(v) for v in trainable + extra + moments]
         if not same:
             # Kept across fits of the same model: the counters, communication
             # totals and dashboard steps go on, and the step is not retraced.
-            self._averager = WorkerAverager(self.trigger, self.cluster.transport, trainable, extra)
+            self._averager = WorkerAverager(
+                self.trigger, self.cluster.transport, trainable, extra, self.sync_rule, moments
+            )
             self._checkpoint = _CheckpointedState(self._averager.state_variables())
             self._owner = model
         self._checkpoint.restored = False

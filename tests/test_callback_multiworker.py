@@ -201,6 +201,55 @@ def test_exchange_every_three_steps_decides_on_the_replayed_schedule(tmp_path_fa
     )
 
 
+@pytest.fixture(scope="module")
+def outer3(tmp_path_factory):
+    """DiLoCo's outer Nesterov on a bfloat16 drift, Adam moments averaged at each sync."""
+    return run(
+        tmp_path_factory, 3, "--variant", "linear", "--threshold", LINEAR_THRESHOLD,
+        "--outer", "nesterov", "--sync_dtype", "bfloat16", "--optimizer_state", "average",
+    )
+
+
+def test_outer_optimizer_keeps_weights_and_moments_identical_after_each_sync(outer3):
+    assert_sync_structure(outer3)
+    synced = sync_steps(outer3[0])
+    for other in outer3[1:]:
+        np.testing.assert_array_equal(
+            other["after_moments"][synced], outer3[0]["after_moments"][synced]
+        )
+
+
+def test_outer_nesterov_update_equals_numpy_replay(outer3):
+    """w0 <- SGD(0.7, momentum 0.9, nesterov) step with gradient w0 - (w0 + mean bf16 drift)."""
+    import ml_dtypes
+
+    lr, momentum = 0.7, 0.9
+    w0 = outer3[0]["initial_trainable"].astype(np.float64)
+    velocity = np.zeros_like(w0)
+    for t in sync_steps(outer3[0]):
+        drifts = [
+            (r["before_trainable"][t].astype(np.float32) - w0.astype(np.float32))
+            .astype(ml_dtypes.bfloat16).astype(np.float64)
+            for r in outer3
+        ]
+        gradient = -np.mean(drifts, axis=0)
+        velocity = momentum * velocity - lr * gradient
+        w0 = w0 + momentum * velocity - lr * gradient
+        for r in outer3:
+            np.testing.assert_allclose(r["after_trainable"][t], w0, rtol=2e-3, atol=2e-3)
+
+
+def test_sync_bytes_count_the_payload_and_the_moments(outer3):
+    stats = outer3[0]["stats"]
+    d = stats["num_params"]
+    moments = outer3[0]["after_moments"].shape[1]
+    # A bfloat16 drift (2 bytes per parameter) and Adam's two float32 moments.
+    assert int(outer3[0]["sync_bytes"]) == 2 * d + 4 * moments
+    k, syncs, steps = 3, stats["syncs"], stats["steps"]
+    expected = 2 * k * (4 * d + syncs * (2 * d + 4 * moments)) + stats["state_bytes"] * steps * k
+    assert stats["paper_bytes"] == expected
+
+
 def test_two_workers_sketch_uses_same_hashes_and_tracks_variance(sketch2):
     assert sketch2[0]["sketch_digest"] == sketch2[1]["sketch_digest"]
     assert_sync_structure(sketch2)

@@ -245,14 +245,20 @@ def test_nan_on_one_worker_is_an_error_naming_the_step_on_every_worker(tmp_path)
     assert np.isfinite(healthy).all()
 
 
-def test_restart_with_backup_and_restore_resumes_the_same_run(tmp_path):
+@pytest.mark.parametrize(
+    "options",
+    [(), ("--outer", "nesterov", "--sync_dtype", "bfloat16")],
+    ids=["plain", "outer_nesterov_bfloat16"],
+)
+def test_restart_with_backup_and_restore_resumes_the_same_run(tmp_path, options):
     """Kill all workers mid-epoch 3, restart: same syncs and final weights as no kill.
 
     BackupAndRestore saves at epoch ends; with a dataset in fixed order the
     resumed run redoes epoch 3 on the same batches, from the saved weights,
-    optimizer state and FDA state (reference weights, direction, counters).
+    optimizer state and FDA state (reference weights, direction, counters,
+    the exchanged state awaiting its decision, the outer optimizer's state).
     """
-    common = ["--threshold", 0.05, "--epochs", 4]
+    common = ["--threshold", 0.05, "--epochs", 4, *options]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     for d in (straight, resumed):
         d.mkdir()

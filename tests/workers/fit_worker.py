@@ -22,6 +22,10 @@ parser.add_argument("--threshold", type=float, default=None)
 parser.add_argument("--tau", type=int, default=None)
 parser.add_argument("--blocking", action="store_true", help="FDACallback(overlap=False)")
 parser.add_argument("--exchange_every", type=int, default=1)
+parser.add_argument("--sync_dtype", default=None)
+parser.add_argument("--outer", choices=["none", "nesterov"], default="none",
+                    help="nesterov: outer SGD(0.7, momentum=0.9, nesterov=True) (DiLoCo)")
+parser.add_argument("--optimizer_state", default="local")
 parser.add_argument("--model", choices=["mlp", "linear"], default="mlp")
 parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
 parser.add_argument("--lr", type=float, default=0.01)
@@ -75,7 +79,7 @@ class Recorder(keras.callbacks.Callback):
 
     def __init__(self):
         super().__init__()
-        self.weights, self.trainable, self.logs = [], [], []
+        self.weights, self.trainable, self.logs, self.moments = [], [], [], []
 
     def on_train_batch_begin(self, batch, logs=None):
         # FDACallback takes worker 0's weights just before the first step.
@@ -92,6 +96,9 @@ class Recorder(keras.callbacks.Callback):
                 signal.pause()  # a deterministic point for the test to kill this worker
         self.weights.append(flat_weights(self.model))
         self.trainable.append(flat_weights(self.model, trainable_only=True))
+        self.moments.append(
+            np.concatenate([np.ravel(v.numpy()) for v in self.model.optimizer.variables[2:]])
+        )
         self.logs.append(dict(logs))
 
 
@@ -184,6 +191,11 @@ def main():
     fda = keras_fda.FDACallback(
         threshold=args.threshold, variant=args.variant, trigger=args.trigger, tau=args.tau,
         overlap=not args.blocking, exchange_every=args.exchange_every,
+        sync_dtype=args.sync_dtype, optimizer_state=args.optimizer_state,
+        outer_optimizer=(
+            keras.optimizers.SGD(0.7, momentum=0.9, nesterov=True)
+            if args.outer == "nesterov" else None
+        ),
     )
     before, after = Recorder(), Recorder()
     callbacks = [before, fda, after]
@@ -230,6 +242,8 @@ def main():
         after=np.stack(after.weights),
         before_trainable=np.stack(before.trainable),
         after_trainable=np.stack(after.trainable),
+        after_moments=np.stack(after.moments),
+        sync_bytes=fda.communication.sync_bytes,
         statistic=np.array([l["fda/variance"] for l in after.logs]),
         syncs=np.array([l["fda/syncs"] for l in after.logs]),
         threshold=np.array([l["fda/threshold"] for l in after.logs]),
