@@ -209,11 +209,13 @@ class AutoFDA(SyncTrigger):
     and the round's length; otherwise every round keeps the first round's
     length.
 
-    When it loses (benchmarks/results/issue13_report.md): against a fixed
-    period under a high, decaying learning rate (warmup + cosine), where
-    short rounds early reach accuracy targets in fewer steps: its rounds
-    of 100+ steps reach them with fewer bytes but in up to 2x the steps of
-    synchronous averaging.
+    When it loses (measured, benchmarks/results/issue13_report.md): it sends
+    about as little as a period of 64-128 steps, and pays like one. Where
+    workers disagree it ends up to 6 points below a period of 32 (Dirichlet 0.1:
+    0.73 against 0.79), and under a high, decaying learning rate (warmup +
+    cosine) it reaches accuracy targets in 1.6-2.4x the steps of
+    synchronous averaging and misses the last ones. With one worker, or
+    identical data, rho is 0: it never syncs after the first round.
 
     Args:
         estimator: a `VarianceEstimator` or one of "naive", "linear",
