@@ -130,12 +130,14 @@ class AveragingState:
 class WorkerAverager(AveragingState):
     """Dynamic averaging of `variables` (plus `extra_variables`) across workers.
 
-    Each step has two halves: `message` (this worker's local state on its
+    Each step has two halves: the message (this worker's local state on its
     drift, for the all-reduce) and the decision on the all-reduced state
-    (`decide`, which may average the weights). `step` runs them back to back
-    around a blocking all-reduce; a driver that overlaps the all-reduce with
-    the next training step calls them apart (`FDACallback(overlap=True)`):
-    the decision on step t's state is then applied after step t+1. Between
+    (which may average the weights). `step` runs them back to back around a
+    blocking all-reduce; a driver that overlaps the all-reduce with the next
+    training step calls `overlapped_step`, which decides on an earlier
+    step's all-reduced message and composes this step's
+    (`FDACallback(overlap=True)`): the decision on step t's state is then
+    applied after step t+1. Between
     the halves the all-reduced state waits in `pending_state`, which is part
     of the checkpointed state, so a resumed run decides as the uninterrupted
     one would.
@@ -261,26 +263,42 @@ class WorkerAverager(AveragingState):
         self.steps.assign_add(1)
         return self.steps_since_sync.assign_add(1)
 
-    def _message(self):
-        self.exchanges.assign_add(1)
+    def _message(self, sent=True):
+        self.exchanges.assign_add(tf.cast(sent, tf.int64))
         drift = [v - r for v, r in zip(self.variables, self.reference)]
         local = self.trigger.local_state(drift, [s.read_value() for s in self.round_state])
         return _with_flag(tf.cast(local, tf.float32), 1.0), self.steps_since_sync.read_value()
 
     @tf.function
-    def message(self):
-        """This worker's half of the state all-reduce, from its weights now.
+    def overlapped_step(self, mean_message=None, since=None, send=True):
+        """One step with the all-reduce outside: receive, decide, compose the next message.
+
+        One compiled call per step for a driver that all-reduces the message
+        itself while the next step trains (`FDACallback(overlap=True)`).
+
+        Args:
+            mean_message: the all-reduced message of an earlier step (or
+                None if none arrived since the last call), with `since`, the
+                round length it was composed at (both as this function
+                returned them). Its decision is made now.
+            send: whether to compose this step's message (False while one is
+                still in flight).
 
         Returns:
-            `(message, since)`: the local state with a trailing 1.0 ('still
-            training'), to be all-reduced (MEAN) and handed to `receive`
-            with `since`, the round's length now.
+            The dict of `step`; with `send`, also `message` (to all-reduce,
+            MEAN, unless `peers_active` is False) and `since`.
         """
-        return self._message()
+        if mean_message is not None:
+            self._receive(mean_message, since)
+        self._advance()
+        result = self._decide()
+        if send:
+            result["message"], result["since"] = self._message(sent=result["peers_active"])
+        return result
 
     @tf.function
     def receive(self, mean_message, since):
-        """Stores the all-reduced `message` for the next `decide`."""
+        """Stores an all-reduced message for the next decision (at an epoch's end)."""
         self._receive(mean_message, since)
 
     def _receive(self, mean_message, since):
@@ -321,15 +339,13 @@ class WorkerAverager(AveragingState):
         }
 
     @tf.function
-    def decide(self, advance=True):
-        """Counts a local step (if `advance`) and acts on the pending state.
+    def settle(self):
+        """Acts on the pending state without a step (the last decision of a fit).
 
         Returns:
             The dict of `step`; `exchanged` is False (and `statistic`
             meaningless) when no state was pending.
         """
-        if advance:
-            self._advance()
         return self._decide()
 
     def _planned_step(self, steps_since_sync):
@@ -393,7 +409,7 @@ class WorkerAverager(AveragingState):
         if self.trigger.state_size:
             size, dtype = self.trigger.state_size, tf.float32
         else:
-            size, dtype = self.num_params, self.dtype
+            size, dtype = self.num_params, self.sync.payload_dtype
         unsynced = tf.cast(self.steps_since_sync > 0, dtype)
         mean, active_fraction = self._exchange(tf.one_hot(0, size, dtype=dtype) * unsynced, 0.0)
         return {"others_active": active_fraction > 0.0, "unsynced": mean[0] > 0}

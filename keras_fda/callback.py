@@ -453,35 +453,43 @@ class FDACallback(keras.callbacks.Callback):
             self._timing.step_ended()
         with self._collective("after step {step}"):
             if self._lagged:
-                self._collect(due_only=True)
-                result = self._averager.decide()
-                if self._in_flight is None and bool(result["peers_active"]):
-                    self._send()
+                result = self._overlapped_step(last_of_epoch=batch + 1 == self.params.get("steps"))
             else:
                 result = self._averager.step()
         self._check(result)
         self._record(logs, synced=bool(result["synced"]))
 
-    def _send(self):
-        """Starts the all-reduce of this step's state; the next steps train meanwhile."""
-        message, since = self._averager.message()
-        if self._timing is not None:
-            message = tf.concat([[self._timing.ratio()], message], 0)
-        self._in_flight = self.cluster.transport.all_reduce_async(message)
-        self._in_flight_since, self._in_flight_steps = since, 0
+    def _overlapped_step(self, last_of_epoch):
+        """Decides on an earlier step's state and sends this step's, if none is in flight."""
+        arrived = self._collect(due_only=True)
+        send = self._in_flight is None
+        result = self._averager.overlapped_step(*arrived, send=send)
+        if send and bool(result["peers_active"]):
+            message = result["message"]
+            if self._timing is not None:
+                message = tf.concat([[self._timing.ratio()], message], 0)
+            self._in_flight = self.cluster.transport.all_reduce_async(message)
+            self._in_flight_since, self._in_flight_steps = result["since"], 0
+        if last_of_epoch and self._in_flight is not None:
+            # Nothing in flight across an epoch's end, whatever the callbacks'
+            # order: the checkpoints written there (BackupAndRestore) hold the
+            # exchanged state, decided after the next step as usual.
+            self._averager.receive(*self._collect())
+        return result
 
     def _collect(self, due_only=False):
-        """Hands the in-flight all-reduce's result to the averager (waits for it).
+        """The in-flight all-reduce's result and its round length (waits for it).
 
-        With `due_only`, only once `exchange_every` steps have trained since
-        it started. Called inside `_collective`, so a dead peer is detected
-        within the cluster's timeout.
+        Returns `(None, None)` if nothing is in flight or, with `due_only`,
+        until `exchange_every` steps have trained since it started. Called
+        inside `_collective`, so a dead peer is detected within the
+        cluster's timeout.
         """
         if self._in_flight is None:
-            return
+            return None, None
         self._in_flight_steps += 1
         if due_only and self._in_flight_steps < self._every:
-            return
+            return None, None
         in_flight, self._in_flight = self._in_flight, None
         started = time.perf_counter()
         mean = in_flight.result()
@@ -489,7 +497,7 @@ class FDACallback(keras.callbacks.Callback):
             self._timing.exchanged(in_flight.elapsed, waited=time.perf_counter() - started)
             self._every = exchange_period(float(mean[0]))
             mean = mean[1:]
-        self._averager.receive(mean, self._in_flight_since)
+        return mean, self._in_flight_since
 
     def _check(self, result):
         """Raises on NaN/Inf; stops this worker if another one stopped."""
@@ -517,10 +525,6 @@ class FDACallback(keras.callbacks.Callback):
             )
 
     def on_epoch_end(self, epoch, logs=None):
-        # Nothing in flight across the epoch's end: the checkpoints written now
-        # hold the exchanged state, decided after the next step as usual.
-        with self._collective("at the end of epoch %d (step {step})" % (epoch + 1)):
-            self._collect()
         self._record(logs, force=self.update_freq == "epoch")
 
     def on_train_end(self, logs=None):
@@ -537,12 +541,14 @@ class FDACallback(keras.callbacks.Callback):
         """The final synchronization: every worker leaves fit with the same weights."""
         vars(self.model).pop("_fda_state", None)
         with self._collective("of the final synchronization at train end"):
-            self._collect()
             if self._lagged:
+                arrived = self._collect()
+                if arrived[0] is not None:
+                    self._averager.receive(*arrived)
                 # The last exchanged state's decision: the workers still
                 # training apply it after their next step, in the same
                 # collective.
-                settled = self._averager.decide(advance=False)
+                settled = self._averager.settle()
                 self._check(settled)
                 if bool(settled["synced"]):
                     self._record(None, synced=True)

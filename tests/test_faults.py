@@ -216,6 +216,9 @@ def load(out, index):
           "--stop_at_step_on_last", 5], 5, 6),
         (["--trigger", "periodic", "--tau", 3, "--repeat", "--steps_per_epoch", 8,
           "--stop_at_step_on_last", 4], 4, 6),
+        # A bfloat16 payload: the stop message has the sync's dtype.
+        (["--trigger", "periodic", "--tau", 3, "--repeat", "--steps_per_epoch", 8,
+          "--stop_at_step_on_last", 4, "--sync_dtype", "bfloat16"], 4, 6),
     ],
 )
 def test_a_worker_that_stops_early_stops_everyone_with_identical_weights(

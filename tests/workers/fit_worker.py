@@ -97,7 +97,9 @@ class Recorder(keras.callbacks.Callback):
         self.weights.append(flat_weights(self.model))
         self.trainable.append(flat_weights(self.model, trainable_only=True))
         self.moments.append(
-            np.concatenate([np.ravel(v.numpy()) for v in self.model.optimizer.variables[2:]])
+            np.concatenate(
+                [np.zeros(0)] + [np.ravel(v.numpy()) for v in self.model.optimizer.variables[2:]]
+            )
         )
         self.logs.append(dict(logs))
 
@@ -211,7 +213,7 @@ def main():
         if args.pause_at_epoch_end_on_last:
             callbacks.append(PauseAtEpochEnd())
         callbacks.append(keras.callbacks.BackupAndRestore(backup))
-    fit_steps = []
+    fit_steps, step_traces = [], []
     try:
         for _ in range(args.fits):
             model.fit(
@@ -222,6 +224,9 @@ def main():
                 verbose=0,
             )
             fit_steps.append(fda.communication.steps)
+            # The function each step runs: `overlapped_step` when the exchange overlaps.
+            step_function = fda._averager.overlapped_step if fda._lagged else fda._averager.step
+            step_traces.append(step_function.experimental_get_tracing_count())
     except ValueError as e:
         print(f"ValueError: {e}")
         raise SystemExit(3)
@@ -250,10 +255,7 @@ def main():
         comm_bytes=np.array([l["fda/comm_bytes"] for l in after.logs]),
         final=flat_weights(model),
         fit_steps=np.array(fit_steps),
-        # The function each step runs: `decide` when the exchange overlaps.
-        step_traces=(
-            fda._averager.message if fda._lagged else fda._averager.step
-        ).experimental_get_tracing_count(),
+        step_traces=np.array(step_traces),
         optimizer_iterations=int(model.optimizer.iterations.numpy()),
         saved_keys=json.dumps(
             saved_keys(model, os.path.join(args.out, f"model{index}.keras"))
