@@ -1,26 +1,21 @@
 """Units of bytes and steps to each target per run, as in issue13_report.md's exploration tables.
 
-    python benchmarks/results/auto_table.py dir0.1-const benchmarks/results/auto_explore.csv
+    python benchmarks/results/auto_table.py dir0.1-const benchmarks/results/regimes_lenet5_k10_[ABC].csv \
+        benchmarks/results/auto_explore.csv
 
-Reads the regimes_lenet5_k10_{A,B,C}.csv baselines (synchronous, no-sync, the old auto,
-taus 8-64) plus the given CSVs for one regime. A cell "3u 1.20x": the run first reached
+Reads one regime's runs from the given CSVs (one of them must hold its synchronous run). A cell "3u 1.20x": the run first reached
 the target with 3 units of one sync's bytes (the initial broadcast and 2 syncs) after
 1.20x synchronous's steps. Targets as in comm_to_accuracy.py.
 """
 import collections
 import csv
 import math
-import pathlib
 import sys
 
 import numpy as np
 
-HERE = pathlib.Path(__file__).resolve().parent
 regime, files = sys.argv[1], sys.argv[2:]
 rows = []
-for part in "ABC":
-    with open(HERE / f"regimes_lenet5_k10_{part}.csv", newline="") as f:
-        rows += [r for r in csv.DictReader(f) if r["regime"] == regime]
 for name in files:
     with open(name, newline="") as f:
         rows += [r for r in csv.DictReader(f) if r["regime"] == regime]
