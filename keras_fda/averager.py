@@ -214,10 +214,18 @@ class WorkerAverager(AveragingState):
             [v.read_value() for v in self.averaged], [r.read_value() for r in self.reference]
         )
         flat = _flatten(payload, self.sync.payload_dtype)
+        if mean_state is not None:
+            # The state of the weights being averaged rides along, for
+            # `end_round`: the deciding state may be a step older (overlap),
+            # and a round's variance must be measured where its step is.
+            flat = tf.concat([flat, tf.cast(self._local_state(), flat.dtype)], 0)
         if active is None:
             mean, active_fraction = self.transport.all_reduce(flat, "mean"), tf.constant(1.0)
         else:
             mean, active_fraction = self._exchange(flat, active)
+        if mean_state is not None:
+            size = self.trigger.state_size
+            mean, mean_state = mean[:-size], tf.cast(mean[-size:], tf.float32)
         # A mean of K ones is exactly 1.0 in float32, float16 and bfloat16 (K <= 256).
         usable = (active_fraction >= 1.0) & tf.reduce_all(tf.math.is_finite(mean))
         adopted = tf.cond(
@@ -263,11 +271,14 @@ class WorkerAverager(AveragingState):
         self.steps.assign_add(1)
         return self.steps_since_sync.assign_add(1)
 
-    def _message(self, sent=True):
-        self.exchanges.assign_add(tf.cast(sent, tf.int64))
+    def _local_state(self):
         drift = [v - r for v, r in zip(self.variables, self.reference)]
         local = self.trigger.local_state(drift, [s.read_value() for s in self.round_state])
-        return _with_flag(tf.cast(local, tf.float32), 1.0), self.steps_since_sync.read_value()
+        return tf.cast(local, tf.float32)
+
+    def _message(self, sent=True):
+        self.exchanges.assign_add(tf.cast(sent, tf.int64))
+        return _with_flag(self._local_state(), 1.0), self.steps_since_sync.read_value()
 
     @tf.function
     def overlapped_step(self, mean_message=None, since=None, send=True):

@@ -291,7 +291,7 @@ class Simulation:
         losses = [w.model.train_step((x[k], y[k]))["loss"] for k, w in enumerate(self._workers)]
         return tf.add_n(losses) / self.num_workers
 
-    def _build_step(self, trigger, x_data, y_data, rule):
+    def _build_step(self, trigger, x_data, y_data, rule, lag=0):
         """The compiled step of one run: K local steps, the trigger, maybe a sync by `rule`.
 
         Returns the step function, the run's `SyncState` and each worker's
@@ -343,27 +343,46 @@ class Simulation:
             steps_since_sync.assign(0)
             return tf.constant(True)
 
+        def mean_local_state():
+            rounds = [s.read_value() for s in round_state]
+            drifts = [
+                [v[k] - r for v, r in zip(monitored, reference)] for k in range(self.num_workers)
+            ]
+            return trigger.mean_local_state(drifts, rounds)
+
+        lagged = lag and trigger.state_size
+        if lagged:
+            # The state composed after the previous step's sync and its round
+            # length then (-1: none yet), as FDACallback's overlap holds it.
+            pending_state = tf.Variable(tf.zeros([trigger.state_size]))
+            pending_since = tf.Variable(-1, dtype=tf.int64)
+
         @tf.function
         def check():
             since = steps_since_sync.assign_add(1)
-            mean_state = None
-            if trigger.state_size:
-                rounds = [s.read_value() for s in round_state]
-                drifts = [
-                    [v[k] - r for v, r in zip(monitored, reference)]
-                    for k in range(self.num_workers)
-                ]
-                mean_state = trigger.mean_local_state(drifts, rounds)
-            statistic = trigger.statistic(mean_state, since)
-            with tf.control_dependencies(
-                [_assert_finite(tf.math.is_finite(tf.cast(statistic, tf.float32)), "the statistic")]
-            ):
+            mean_state, decided_since, exchanged = None, since, tf.constant(True)
+            if lagged:
+                mean_state = pending_state.read_value()
+                decided_since = pending_since.read_value()
+                exchanged = decided_since >= 0
+            elif trigger.state_size:
+                mean_state = mean_local_state()
+            statistic = trigger.statistic(mean_state, decided_since)
+            finite = tf.math.is_finite(tf.cast(statistic, tf.float32)) | ~exchanged
+            with tf.control_dependencies([_assert_finite(finite, "the statistic")]):
                 statistic = tf.identity(statistic)
+            # end_round measures the round where its step is: with the lag,
+            # on the weights being averaged, not the deciding (older) state.
             synced = tf.cond(
-                trigger.should_sync(statistic, since),
-                lambda: average(mean_state, since),
+                exchanged & trigger.should_sync(statistic, decided_since),
+                lambda: average(mean_local_state() if lagged else mean_state, since),
                 lambda: tf.constant(False),
             )
+            if lagged:
+                with tf.control_dependencies([synced]):
+                    pending_state.assign(tf.cast(mean_local_state(), tf.float32))
+                    pending_since.assign(steps_since_sync.read_value())
+                statistic = tf.where(exchanged, tf.cast(statistic, tf.float32), float("nan"))
             return tf.cast(statistic, tf.float32), synced
 
         def step(indices):
@@ -409,6 +428,7 @@ class Simulation:
         sync_dtype=None,
         outer_optimizer=None,
         optimizer_state="local",
+        lag=0,
         csv_path=None,
         tensorboard_dir=None,
         verbose=0,
@@ -452,6 +472,10 @@ class Simulation:
             optimizer_state: "local" (each worker keeps its optimizer's
                 moments), "average" (averaged at each sync) or "reset"
                 (zeroed at each sync).
+            lag: 0 (default) decides on the state of the same step, as
+                `FDAStrategy` and `FDACallback(overlap=False)` do; 1 decides
+                on the previous step's state (composed after that step's
+                sync), as `FDACallback`'s default overlapped exchange does.
             csv_path: if given, the evaluations are written there as CSV.
             tensorboard_dir: if given, the FDA dashboard of
                 `keras_fda.tensorboard.Dashboard` (per step, in the run
@@ -466,6 +490,11 @@ class Simulation:
             raise TypeError(
                 f"trigger must be a keras_fda.SyncTrigger such as keras_fda.FDA('linear', "
                 f"threshold=2.5), got {trigger!r}."
+            )
+        if lag not in (0, 1) or isinstance(lag, bool):
+            raise ValueError(
+                f"lag must be 0 (decide on the same step) or 1 (on the previous step, as "
+                f"FDACallback's overlapped exchange), got {lag!r}."
             )
         rule = outer_lib.SyncRule(
             sync_dtype=sync_dtype, outer_optimizer=outer_optimizer, optimizer_state=optimizer_state
@@ -489,7 +518,7 @@ class Simulation:
         schedule = batch_schedule(partitions, batch_size, num_steps, seed, repartition)
         self._reset()
         step, sync, moments = self._build_step(
-            trigger, tf.convert_to_tensor(x), tf.convert_to_tensor(y), rule
+            trigger, tf.convert_to_tensor(x), tf.convert_to_tensor(y), rule, lag
         )
         writer = dashboard = None
         if tensorboard_dir:

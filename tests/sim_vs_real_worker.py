@@ -73,6 +73,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--trigger", choices=["linear", "auto"], default="linear")
+    parser.add_argument("--lag", type=int, choices=[0, 1], default=1,
+                        help="1: FDACallback's overlapped exchange; 0: overlap=False")
     args = parser.parse_args()
     out = pathlib.Path(args.out)
 
@@ -94,8 +96,10 @@ def main():
         epochs=1,
         shuffle=False,
         verbose=0,
-        # The blocking exchange decides after the same step, as the simulator does.
-        callbacks=[keras_fda.FDACallback(trigger=make_trigger(args.trigger), overlap=False), Record()],
+        callbacks=[
+            keras_fda.FDACallback(trigger=make_trigger(args.trigger), overlap=args.lag == 1),
+            Record(),
+        ],
     )
     weights = {f"weight{i}": w for i, w in enumerate(model.get_weights())}
     np.savez(

@@ -25,17 +25,18 @@ def data():
     return setup.make_data()
 
 
-@pytest.mark.parametrize("trigger", ["linear", "auto"])
-def test_simulator_matches_two_real_worker_processes(tmp_path, data, trigger):
+@pytest.mark.parametrize("trigger, lag", [("linear", 1), ("auto", 1), ("linear", 0)])
+def test_simulator_matches_two_real_worker_processes(tmp_path, data, trigger, lag):
     """Same data order, seeds and trigger: same sync steps, same final weights.
 
+    lag 1 is FDACallback's default overlapped exchange, lag 0 its blocking one.
     "auto" also checks that FDACallback hands AutoFDA what the simulator does at
     each sync (the deciding state and the round length): without them its
     rounds would all keep the first round's length.
     """
     result = launch(
         setup.NUM_WORKERS, "tests/sim_vs_real_worker.py", f"--out={tmp_path}",
-        f"--trigger={trigger}", timeout=REAL_RUN_TIMEOUT,
+        f"--trigger={trigger}", f"--lag={lag}", timeout=REAL_RUN_TIMEOUT,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
@@ -43,7 +44,7 @@ def test_simulator_matches_two_real_worker_processes(tmp_path, data, trigger):
     sim = Simulation(setup.make_model(), setup.NUM_WORKERS)
     history = sim.run(
         setup.make_trigger(trigger), x, y, setup.make_partitions(),
-        batch_size=setup.BATCH_SIZE, steps=setup.STEPS, seed=setup.DATA_SEED,
+        batch_size=setup.BATCH_SIZE, steps=setup.STEPS, seed=setup.DATA_SEED, lag=lag,
     )  # fmt: skip
     sim_syncs = np.cumsum(history.synced)
     assert 0 < sim_syncs[-1] < setup.STEPS // 2  # the comparison exercises both branches
