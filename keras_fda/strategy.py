@@ -39,6 +39,7 @@ How it plugs into Keras (why it is built this way):
 """
 
 import atexit
+import contextlib
 import functools
 import weakref
 
@@ -46,6 +47,7 @@ import keras
 import tensorflow as tf
 from tensorflow.python.distribute import values as distribute_values
 
+from keras_fda import outer as outer_lib
 from keras_fda import triggers as triggers_lib
 from keras_fda.averager import AveragingState
 from keras_fda.tensorboard import Dashboard, standardize_update_freq
@@ -62,7 +64,9 @@ _WRITERS = ("set_weights", "load_weights")
 class _ModelState(AveragingState):
     """The FDA state of one model under an `FDAStrategy` (mirrored variables)."""
 
-    def __init__(self, strategy, model, trigger, average_non_trainable, dashboard=None):
+    def __init__(
+        self, strategy, model, trigger, average_non_trainable, dashboard=None, sync_rule=None
+    ):
         self.strategy = strategy
         self.dashboard = dashboard
         extra = []
@@ -72,9 +76,29 @@ class _ModelState(AveragingState):
         # function. Mirrored (one copy per replica) so that replica-context
         # reads are local; they are only assigned in cross-replica context,
         # so the copies stay equal. The replicas are equal here (fresh model).
+        # The outer optimizer's variables, built here too, are mirrored alike.
         with tf.init_scope(), strategy.scope():
-            super().__init__(trigger, [w.value for w in model.trainable_weights], extra)
+            super().__init__(
+                trigger, [w.value for w in model.trainable_weights], extra, sync_rule,
+                self._moments_of(model, sync_rule),
+            )
+        self.inner_optimizer = model.optimizer
         self.synchronize = tf.function(self._synchronize_if_drifted)
+
+    def _moments_of(self, model, rule):
+        """The moments of `model`'s optimizer that `rule` acts on (none if "local")."""
+        if rule is None or rule.optimizer_state == "local":
+            return []
+        with tf.init_scope(), self.strategy.scope():
+            if not model.optimizer.built:
+                model.optimizer.build(model.trainable_variables)
+            return outer_lib.moment_variables(model.optimizer)
+
+    def follow_optimizer(self, model):
+        """After a recompile: the rule acts on the new optimizer's moments."""
+        if model.optimizer is not self.inner_optimizer:
+            self.moments = self._moments_of(model, self.sync.rule)
+            self.inner_optimizer = model.optimizer
 
     # --- replica context -------------------------------------------------
 
@@ -82,6 +106,7 @@ class _ModelState(AveragingState):
         """The model's train step followed by the FDA check (per replica)."""
         logs = train_step(*args, **kwargs)
         reads = self._reads()
+        payload = self._payload(reads)
         if self.trigger.state_size:
             drift = [w - tf.cast(r, w.dtype) for w, r in zip(reads, self.reference)]
             local = self.trigger.local_state(drift, [s.read_value() for s in self.round_state])
@@ -89,7 +114,7 @@ class _ModelState(AveragingState):
         else:
             local = tf.zeros([0])
         fda_logs = tf.distribute.get_replica_context().merge_call(
-            self._decide, args=(local, reads)
+            self._decide, args=(local, payload)
         )
         logs = dict(logs)
         logs.update(fda_logs)
@@ -103,14 +128,19 @@ class _ModelState(AveragingState):
         """
         return [tf.cast(v.read_value(), self.dtype) for v in self.averaged]
 
+    def _payload(self, reads):
+        """What this replica all-reduces at a sync: the rule's payload, then its moments."""
+        payload = self.sync.payload(reads, [r.read_value() for r in self.reference])
+        return payload + self.sync.moments_payload(self.moments)
+
     def _replica_sync(self):
         return tf.distribute.get_replica_context().merge_call(
-            self._sync_if_drifted, args=(self._reads(),)
+            self._sync_if_drifted, args=(self._payload(self._reads()),)
         )
 
     # --- cross-replica context -------------------------------------------
 
-    def _decide(self, strategy, local, reads):
+    def _decide(self, strategy, local, payload):
         """Averages the states, asks the trigger, maybe averages the weights."""
         self.steps.assign_add(1)
         self.steps_since_sync.assign_add(1)
@@ -128,7 +158,7 @@ class _ModelState(AveragingState):
         decided = self.trigger.should_sync(statistic, steps_since_sync)
         synced = tf.cond(
             decided,
-            lambda: self._average(strategy, reads, mean_state),
+            lambda: self._average(strategy, payload, mean_state),
             lambda: tf.constant(False),
         )
         if self.dashboard is not None:
@@ -166,36 +196,48 @@ class _ModelState(AveragingState):
             stats=stats,
         )
 
-    def _sync_if_drifted(self, strategy, reads):
+    def _sync_if_drifted(self, strategy, payload):
         return tf.cond(
             self.steps_since_sync.read_value() > 0,
-            lambda: self._average(strategy, reads),
+            lambda: self._average(strategy, payload),
             lambda: tf.constant(False),
         )
 
-    def _average(self, strategy, reads, mean_state=None):
-        """Assigns every replica the mean of the replicas' `reads`; returns True.
+    def _average(self, strategy, payload, mean_state=None):
+        """Gives every replica the sync rule's step from the mean `payload`; returns True.
 
+        `payload`: each replica's `_payload` (weights or drift, then moments).
         `mean_state`: the all-reduced trigger state that decided the sync, for
         `trigger.end_round` (None for the final sync).
 
         Fails (on every worker: the mean is all-reduced) before assigning
         anything if the mean is NaN or Inf.
         """
-        # The per-replica READS, not the variables: given a MirroredVariable
-        # the strategy assumes its copies are equal and returns it unchanged.
-        means = strategy.extended.batch_reduce_to(_MEAN, [(r, r) for r in reads])
-        per_device = [strategy.experimental_local_results(m) for m in means]
-        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(m[0])) for m in per_device])
+        # The per-replica values, not variables: given a MirroredVariable the
+        # strategy assumes its copies are equal and returns it unchanged.
+        reduced = strategy.extended.batch_reduce_to(_MEAN, [(p, p) for p in payload])
+        # Every device holds the same mean; this process's first one's is used.
+        mean = [strategy.experimental_local_results(m)[0] for m in reduced]
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(m)) for m in mean])
         # No apostrophes: TF's message would show them escaped.
         what = "the average of the weights of the replicas"
         with tf.control_dependencies([_assert_finite(finite, self.steps.read_value(), what)]):
-            for variable, values in zip(self.averaged, per_device):
-                for copy, value in zip(variable.values, values):
+            means = self.sync.mean_weights(mean[: len(self.averaged)])
+            # The round's progress, read before an outer optimizer moves w0
+            # (in cross-replica context it updates every copy of w0 alike).
+            global_step = [tf.cast(m, r.dtype) - r for m, r in zip(means, self.reference)]
+            with _merged(strategy):
+                new = self.sync.step(means)
+            for variable, value in zip(self.averaged, new):
+                for copy in variable.values:
                     copy.assign(tf.cast(value, variable.dtype))
-        return self._start_round(
-            [tf.cast(m[0], v.dtype) for m, v in zip(per_device, self.variables)], mean_state
-        )
+            # Cross-replica assignments of the mirrored moments: every copy alike.
+            self.sync.update_moments(self.moments, mean[len(self.averaged):])
+            return self._start_round(
+                [tf.cast(value, v.dtype) for value, v in zip(new, self.variables)],
+                mean_state,
+                global_step,
+            )
 
     def _logs(self, statistic):
         syncs = tf.cast(self.syncs.read_value(), tf.float64)
@@ -312,6 +354,21 @@ class FDAStrategy(tf.distribute.Strategy):
             `keras.callbacks.TensorBoard(log_dir)`, on the same step axis.
         update_freq: write the dashboard every this many steps (an int, or
             "batch" for every step); syncs are always written.
+        sync_dtype: None (default: each replica sends its weights' values,
+            in float32 or float64), or "float32", "bfloat16", "float16": it
+            sends its drift `w_k - w0` in that dtype (2 bytes per parameter
+            for the half types); `w0` and the average stay full precision.
+        outer_optimizer: None (the plain average), or a Keras optimizer that
+            steps `w0` at each sync with the gradient `-(mean drift)`:
+            `keras.optimizers.SGD(0.7, momentum=0.9, nesterov=True)` for
+            DiLoCo, `SGD(1.0, momentum=0.9)` for FedAvgM, `Adam(...)` for
+            FedAdam. It runs alike on every replica, so it sends nothing;
+            like the FDA counters, its state is not in Keras checkpoints.
+        optimizer_state: what each replica's optimizer moments become at a
+            sync: "local" (default, kept), "average" (averaged with the
+            weights, counted in the bytes) or "reset" (zeroed); after a
+            recompile, the new optimizer's. See `keras_fda.SyncRule` for all
+            three options.
 
     Attributes:
         communication: the `keras_fda.CommunicationStats` of the last model
@@ -353,8 +410,14 @@ class FDAStrategy(tf.distribute.Strategy):
         average_non_trainable=True,
         log_dir=None,
         update_freq=1,
+        sync_dtype=None,
+        outer_optimizer=None,
+        optimizer_state="local",
     ):
         self.trigger = triggers_lib.get(trigger, threshold=threshold, variant=variant, tau=tau)
+        self.sync_rule = outer_lib.SyncRule(
+            sync_dtype=sync_dtype, outer_optimizer=outer_optimizer, optimizer_state=optimizer_state
+        )
         self.average_non_trainable = bool(average_non_trainable)
         self.log_dir = log_dir
         self.update_freq = standardize_update_freq(update_freq)
@@ -422,9 +485,10 @@ class FDAStrategy(tf.distribute.Strategy):
             self._make_optimizer_local(model)
         for owner, state in self._states:
             if owner is model:
+                state.follow_optimizer(model)
                 return state
         state = _ModelState(
-            self, model, self.trigger, self.average_non_trainable, self._dashboard
+            self, model, self.trigger, self.average_non_trainable, self._dashboard, self.sync_rule
         )
         self._states.append((model, state))
         # Set on the instance, bypassing Keras' attribute tracking.
@@ -606,6 +670,23 @@ class _MultiWorkerFDAStrategy(FDAStrategy, tf.distribute.MultiWorkerMirroredStra
             return distribute_values.Mirrored((mean,))
 
         return tf.nest.map_structure(local, logs)
+
+
+@contextlib.contextmanager
+def _merged(strategy):
+    """Lets a Keras optimizer update mirrored variables in cross-replica context.
+
+    Keras' optimizer reaches its per-variable `extended.update` through a
+    `merge_call` of the replica context, which cross-replica context (where
+    the outer optimizer steps, every copy of `w0` alike) has not; it is
+    merged already, so TF's `maybe_merge_call` may call the update directly.
+    """
+    extended = strategy.extended
+    extended._use_merge_call = lambda: False
+    try:
+        yield
+    finally:
+        del extended._use_merge_call
 
 
 def _assert_finite(value, steps, what):

@@ -85,6 +85,35 @@ def multiworker(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def sync_options(tmp_path_factory):
+    """The sync options on 2 logical devices (strategy_worker.py --scenario sync)."""
+    out = tmp_path_factory.mktemp("sync")
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run(
+        [
+            sys.executable, WORKER, "--scenario", "sync", "--devices", "2", "--trigger",
+            "periodic", "--tau", "3", "--steps", "12", "--out", str(out),
+        ],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return {f.stem[len("sync_"):]: dict(np.load(f)) for f in out.glob("sync_*.npz")}
+
+
+@pytest.fixture(scope="module")
+def multiworker_sync(tmp_path_factory):
+    """Periodic averaging with outer Nesterov and a bfloat16 payload on 2 worker processes."""
+    out = tmp_path_factory.mktemp("multiworker_sync")
+    result = launch(
+        2, "tests/workers/strategy_worker.py", "--scenario", "multiworker",
+        "--trigger", "periodic", "--tau", "5", "--steps", "40", "--sync", "nesterov_bfloat16",
+        "--out", out, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return [dict(np.load(out / f"result_{i}.npz"), out=out) for i in range(2)]
+
+
+@pytest.fixture(scope="module")
 def keras_user(tmp_path_factory):
     """tests/workers/keras_user_checks.py on 2 logical devices: {check: findings}."""
     out = tmp_path_factory.mktemp("keras_user")
@@ -297,6 +326,135 @@ def test_unsupported_strategies_and_settings_raise_clear_errors():
         )
     with pytest.raises(ValueError, match="use_ema=False"):
         model.fit(np.zeros((8, 3)), np.zeros((8, 1)), batch_size=4, verbose=0)
+
+
+SYNC_OPTIONS = ["plain", "bfloat16", "float16", "nesterov", "nesterov_bfloat16", "average", "reset"]
+
+
+@pytest.mark.parametrize("option", SYNC_OPTIONS)
+def test_each_sync_option_leaves_identical_replicas_after_each_sync(sync_options, option):
+    found = sync_options[option]
+    synced = _sync_steps(found)
+    assert synced.tolist() == [False, False, True] * 4  # periodic, tau 3
+    assert np.all(found["spread"][synced] == 0.0)
+    assert np.all(found["spread"][~synced] > 0.0)
+    # The syncs at the end of fits (the final-sync path) too.
+    assert [found[f"final_spread_{fit}"] for fit in range(3)] == [0.0] * 3
+    moments_equal = found["moment_spread"][synced] == 0.0
+    if option in ("average", "reset"):
+        assert np.all(moments_equal)
+    else:  # "local": each replica keeps its own
+        assert not np.any(moments_equal)
+    zeroed = found["moment_norm"][synced] == 0.0
+    if option == "reset":
+        assert np.all(zeroed)
+    else:
+        assert not np.any(zeroed)
+    # After a recompile the rule acts on the new optimizer's moments.
+    assert found["recompiled_syncs"].tolist() == [4, 4, 5]
+    spread, norm = found["recompiled_moment_spread"], found["recompiled_moment_norm"]
+    assert spread[0] > 0.0 and norm[0] > 0.0
+    assert (spread[-1] == 0.0) == (option in ("average", "reset"))
+    assert (norm[-1] == 0.0) == (option == "reset")
+
+
+def _replay(found, outer):
+    """The models after each fit's final sync by numpy, from each replica's weights before it.
+
+    `outer`: None (the plain mean) or Keras SGD's (learning_rate, momentum), Nesterov.
+    """
+    count = len([k for k in found if k.startswith("initial_")])
+    w0 = [found[f"initial_{i}"].astype(np.float64) for i in range(count)]
+    velocity = [np.zeros_like(w) for w in w0]
+    replayed, drifts, mean_drifts = [], [], []
+    for fit in range(3):
+        drift = mean_drift = 0.0
+        for i in range(count):
+            replicas = found[f"before_{i}"][fit].astype(np.float64)
+            drift = max(drift, float(np.max(np.abs(replicas - w0[i]))))
+            mean = replicas.mean(axis=0)
+            mean_drift = max(mean_drift, float(np.max(np.abs(mean - w0[i]))))
+            if outer is None:
+                w0[i] = mean
+                continue
+            rate, momentum = outer
+            gradient = w0[i] - mean
+            velocity[i] = momentum * velocity[i] - rate * gradient
+            w0[i] = w0[i] + momentum * velocity[i] - rate * gradient
+        replayed.append([w.copy() for w in w0])
+        drifts.append(drift)
+        mean_drifts.append(mean_drift)
+    return replayed, drifts, mean_drifts
+
+
+@pytest.mark.parametrize("option", ["plain", "nesterov", "bfloat16", "nesterov_bfloat16"])
+def test_the_outer_nesterov_update_and_the_half_payload_equal_a_numpy_replay(sync_options, option):
+    found = sync_options[option]
+    outer = (0.7, 0.9) if option.startswith("nesterov") else None
+    replayed, drifts, mean_drifts = _replay(found, outer)
+    plain, _, _ = _replay(found, None)
+    for fit in range(3):
+        moved = 0.0
+        for i, expected in enumerate(replayed[fit]):
+            after = found[f"after_{i}"][fit]
+            if option.endswith("bfloat16"):
+                # Each drift rounded to 8 bits (relative error 2^-9), then
+                # their sum and mean in bfloat16: a few such roundings,
+                # scaled by the outer step (0.7 * (1 + 0.9) per sync, the
+                # momentum carrying the earlier syncs' rounding).
+                tolerance = 2.0 ** -7 * drifts[fit] * (4.0 if outer else 1.0)
+            else:
+                tolerance = 1e-6  # float32 arithmetic
+            np.testing.assert_allclose(after, expected, rtol=0, atol=tolerance)
+            moved = max(moved, float(np.max(np.abs(after - plain[fit][i]))))
+        if outer is not None:  # not the plain mean: the first step moves 1.33x the mean drift
+            assert moved > 0.1 * mean_drifts[fit]
+
+
+def test_sync_bytes_follow_the_payload_and_moments(sync_options):
+    num_params = int(sync_options["plain"]["comm"][2])
+    moments = int(sync_options["average"]["moment_params"])  # Adam: 2 per parameter
+    assert moments == 2 * num_params
+    expected = {
+        "plain": 4 * num_params, "nesterov": 4 * num_params, "reset": 4 * num_params,
+        "bfloat16": 2 * num_params, "float16": 2 * num_params,
+        "nesterov_bfloat16": 2 * num_params,  # the outer optimizer sends nothing
+        "average": 4 * num_params + 4 * moments,
+    }
+    for option, sync_bytes in expected.items():
+        found = sync_options[option]
+        steps, syncs, _, state_bytes = found["comm"]
+        assert (steps, syncs, state_bytes) == (12, 4, 0)
+        assert found["sync_bytes"] == sync_bytes, option
+        # The paper formula: the initial broadcast sends the model, each sync its payload.
+        assert found["paper_bytes"] == 2 * 2 * (4 * num_params + syncs * sync_bytes), option
+
+
+def test_multiworker_outer_nesterov_with_bfloat16_keeps_workers_identical(multiworker_sync):
+    first, second = multiworker_sync
+    synced = _sync_steps(first)
+    assert synced.tolist() == ([False] * 4 + [True]) * 8
+    np.testing.assert_array_equal(synced, first["sim_synced"])
+    difference = np.max(np.abs(first["weights"] - second["weights"]), axis=1)
+    assert np.all(difference[synced] == 0.0)
+    assert np.all(difference[~synced] > 0.0)
+    np.testing.assert_array_equal(first["weights_after_fit"], second["weights_after_fit"])
+    assert abs(first["accuracy"] - first["sim_accuracy"]) < 0.03
+    steps, syncs, paper_bytes, num_params = first["comm"]
+    assert (steps, syncs) == (40, 8)  # no steps after the last sync: no sync at the end
+    assert paper_bytes == 2 * 2 * (4 * num_params + syncs * 2 * num_params)
+
+
+def test_bad_sync_options_raise_clear_errors():
+    base = tf.distribute.MirroredStrategy(["/cpu:0"])
+    with pytest.raises(ValueError, match="sync_dtype must be None or one of"):
+        FDAStrategy(base, threshold=1.0, sync_dtype="int8")
+    with pytest.raises(TypeError, match="outer_optimizer must be a Keras optimizer"):
+        FDAStrategy(base, threshold=1.0, outer_optimizer="sgd")
+    with pytest.raises(ValueError, match="use_ema=False"):
+        FDAStrategy(base, threshold=1.0, outer_optimizer=keras.optimizers.SGD(use_ema=True))
+    with pytest.raises(ValueError, match="optimizer_state must be one of"):
+        FDAStrategy(base, threshold=1.0, optimizer_state="shared")
 
 
 def test_epoch_logs_are_the_same_on_every_worker_so_callbacks_decide_alike(cluster_callbacks):

@@ -26,6 +26,13 @@ Scenarios (results in DIR/result.npz):
       EarlyStopping(restore_best_weights=True), ModelCheckpoint(save_best_only)
       and ReduceLROnPlateau, which decide from the epoch's logs. Each worker
       saves its History and final weights to DIR/callbacks_<index>.npz.
+  sync: the sync options (`sync_dtype`, `outer_optimizer`, `optimizer_state`)
+      on N logical devices, periodic averaging. Per option, DIR/sync_<option>.npz
+      holds the spread between the replicas' weights and moments after each
+      step, and, for fits of a few steps with no sync but the one ending each
+      fit, every replica's weights before that sync and the model after it
+      (for a numpy replay of the outer optimizer), the byte counts, and the
+      moments' spread after a recompile.
 """
 
 import argparse
@@ -35,7 +42,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--devices", type=int, default=2)
 parser.add_argument(
     "--scenario",
-    choices=["simulator", "mirrored", "multiworker", "keras_user", "callbacks"],
+    choices=["simulator", "mirrored", "multiworker", "keras_user", "callbacks", "sync"],
     default="simulator",
 )
 parser.add_argument("--trigger", default="fda")
@@ -52,6 +59,11 @@ parser.add_argument(
 parser.add_argument(
     "--die_at_step", type=int, default=0,
     help="multiworker: worker 1 exits abruptly after this step (a crashed peer)",
+)
+parser.add_argument(
+    "--sync", default="plain",
+    help="simulator/multiworker: the sync options (a key of SYNC_OPTIONS) of the strategy "
+    "and the simulator",
 )
 parser.add_argument("--out", required=True)
 args = parser.parse_args()
@@ -261,7 +273,8 @@ def simulator_scenario():
 
     log_dir = os.path.join(args.out, "logs")
     strategy = FDAStrategy(
-        base_strategy, trigger=make_trigger(), average_non_trainable=True, log_dir=log_dir
+        base_strategy, trigger=make_trigger(), average_non_trainable=True, log_dir=log_dir,
+        **SYNC_OPTIONS[args.sync],
     )
     try:
         FDAStrategy(base_strategy, threshold=1.0)
@@ -293,7 +306,7 @@ def simulator_scenario():
     reference.set_weights(initial)
     history = Simulation(reference, K).run(
         make_trigger(), x, y, parts, batch_size=BATCH, steps=args.steps, seed=0,
-        validation_data=(x_test, y_test),
+        validation_data=(x_test, y_test), **SYNC_OPTIONS[args.sync],
     )
     sim_accuracy = float(history.evaluations["accuracy"][-1])
     name = "result.npz" if args.scenario == "simulator" else f"result_{TASK}.npz"
@@ -376,8 +389,124 @@ def callbacks_scenario():
     )
 
 
+SYNC_OPTIONS = {
+    "plain": {},
+    "bfloat16": dict(sync_dtype="bfloat16"),
+    "float16": dict(sync_dtype="float16"),
+    "nesterov": dict(outer_optimizer=keras.optimizers.SGD(0.7, momentum=0.9, nesterov=True)),
+    "nesterov_bfloat16": dict(
+        sync_dtype="bfloat16",
+        outer_optimizer=keras.optimizers.SGD(0.7, momentum=0.9, nesterov=True),
+    ),
+    "average": dict(optimizer_state="average"),
+    "reset": dict(optimizer_state="reset"),
+}
+
+
+def moment_spread(model):
+    """The largest difference between the replicas' copies of the optimizer's moments."""
+    from keras_fda.outer import moment_variables
+
+    return max(
+        (
+            float(np.max(np.abs(c.numpy() - m.values[0].numpy())))
+            for m in moment_variables(model.optimizer)
+            for c in m.values[1:]
+        ),
+        default=0.0,
+    )
+
+
+def replicas(model):
+    """[replica][weight] values of the trainable weights, without a sync."""
+    copies = [w.value.values for w in model.trainable_weights]
+    return [[c[k].numpy() for c in copies] for k in range(len(copies[0]))]
+
+
+def sync_scenario():
+    x, y, _, _ = digits()
+    parts = partition.sorted_by_label(y, K, fraction=0.5, seed=0)
+    schedule = batch_schedule(parts, BATCH, args.steps, seed=0)
+    flat = schedule.reshape(-1)
+    dataset = tf.data.Dataset.from_tensor_slices((x[flat], y[flat])).batch(K * BATCH)
+
+    class Spread(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.syncs, self.spread, self.moments, self.moment_norm = [], [], [], []
+            self.before_sync = None
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.syncs.append(float(logs["fda/syncs"]))
+            self.spread.append(spread(self.model))
+            self.moments.append(moment_spread(self.model))
+            from keras_fda.outer import moment_variables
+
+            self.moment_norm.append(max(
+                (
+                    float(np.max(np.abs(m.values[0].numpy())))
+                    for m in moment_variables(self.model.optimizer)
+                ),
+                default=0.0,
+            ))
+            self.before_sync = replicas(self.model)
+
+    for name, options in SYNC_OPTIONS.items():
+        found = {}
+        # Periodic syncs inside the compiled step.
+        strategy = FDAStrategy(base_strategy, trigger=make_trigger(), **options)
+        with strategy.scope():
+            model = make_model()
+            compile_model(model)
+        recorder = Spread()
+        model.fit(dataset, epochs=1, verbose=0, callbacks=[recorder])
+        stats = strategy.communication
+        found.update(
+            syncs=np.array(recorder.syncs), spread=np.array(recorder.spread),
+            moment_spread=np.array(recorder.moments), moment_norm=np.array(recorder.moment_norm),
+            sync_bytes=stats.sync_bytes, paper_bytes=stats.paper_bytes,
+            comm=np.array([stats.steps, stats.syncs, stats.num_params, stats.state_bytes]),
+            moment_params=sum(
+                int(np.prod(v.shape)) for v in model.optimizer.variables
+                if v is not model.optimizer.iterations and "learning_rate" not in v.path
+            ),
+        )
+        # Recompiled with a new optimizer: the rule acts on its moments. The
+        # round goes on: 3 steps, the third a sync.
+        with strategy.scope():
+            compile_model(model)
+        recorder = Spread()
+        model.fit(dataset.take(3), epochs=1, verbose=0, callbacks=[recorder])
+        found.update(
+            recompiled_syncs=np.array(recorder.syncs),
+            recompiled_moment_spread=np.array(recorder.moments),
+            recompiled_moment_norm=np.array(recorder.moment_norm),
+        )
+        # Fits of 4 steps that sync only at their end (the final-sync path):
+        # each replica's weights just before it, and the model after it.
+        strategy = FDAStrategy(base_strategy, trigger="periodic", tau=10**6, **options)
+        with strategy.scope():
+            model = make_model()
+            compile_model(model, keras.optimizers.SGD(0.05))
+        initial = [w.numpy() for w in model.trainable_weights]
+        before, after = [], []
+        for fit in range(3):
+            recorder = Spread()
+            model.fit(dataset.skip(4 * fit).take(4), epochs=1, verbose=0, callbacks=[recorder])
+            before.append(recorder.before_sync)
+            after.append([w.value.values[0].numpy() for w in model.trainable_weights])
+            found[f"final_spread_{fit}"] = spread(model)
+        for i in range(len(initial)):
+            found[f"initial_{i}"] = initial[i]
+            found[f"before_{i}"] = np.array([[r[i] for r in b] for b in before])
+            found[f"after_{i}"] = np.array([a[i] for a in after])
+        np.savez(os.path.join(args.out, f"sync_{name}.npz"), **found)
+
+
 if args.scenario == "mirrored":
     mirrored_scenario()
+elif args.scenario == "sync":
+    sync_scenario()
 elif args.scenario == "keras_user":
     from keras_user_checks import run_checks  # noqa: E402
 
