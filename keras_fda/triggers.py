@@ -213,8 +213,9 @@ class AutoFDA(SyncTrigger):
     about as little as a period of 64-128 steps, and pays like one. Where
     workers disagree it ends up to 6 points below a period of 32 (Dirichlet 0.1:
     0.73 against 0.79), and under a high, decaying learning rate (warmup +
-    cosine) it reaches accuracy targets in 1.6-2.4x the steps of
-    synchronous averaging and misses the last ones. With one worker, or
+    cosine) it reaches accuracy targets in 1.6-4.2x the steps of
+    synchronous averaging and misses the last ones. A lower `horizon`
+    buys accuracy back for bytes (128: twice the syncs). With one worker, or
     identical data, rho is 0: it never syncs after the first round.
 
     Args:
