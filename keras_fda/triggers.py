@@ -82,9 +82,12 @@ class SyncTrigger:
             round_state: the ending round's state (a list of tensors).
             global_step: the averaged drift of the round, `w_new - w0` (one
                 tensor per monitored variable).
-            mean_state: the all-reduced local state of the step that decided
-                the sync, or None (a trigger with `state_size == 0`, or a
-                sync no statistic decided: the final one of a run).
+            mean_state: the all-reduced local state of the weights being
+                averaged (the deciding step's state; with `FDACallback`'s
+                overlap, which decides a step late, the drivers send it
+                along with the sync), or None (a trigger with
+                `state_size == 0`, or a sync no statistic decided: the
+                final one of a run).
             round_steps: local steps in the ending round (a scalar int64
                 tensor), or None if the driver does not count them.
 
