@@ -137,10 +137,9 @@ class WorkerAverager(AveragingState):
     training step calls `overlapped_step`, which decides on an earlier
     step's all-reduced message and composes this step's
     (`FDACallback(overlap=True)`): the decision on step t's state is then
-    applied after step t+1. Between
-    the halves the all-reduced state waits in `pending_state`, which is part
-    of the checkpointed state, so a resumed run decides as the uninterrupted
-    one would.
+    applied after step t+1. Between the halves the all-reduced state waits in
+    `pending_state`, which is part of the checkpointed state, so a resumed
+    run decides as the uninterrupted one would.
 
     Args:
         trigger: a built-in or custom `keras_fda.triggers.SyncTrigger`.
