@@ -79,17 +79,15 @@ class AveragingState:
             *self.sync.state_variables(),
         ]
 
-    def _start_round(self, new_reference, mean_state=None, global_step=None):
+    def _start_round(self, new_reference, mean_state, global_step):
         """After a sync: `new_reference` (the new trainable values) becomes w0.
 
-        `mean_state` is the all-reduced trigger state of the step that decided
-        the sync (None for a final or planned sync); with the round's length
-        and `global_step` (the round's averaged drift; default `new_reference
-        - w0`) it goes to `trigger.end_round`, which may adapt the next round
-        (AutoFDA).
+        `mean_state` is the all-reduced trigger state of the averaged weights
+        (None for a final or planned sync); with the round's length and
+        `global_step` (the round's averaged drift, read before an outer
+        optimizer moved w0) it goes to `trigger.end_round`, which may adapt
+        the next round (AutoFDA).
         """
-        if global_step is None:
-            global_step = [n - r.read_value() for n, r in zip(new_reference, self.reference)]
         next_round = self.trigger.end_round(
             [s.read_value() for s in self.round_state],
             global_step,
@@ -171,8 +169,7 @@ class WorkerAverager(AveragingState):
             *super().state_variables(), self.pending_state, self.pending_since, self.exchanges
         ]
 
-    def _assign_flat(self, flat, variables=None):
-        variables = self.averaged if variables is None else variables
+    def _assign_flat(self, flat, variables):
         sizes = [int(v.shape.num_elements()) for v in variables]
         for v, part in zip(variables, tf.split(flat, sizes)):
             v.assign(tf.cast(tf.reshape(part, v.shape), v.dtype))
