@@ -58,7 +58,7 @@ PRESETS = {
     "smoke": dict(
         tasks=["digits"], models=["lenet5"], workers=[2], epochs=1, writers=20,
         evaluations_per_epoch=2, taus=[4], kamp=[8e-5], fda={"linear": [4e-5]}, auto=True,
-        test_samples=500, efficiency_rounds=1,
+        test_samples=500, efficiency_rounds=1, outer_lr=0.7,
     ),
     # < 10 min on 2 shared cores: LeNet-5 digits K=10, whole writers (communication
     # does not matter) and label skew with warmup + cosine (it does), over 3
@@ -139,6 +139,12 @@ flags.DEFINE_list(
     "parallel) and write NAME.md with the summary across them and NAME_pareto.png.",
 )
 flags.DEFINE_integer("seed", 0, "Seed of partitions, data order and model initialization.")
+flags.DEFINE_float(
+    "outer_lr", None,
+    "Also run auto and every periodic tau with DiLoCo's outer optimizer at each sync, "
+    "SGD(OUTER_LR, momentum=0.9, nesterov=True) (`outer_optimizer=`; families "
+    "fda-auto+nesterov and periodic+nesterov), e.g. 0.7.",
+)
 FLAGS = flags.FLAGS
 
 BATCH_SIZE = 32
@@ -154,10 +160,10 @@ class Run:
 
     @property
     def label(self):
-        if self.family in ("synchronous", "no-sync", "fda-auto"):
+        if self.family in ("synchronous", "no-sync") or self.family.startswith("fda-auto"):
             return self.family
-        if self.family == "periodic":
-            return f"periodic tau={int(self.param)}"
+        if self.family.startswith("periodic"):
+            return f"{self.family} tau={int(self.param)}"
         return f"{self.family} Theta={self.param:.3g}"
 
 
@@ -259,21 +265,34 @@ def partition_text(spec):
 
 
 def strategies(preset, num_params):
-    """(family, param, trigger) for every run of the grid; thresholds are c * d."""
+    """(family, param, trigger, Simulation.run kwargs) per run of the grid; Theta = c * d."""
+    import keras
+
     import keras_fda
 
-    yield "synchronous", 0.0, keras_fda.Synchronous()
+    yield "synchronous", 0.0, keras_fda.Synchronous(), {}
     # Never within the run: Simulation evaluates (and leaves) the average at the end.
-    yield "no-sync", 0.0, keras_fda.Periodic(2**62)
+    yield "no-sync", 0.0, keras_fda.Periodic(2**62), {}
+    outer_lr = preset.get("outer_lr")
+
+    def outer():  # a fresh optimizer per run: its slots belong to one run's w0
+        return {"outer_optimizer": keras.optimizers.SGD(outer_lr, momentum=0.9, nesterov=True)}
+
     if preset.get("auto"):
-        yield "fda-auto", 0.0, keras_fda.triggers.get("fda", threshold="auto")
+        yield "fda-auto", 0.0, keras_fda.triggers.get("fda", threshold="auto"), {}
+        if outer_lr:
+            yield ("fda-auto+nesterov", 0.0, keras_fda.triggers.get("fda", threshold="auto"),
+                   outer())
     for tau in preset["taus"]:
-        yield "periodic", float(tau), keras_fda.Periodic(int(tau))
+        yield "periodic", float(tau), keras_fda.Periodic(int(tau)), {}
+    for tau in preset["taus"] if outer_lr else ():
+        yield "periodic+nesterov", float(tau), keras_fda.Periodic(int(tau)), outer()
     for c in preset["kamp"]:
-        yield "kamp", c * num_params, keras_fda.Kamp(c * num_params)
+        yield "kamp", c * num_params, keras_fda.Kamp(c * num_params), {}
     for variant, grid in preset["fda"].items():
         for c in grid:
-            yield f"fda-{variant}", c * num_params, keras_fda.FDA(variant, threshold=c * num_params)
+            yield (f"fda-{variant}", c * num_params,
+                   keras_fda.FDA(variant, threshold=c * num_params), {})
 
 
 def plain_step_ms(model_name, classes, x, y, seed):
@@ -354,7 +373,7 @@ def _verdict(ok):
 
 FAMILIES = [
     "synchronous", "no-sync", "periodic", "kamp", "fda-naive", "fda-linear", "fda-sketch",
-    "fda-exact", "fda-auto",
+    "fda-exact", "fda-auto", "periodic+nesterov", "fda-auto+nesterov",
 ]  # fmt: skip
 # Communication matters where no sync until the end loses this much final accuracy.
 MATTERS = 0.03
@@ -421,6 +440,7 @@ def report_config(title, runs, targets, num_params, workers, efficiency, regime=
         lines.append(f"| {target:.3f} | " + " | ".join(cells) + f" | {ratios[0]} | {ratios[1]} |")
     lines += ["", "Goals (linear FDA):", "", *goals, ""]
     lines += auto_goals(runs, targets)
+    lines += auto_goals(runs, targets, auto="fda-auto+nesterov")
     lines += ["Final test accuracy and bytes of every run:", ""]
     lines += ["| run | final accuracy | syncs | paper bytes | steps |", "|---|---|---|---|---|"]
     for run in runs:
@@ -432,15 +452,20 @@ def report_config(title, runs, targets, num_params, workers, efficiency, regime=
     return lines + [""]
 
 
-def auto_goals(runs, targets):
-    """Issue 13's goals for threshold='auto' in one config, as markdown bullets."""
+def auto_goals(runs, targets, auto="fda-auto"):
+    """Issue 13's goals for one auto family in one config, as markdown bullets.
+
+    Auto is held to the plain periodic taus (local SGD, the issue's baseline) whatever
+    its outer optimizer; the tables show periodic+nesterov beside it.
+    """
     families = {r.family for r in runs}
-    if "fda-auto" not in families or "no-sync" not in families:
+    if auto not in families or "no-sync" not in families:
         return []
-    auto = next(r for r in runs if r.family == "fda-auto").history
+    name = auto
+    auto = next(r for r in runs if r.family == name).history
     sync = next(r for r in runs if r.family == "synchronous").history
     matters = final_accuracy(runs, "synchronous") - final_accuracy(runs, "no-sync") >= MATTERS
-    lines = ["Goals (auto):", ""]
+    lines = [f"Goals ({name}):", ""]
     if not matters:
         syncs = int(auto.evaluations["syncs"][-1])
         lines.append(
@@ -481,7 +506,16 @@ def _sync_unit(runs):
     return float(sync["paper_bytes"][0])
 
 
-def regime_summary(configs):
+def summaries(configs):
+    """regime_summary for each auto family against each periodic family that ran."""
+    families = {r.family for _, runs, _, _ in configs for r in runs}
+    pairs = [("fda-auto", "periodic"), ("fda-auto+nesterov", "periodic"),
+             ("fda-auto+nesterov", "periodic+nesterov")]
+    return [line for auto, periodic in pairs if {auto, periodic} <= families
+            for line in regime_summary(configs, auto, periodic)]
+
+
+def regime_summary(configs, auto_family="fda-auto", periodic_family="periodic"):
     """Markdown: auto against the best periodic tau per config and the best single tau.
 
     Two readings of "the best tau tuned for the regime": fewest bytes whatever its
@@ -492,7 +526,7 @@ def regime_summary(configs):
     """
     rows, per_tau = [], {}
     for title, runs, targets, _ in configs:
-        auto = next((r for r in runs if r.family == "fda-auto"), None)
+        auto = next((r for r in runs if r.family == auto_family), None)
         if auto is None or not any(r.family == "no-sync" for r in runs):
             return []
         sync = next(r for r in runs if r.family == "synchronous")
@@ -503,7 +537,7 @@ def regime_summary(configs):
             hit = _hit(auto, target)
             periodic, in_limit = {}, {}
             for r in runs:
-                if r.family == "periodic":
+                if r.family == periodic_family:
                     h = _hit(r, target)
                     periodic[int(r.param)] = h["paper_bytes"] if h else math.inf
                     in_limit[int(r.param)] = h["paper_bytes"] if h and h["step"] <= limit \
@@ -527,7 +561,7 @@ def regime_summary(configs):
         return "-" if math.isinf(b) else f"{fmt_bytes(b)} ({b / unit:.0f})"
 
     lines = [
-        "## Summary: auto against tuned periodic averaging",
+        f"## Summary: {auto_family} against tuned {periodic_family}",
         "",
         f"Best single tau across every config and target (fewest misses, then fewest bytes in "
         f"geometric mean): **tau = {single}**. Bytes to each target, in brackets in units of "
@@ -580,7 +614,8 @@ def regime_summary(configs):
             f"{_verdict(periodic[single] / auto_bytes >= 3)}; at most "
             f"{periodic[single] / floor:.2f}x for any policy)."
         )
-    return lines + ["", "Goals where communication matters:", "", *goals, ""]
+    return lines + ["", f"Goals where communication matters ({auto_family} against "
+                    f"{periodic_family}):", "", *goals, ""]
 
 
 def pareto(configs, path):
@@ -603,7 +638,7 @@ def pareto(configs, path):
                 if hit is None:
                     continue
                 ax.scatter(hit["step"], hit["paper_bytes"], color=colors[run.family],
-                           marker="os^D"[i % 4], s=60 if run.family == "fda-auto" else 20,
+                           marker="os^D"[i % 4], s=60 if run.family.startswith("fda-auto") else 20,
                            label=f"{run.family}, target {target:.3f}")
         handles, labels = ax.get_legend_handles_labels()
         unique = dict(zip(labels, handles))
@@ -691,7 +726,7 @@ def main(argv):
         configs = configs_from_csv(FLAGS.summarize)
         stem = ROOT / FLAGS.out_dir / (FLAGS.name or "comm_to_accuracy_summary")
         md = [f"# Communication to accuracy: summary of {', '.join(FLAGS.summarize)}", ""]
-        stem.with_suffix(".md").write_text("\n".join(md + regime_summary(configs)))
+        stem.with_suffix(".md").write_text("\n".join(md + summaries(configs)))
         pareto(configs, stem.parent / f"{stem.name}_pareto.png")
         print(f"Wrote {stem}.md and {stem.name}_pareto.png.")
         return
@@ -717,6 +752,8 @@ def main(argv):
             preset["fda"][variant] = [float(v) for v in values]
     if FLAGS.auto is not None:
         preset["auto"] = FLAGS.auto
+    if FLAGS.outer_lr is not None:
+        preset["outer_lr"] = FLAGS.outer_lr
     for key in ("evaluations_per_epoch", "efficiency_rounds"):
         if getattr(FLAGS, key):
             preset[key] = getattr(FLAGS, key)
@@ -788,12 +825,12 @@ def main(argv):
                         preset["efficiency_rounds"],
                     )  # fmt: skip
                     runs = []
-                    for family, param, trigger in strategies(preset, num_params):
+                    for family, param, trigger, kwargs in strategies(preset, num_params):
                         history = sim.run(
                             trigger, x, y, parts, batch_size=BATCH_SIZE, steps=num_steps,
                             evaluations_per_epoch=preset["evaluations_per_epoch"],
                             validation_data=(x_test, y_test), seed=FLAGS.seed,
-                            repartition=repartition(drift_spec, parts, num_steps),
+                            repartition=repartition(drift_spec, parts, num_steps), **kwargs,
                         )  # fmt: skip
                         runs.append(Run(family, param, history))
                         ev = history.evaluations
@@ -844,7 +881,7 @@ def main(argv):
 
 def write_outputs(stem, md, efficiency_rows, csv_rows, configs, started):
     """NAME.md (report so far + efficiency table), NAME.csv and NAME.png."""
-    md = md + regime_summary(configs) + [
+    md = md + summaries(configs) + [
         "## Simulator efficiency",
         "",
         "Median ms per step, tracing excluded. Efficiency = K x plain step / simulator step; "

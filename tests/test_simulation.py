@@ -164,6 +164,8 @@ def test_benchmark_smoke_run_writes_table_csv_and_plot(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = (tmp_path / "smoke.md").read_text()
     assert "| target | synchronous |" in report and "efficiency" in report
+    assert "## Summary: fda-auto+nesterov against tuned periodic+nesterov" in report
+    assert "| periodic+nesterov tau=4 |" in report
     assert (tmp_path / "smoke.png").stat().st_size > 0
     assert (tmp_path / "smoke.csv").read_text().startswith("task,model,workers,family")
 

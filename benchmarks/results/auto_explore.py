@@ -4,9 +4,12 @@
         'periodic:96' 'rule:sqrt,h=256,f=16' 'rule:monofloor,h=180,f=32'
 
 Same harness as comm_to_accuracy.py --preset=regimes (LeNet-5 digits, K=10, Adam,
-batch 32, 504 steps, 6 evaluations per epoch, seed 0; --steps/K via env STEPS, K).
-Each spec: sync, nosync, periodic:TAU, or rule:NAME,key=value,... (an AutoFDA variant
-below). Appends comm_to_accuracy-format CSV rows (family = the spec) and prints, per
+batch 32, 504 steps, 6 evaluations per epoch, seed 0; env STEPS, K, SEED, MODEL (cnn),
+TASK (femnist62); env OUTER=LR adds an outer SGD(LR, momentum=0.9, nesterov=True) at every sync).
+Each spec: sync, nosync, periodic:TAU, auto, or rule:NAME,key=value,... (an AutoFDA variant
+below). Appends comm_to_accuracy-format CSV rows (family: comm_to_accuracy's for sync,
+nosync, periodic and auto, so that `comm_to_accuracy.py --summarize` reads them; else the
+spec; "+nesterov" with OUTER) and prints, per
 run, final accuracy, syncs, sync steps and the per-round log (rho, round length, next L).
 """
 import os
@@ -117,6 +120,16 @@ def trigger_for(spec):
     raise ValueError(spec)
 
 
+def family(spec, outer):
+    """(family, param) in comm_to_accuracy.py's CSV format."""
+    fam, _, p = spec.partition(":")
+    name, param = {"sync": ("synchronous", 0.0), "nosync": ("no-sync", 0.0),
+                   "auto": ("fda-auto", 0.0)}.get(fam, (spec, 0.0))
+    if fam == "periodic":
+        name, param = "periodic", float(p)
+    return (f"{name}+nesterov" if outer else name), param
+
+
 def main():
     regime, out, *specs = sys.argv[1:]
     partition_spec, lr_spec, drift_spec = REGIMES[regime]
@@ -124,7 +137,8 @@ def main():
     model_name = os.environ.get("MODEL", "lenet5")
     seed = int(os.environ.get("SEED", 0))
     data = dict(np.load(os.path.join(ROOT, "..", "shared", "data", "femnist_subset.npz")))
-    x, y, writers, xt, yt, classes = load_task(data, "digits", 400)
+    task = os.environ.get("TASK", "digits")
+    x, y, writers, xt, yt, classes = load_task(data, task, 400)
     steps = int(os.environ.get("STEPS", 4 * (len(y) // (32 * K))))
     model = models.build(model_name, classes, seed, learning_rate(lr_spec, steps))
     sim = Simulation(model, K)
@@ -133,9 +147,16 @@ def main():
     for spec in specs:
         trig = trigger_for(spec)
         t0 = time.time()
+        outer = os.environ.get("OUTER")
+        if outer:
+            import keras
+            kwargs = {"outer_optimizer": keras.optimizers.SGD(float(outer), momentum=0.9,
+                                                              nesterov=True)}
+        else:
+            kwargs = {}
         h = sim.run(trig, x, y, parts, batch_size=32, steps=steps, evaluations_per_epoch=6,
                     validation_data=(xt, yt), seed=seed,
-                    repartition=repartition(drift_spec, parts, steps))
+                    repartition=repartition(drift_spec, parts, steps), **kwargs)
         ev = h.evaluations
         sync_steps = list(np.nonzero(np.asarray(h.synced))[0] + 1)
         print(f"{regime} {spec}: final {ev['accuracy'][-1]:.4f} syncs {ev['syncs'][-1]} "
@@ -153,7 +174,7 @@ def main():
                             *ev.keys()])
                 new = False
             for i in range(len(ev["step"])):
-                w.writerow(["digits", model_name, K, spec, 0.0, regime,
+                w.writerow([task, model_name, K, *family(spec, outer), regime,
                             *(v[i].item() for v in ev.values())])
 
 
