@@ -55,7 +55,9 @@ class SyncRule:
             the workers then start the next round from the new `w0`. It is
             copied from its config for each model, so one instance can serve
             several runs. Its variables are identical on every worker and are
-            part of the averaging state (checkpointed with it).
+            part of the averaging state (checkpointed with it). The string
+            "nesterov" stands for DiLoCo's outer step,
+            `keras.optimizers.SGD(0.7, momentum=0.9, nesterov=True)`.
         optimizer_state: "local" (default: each worker keeps its optimizer's
             moments), "average" (the moments are averaged across workers at
             each sync, in their own dtype, and counted in the bytes) or
@@ -270,10 +272,12 @@ def _check_sync_dtype(sync_dtype):
 def _check_outer_optimizer(optimizer):
     if optimizer is None:
         return None
+    if optimizer == "nesterov":
+        return keras.optimizers.SGD(0.7, momentum=0.9, nesterov=True)
     if not isinstance(optimizer, keras.optimizers.Optimizer):
         raise TypeError(
-            "outer_optimizer must be a Keras optimizer instance, e.g. "
-            f"keras.optimizers.SGD(0.7, momentum=0.9, nesterov=True), got {optimizer!r}."
+            "outer_optimizer must be None, \"nesterov\" or a Keras optimizer instance, e.g. "
+            f"keras.optimizers.SGD(1.0, momentum=0.9), got {optimizer!r}."
         )
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         raise TypeError(

@@ -285,6 +285,13 @@ def test_fda_with_bfloat16_and_outer_optimizer_runs(data, sim):
 # --- validation ---
 
 
+def test_nesterov_names_diloco_outer_step():
+    outer = SyncRule(outer_optimizer="nesterov").outer_optimizer
+    assert isinstance(outer, keras.optimizers.SGD)
+    assert (float(outer.learning_rate), outer.momentum, outer.nesterov) == (
+        pytest.approx(0.7), 0.9, True)
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
