@@ -26,7 +26,16 @@ flags.DEFINE_enum("dataset", "digits", ["digits", "mnist", "femnist"], "Training
 flags.DEFINE_string("data_path", None, "Path of femnist_subset.npz for --dataset=femnist.")
 flags.DEFINE_integer("epochs", 20, "Epochs (one epoch: the worker's share of the data once).")
 flags.DEFINE_integer("batch_size", 32, "Batch size per worker.")
-flags.DEFINE_float("threshold", 1.5, "FDA threshold Theta on the variance estimate.")
+flags.DEFINE_string(
+    "threshold", "auto",
+    "FDA threshold Theta on the variance estimate (a number, e.g. 1.5), or auto: set and "
+    "adapted from the run (keras_fda.AutoFDA).",
+)
+flags.DEFINE_enum(
+    "outer_optimizer", "nesterov", ["none", "nesterov"],
+    "What a sync does with the average: none (adopt it) or nesterov (DiLoCo's outer "
+    "Nesterov step on it).",
+)
 flags.DEFINE_enum("variant", "linear", ["naive", "linear", "sketch"], "Variance estimator.")
 flags.DEFINE_enum(
     "trigger", "fda", ["fda", "synchronous", "periodic", "kamp"], "When to synchronize."
@@ -120,13 +129,18 @@ def main(argv):
         metrics=["accuracy"],
     )
     # Each trigger takes only its own arguments (others are a ValueError).
+    threshold = FLAGS.threshold if FLAGS.threshold == "auto" else float(FLAGS.threshold)
     trigger_args = {
-        "fda": dict(threshold=FLAGS.threshold, variant=FLAGS.variant),
-        "kamp": dict(threshold=FLAGS.threshold),
+        "fda": dict(threshold=threshold, variant=FLAGS.variant),
+        "kamp": dict(threshold=threshold),
         "periodic": dict(tau=FLAGS.tau),
         "synchronous": {},
     }[FLAGS.trigger]
-    fda = keras_fda.FDACallback(trigger=FLAGS.trigger, **trigger_args)
+    fda = keras_fda.FDACallback(
+        trigger=FLAGS.trigger,
+        outer_optimizer=None if FLAGS.outer_optimizer == "none" else FLAGS.outer_optimizer,
+        **trigger_args,
+    )
     model.fit(
         dataset,
         epochs=FLAGS.epochs,

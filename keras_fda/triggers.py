@@ -232,13 +232,13 @@ class AutoFDA(SyncTrigger):
 
     Example:
 
-    >>> trigger = AutoFDA("linear", horizon=256)
+    >>> trigger = AutoFDA("linear", horizon=128)
     """
 
     name = "fda-auto"
     threshold = 1.0
 
-    def __init__(self, estimator="linear", *, horizon=256, first_round=32):
+    def __init__(self, estimator="linear", *, horizon=128, first_round=32):
         self.estimator = estimators_lib.get(estimator)
         for arg, value in (("horizon", horizon), ("first_round", first_round)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 1:
