@@ -527,8 +527,9 @@ def regime_summary(configs, auto_family="fda-auto", periodic_family="periodic"):
     rows, per_tau = [], {}
     for title, runs, targets, _ in configs:
         auto = next((r for r in runs if r.family == auto_family), None)
-        if auto is None or not any(r.family == "no-sync" for r in runs):
-            return []
+        families = {r.family for r in runs}
+        if auto is None or not {"no-sync", periodic_family} <= families:
+            continue
         sync = next(r for r in runs if r.family == "synchronous")
         nosync = next(r for r in runs if r.family == "no-sync")
         unit = _sync_unit(runs)

@@ -130,12 +130,14 @@ class FDACallback(keras.callbacks.Callback):
             or float64), or "float32", "bfloat16", "float16": the drift
             `w_k - w0` in that dtype (2 bytes per parameter for the half
             types) while `w0` stays full precision. See `keras_fda.SyncRule`.
-        outer_optimizer: None (the plain average), or a Keras optimizer
-            applied to `w0` at each sync with the negative mean drift as its
-            gradient, e.g. `keras.optimizers.SGD(0.7, momentum=0.9,
-            nesterov=True)` (DiLoCo), `SGD(1.0, momentum=0.9)` (FedAvgM) or
-            `Adam(...)` (FedAdam). Its state is identical on every worker,
-            sends nothing, and is checkpointed with the FDA state.
+        outer_optimizer: None (the plain average), "nesterov", or a Keras
+            optimizer applied to `w0` at each sync with the negative mean
+            drift as its gradient: "nesterov" is DiLoCo's
+            `keras.optimizers.SGD(0.7, momentum=0.9, nesterov=True)` (with
+            `threshold="auto"`, the recommended setting), `SGD(1.0,
+            momentum=0.9)` is FedAvgM, `Adam(...)` FedAdam. Its state is
+            identical on every worker, sends nothing, and is checkpointed
+            with the FDA state.
         optimizer_state: the workers' optimizer moments at a sync: "local"
             (default, kept), "average" (averaged, counted in the bytes) or
             "reset" (zeroed). A recompile with a new optimizer then starts a
@@ -153,7 +155,7 @@ class FDACallback(keras.callbacks.Callback):
     cluster = keras_fda.connect()   # first line of the program
     model = make_model()
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
-    fda = keras_fda.FDACallback(threshold=1.5, variant="linear")
+    fda = keras_fda.FDACallback(threshold="auto", outer_optimizer="nesterov")
     model.fit(dataset.repeat(), epochs=5, steps_per_epoch=200, callbacks=[fda])
     print(fda.communication.summary())
     ```

@@ -465,10 +465,10 @@ class Simulation:
                 drift `w_k - w0` in that dtype when it is narrower (see
                 `keras_fda.outer.SyncRule`). The simulated all-reduce adds
                 in that dtype, as TensorFlow's collectives do.
-            outer_optimizer: None, or a Keras optimizer applied to `w0` at
-                each sync with the negative mean drift as its gradient
-                (e.g. `keras.optimizers.SGD(0.7, momentum=0.9,
-                nesterov=True)`, DiLoCo's); a fresh copy per run.
+            outer_optimizer: None, "nesterov" (DiLoCo's
+                `keras.optimizers.SGD(0.7, momentum=0.9, nesterov=True)`),
+                or a Keras optimizer applied to `w0` at each sync with the
+                negative mean drift as its gradient; a fresh copy per run.
             optimizer_state: "local" (each worker keeps its optimizer's
                 moments), "average" (averaged at each sync) or "reset"
                 (zeroed at each sync).

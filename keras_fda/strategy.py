@@ -358,11 +358,12 @@ class FDAStrategy(tf.distribute.Strategy):
             in float32 or float64), or "float32", "bfloat16", "float16": it
             sends its drift `w_k - w0` in that dtype (2 bytes per parameter
             for the half types); `w0` and the average stay full precision.
-        outer_optimizer: None (the plain average), or a Keras optimizer that
-            steps `w0` at each sync with the gradient `-(mean drift)`:
-            `keras.optimizers.SGD(0.7, momentum=0.9, nesterov=True)` for
-            DiLoCo, `SGD(1.0, momentum=0.9)` for FedAvgM, `Adam(...)` for
-            FedAdam. It runs alike on every replica, so it sends nothing;
+        outer_optimizer: None (the plain average), "nesterov", or a Keras
+            optimizer that steps `w0` at each sync with the gradient
+            `-(mean drift)`: "nesterov" is DiLoCo's
+            `keras.optimizers.SGD(0.7, momentum=0.9, nesterov=True)`,
+            `SGD(1.0, momentum=0.9)` is FedAvgM, `Adam(...)` FedAdam. It
+            runs alike on every replica, so it sends nothing;
             like the FDA counters, its state is not in Keras checkpoints.
         optimizer_state: what each replica's optimizer moments become at a
             sync: "local" (default, kept), "average" (averaged with the
