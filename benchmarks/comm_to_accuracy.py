@@ -62,18 +62,20 @@ PRESETS = {
     ),
     # < 10 min on 2 shared cores: LeNet-5 digits K=10, whole writers (communication
     # does not matter) and label skew with warmup + cosine (it does), over 3
-    # epochs; a short and a long period, the paper's c = 4e-5 and auto.
+    # epochs; a short and a long period, the paper's c = 4e-5 and auto, the
+    # period and auto also with the outer Nesterov step.
     "quick": dict(
         tasks=["digits"], models=["lenet5"], workers=[10], epochs=3, writers=400,
         regimes=["writers", "dir0.1-cosine"], evaluations_per_epoch=4, taus=[16, 128], kamp=[],
         fda={"linear": [4e-5]}, auto=True, test_samples=None, efficiency_rounds=1,
+        outer_lr=0.7,
     ),
     # Every regime, LeNet-5 digits K=10, 4 epochs (504 steps): the tau and Theta sweeps.
     "regimes": dict(
         tasks=["digits"], models=["lenet5"], workers=[10], epochs=4, writers=400,
         regimes=list(REGIMES), evaluations_per_epoch=6, taus=[8, 16, 32, 64, 96, 128], kamp=[],
         fda={"linear": [4e-5, 1.6e-4]}, auto=True,
-        test_samples=None, efficiency_rounds=1,
+        test_samples=None, efficiency_rounds=1, outer_lr=0.7,
     ),
     "full": dict(
         tasks=["digits", "femnist62"], models=["lenet5", "cnn"], workers=[10, 40], epochs=8,
@@ -141,9 +143,9 @@ flags.DEFINE_list(
 flags.DEFINE_integer("seed", 0, "Seed of partitions, data order and model initialization.")
 flags.DEFINE_float(
     "outer_lr", None,
-    "Also run auto and every periodic tau with DiLoCo's outer optimizer at each sync, "
-    "SGD(OUTER_LR, momentum=0.9, nesterov=True) (`outer_optimizer=`; families "
-    "fda-auto+nesterov and periodic+nesterov), e.g. 0.7.",
+    "Override: also run auto and every periodic tau with DiLoCo's outer optimizer at each "
+    "sync, SGD(OUTER_LR, momentum=0.9, nesterov=True) (`outer_optimizer=`; families "
+    "fda-auto+nesterov and periodic+nesterov); the quick and regimes presets use 0.7; 0: none.",
 )
 FLAGS = flags.FLAGS
 
