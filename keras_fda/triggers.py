@@ -212,14 +212,20 @@ class AutoFDA(SyncTrigger):
     and the round's length; otherwise every round keeps the first round's
     length.
 
-    When it loses (measured, benchmarks/results/issue13_report.md): it sends
-    about as little as a period of 64-128 steps, and pays like one. Where
-    workers disagree it ends up to 6 points below a period of 32 (Dirichlet 0.1:
-    0.73 against 0.79), and under a high, decaying learning rate (warmup +
-    cosine) it reaches accuracy targets in 1.6-4.2x the steps of
-    synchronous averaging and misses the last ones. A lower `horizon`
-    buys accuracy back for bytes (128: twice the syncs). With one worker, or
-    identical data, rho is 0: it never syncs after the first round.
+    Use it with the outer Nesterov step (`outer_optimizer="nesterov"` in
+    every driver): each of its few syncs then counts for more, and on
+    FEMNIST digits (LeNet-5, K = 10, 504 steps, two seeds) it ended between
+    1.4 points below synchronous averaging and 4.1 above, with 2 syncs where
+    the workers agree and 7-9 under strong label skew. When it loses
+    (benchmarks/results/issue13_nesterov.md): a fixed long period with the
+    same outer step (128 steps, 3 syncs) reaches mid-run accuracy targets
+    with 0.33-1.5x its bytes (its first, measuring sync and its shorter
+    rounds under skew cost one to three syncs), though it ends lower; under
+    a high, decaying learning rate (warmup + cosine) it needs up to 2.1x
+    synchronous's steps to the early targets; without the outer step it
+    ends up to 6 points below a period of 32 under strong skew. A larger
+    `horizon` sends less and ends lower (256: 0-6 points). With one worker,
+    or identical data, rho is 0: it never syncs after the first round.
 
     Args:
         estimator: a `VarianceEstimator` or one of "naive", "linear",
