@@ -129,7 +129,12 @@ def main(argv):
         metrics=["accuracy"],
     )
     # Each trigger takes only its own arguments (others are a ValueError).
-    threshold = FLAGS.threshold if FLAGS.threshold == "auto" else float(FLAGS.threshold)
+    threshold = FLAGS.threshold
+    if threshold != "auto":
+        try:
+            threshold = float(threshold)
+        except ValueError:
+            raise app.UsageError(f"--threshold={threshold!r}: use a number or auto.") from None
     trigger_args = {
         "fda": dict(threshold=threshold, variant=FLAGS.variant),
         "kamp": dict(threshold=threshold),
