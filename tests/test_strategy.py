@@ -449,7 +449,7 @@ def test_bad_sync_options_raise_clear_errors():
     base = tf.distribute.MirroredStrategy(["/cpu:0"])
     with pytest.raises(ValueError, match="sync_dtype must be None or one of"):
         FDAStrategy(base, threshold=1.0, sync_dtype="int8")
-    with pytest.raises(TypeError, match="outer_optimizer must be None, \"nesterov\" or a Keras optimizer"):
+    with pytest.raises(TypeError, match='must be None, "nesterov" or a Keras optimizer'):
         FDAStrategy(base, threshold=1.0, outer_optimizer="sgd")
     with pytest.raises(ValueError, match="use_ema=False"):
         FDAStrategy(base, threshold=1.0, outer_optimizer=keras.optimizers.SGD(use_ema=True))
