@@ -469,6 +469,11 @@ class Simulation:
                 `keras.optimizers.SGD(0.7, momentum=0.9, nesterov=True)`),
                 or a Keras optimizer applied to `w0` at each sync with the
                 negative mean drift as its gradient; a fresh copy per run.
+                The evaluations, and the model a run leaves, are the plain
+                average of the workers' models, whereas `FDACallback` and
+                `FDAStrategy` end a fit with one more sync, which takes the
+                outer step too: their syncs and statistics equal the
+                simulator's, their final weights differ by that last step.
             optimizer_state: "local" (each worker keeps its optimizer's
                 moments), "average" (averaged at each sync) or "reset"
                 (zeroed at each sync).
