@@ -228,7 +228,8 @@ class Simulation:
             the metrics to evaluate, e.g. "accuracy"). It must be clonable by
             `keras.models.clone_model` (Sequential or functional). Runs start
             from its weights as they are now; after a run it holds the
-            average of the workers' final models.
+            workers' model after the final sync (their average, with an
+            outer optimizer's step).
         num_workers: K, an integer >= 1.
         average_non_trainable: also average non-trainable float weights
             (BatchNorm statistics) at each synchronization, as `FDACallback`
@@ -294,8 +295,8 @@ class Simulation:
     def _build_step(self, trigger, x_data, y_data, rule, lag=0):
         """The compiled step of one run: K local steps, the trigger, maybe a sync by `rule`.
 
-        Returns the step function, the run's `SyncState` and each worker's
-        optimizer moments.
+        Returns the step function, the end-of-run function (the final sync),
+        the run's `SyncState` and each worker's optimizer moments.
         """
         workers = self._workers
         monitored = list(zip(*[w.monitored for w in workers]))
@@ -385,6 +386,28 @@ class Simulation:
                 statistic = tf.where(exchanged, tf.cast(statistic, tf.float32), float("nan"))
             return tf.cast(statistic, tf.float32), synced
 
+        @tf.function
+        def finish():
+            # A run ends as a fit with FDACallback does: the lagged decision
+            # still pending (its `settle`), then one more sync if the workers
+            # trained since the last. With an outer optimizer those take the
+            # outer step, so the model left is the callback's.
+            settled = tf.constant(False)
+            if lagged:
+                decided_since = pending_since.read_value()
+                statistic = trigger.statistic(pending_state.read_value(), decided_since)
+                settled = tf.cond(
+                    (decided_since >= 0) & trigger.should_sync(statistic, decided_since),
+                    lambda: average(mean_local_state(), steps_since_sync.read_value()),
+                    lambda: tf.constant(False),
+                )
+            with tf.control_dependencies([settled]):
+                return tf.cond(
+                    steps_since_sync.read_value() > 0,
+                    lambda: average(None, steps_since_sync.read_value()),
+                    lambda: tf.constant(False),
+                )
+
         def step(indices):
             # Eager calls run in order: the check sees the weights after the K steps.
             loss = self._train_step(x_data, y_data, indices)
@@ -396,7 +419,7 @@ class Simulation:
                 raise FloatingPointError(cluster_lib.error_cause(e)) from None
             return statistic, synced, loss
 
-        return step, sync, moments
+        return step, finish, sync, moments
 
     def _reset(self):
         for w in self._workers:
@@ -469,11 +492,11 @@ class Simulation:
                 `keras.optimizers.SGD(0.7, momentum=0.9, nesterov=True)`),
                 or a Keras optimizer applied to `w0` at each sync with the
                 negative mean drift as its gradient; a fresh copy per run.
-                The evaluations, and the model a run leaves, are the plain
-                average of the workers' models, whereas `FDACallback` and
-                `FDAStrategy` end a fit with one more sync, which takes the
-                outer step too: their syncs and statistics equal the
-                simulator's, their final weights differ by that last step.
+                The evaluations are of the plain average of the workers'
+                models at that step; the model a run leaves has had the
+                final sync a fit with `FDACallback` ends with (the pending
+                decision, then a sync if the workers trained since the
+                last), which takes the outer step too.
             optimizer_state: "local" (each worker keeps its optimizer's
                 moments), "average" (averaged at each sync) or "reset"
                 (zeroed at each sync).
@@ -522,7 +545,7 @@ class Simulation:
 
         schedule = batch_schedule(partitions, batch_size, num_steps, seed, repartition)
         self._reset()
-        step, sync, moments = self._build_step(
+        step, finish, sync, moments = self._build_step(
             trigger, tf.convert_to_tensor(x), tf.convert_to_tensor(y), rule, lag
         )
         writer = dashboard = None
@@ -556,6 +579,8 @@ class Simulation:
                 if verbose:
                     print(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
             if t == num_steps:
+                finish()
+                self._evaluate(None, eval_batch_size)  # leaves the final model in self.model
                 break
             start = time.perf_counter()
             statistic, synced, loss = step(schedule[t])

@@ -54,6 +54,11 @@ def make_trigger(name="linear"):
     return keras_fda.FDA("linear", threshold=THRESHOLD)
 
 
+def outer_optimizer(name="linear"):
+    """The recommended pairing: auto with DiLoCo's outer step; linear FDA plain."""
+    return "nesterov" if name == "auto" else None
+
+
 def make_partitions():
     from keras_fda import partition
 
@@ -97,7 +102,11 @@ def main():
         shuffle=False,
         verbose=0,
         callbacks=[
-            keras_fda.FDACallback(trigger=make_trigger(args.trigger), overlap=args.lag == 1),
+            keras_fda.FDACallback(
+                trigger=make_trigger(args.trigger),
+                overlap=args.lag == 1,
+                outer_optimizer=outer_optimizer(args.trigger),
+            ),
             Record(),
         ],
     )
