@@ -30,6 +30,8 @@ SCENARIOS = {
         "--devices", "2", "--trigger", "fda", "--threshold", "0.3", "--steps", "150",
         "--read", "predict",
     ],
+    # 2 replicas, threshold="auto" (AutoFDA, short rounds), against the simulator.
+    "auto2": ["--devices", "2", "--trigger", "auto", "--steps", "100"],
     # 4 replicas, periodic averaging every 5 steps.
     "periodic4": ["--devices", "4", "--trigger", "periodic", "--tau", "5", "--steps", "30"],
     # Synchronous trigger + SGD vs plain MirroredStrategy.
@@ -45,7 +47,7 @@ SCENARIOS = {
     ],
 }
 # Compared with keras_fda.Simulation on the same batches and initial weights.
-AGAINST_SIMULATOR = ["fda2", "functional2", "subclassed2"]
+AGAINST_SIMULATOR = ["fda2", "functional2", "subclassed2", "auto2"]
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +151,9 @@ def test_fda_decisions_and_statistic_match_the_simulator(results, name):
     assert 2 <= synced.sum() < len(synced)
     np.testing.assert_array_equal(synced, r["sim_synced"])
     np.testing.assert_allclose(r["statistic"], r["sim_statistic"], rtol=1e-4, atol=1e-5)
+    if name == "auto2":  # FDAStrategy hands AutoFDA each round's state: the rounds adapt
+        rounds = np.diff(np.flatnonzero(synced), prepend=-1)
+        assert len(set(rounds.tolist())) > 1, rounds
 
 
 def test_replicas_diverge_between_syncs_and_are_equal_after(results):

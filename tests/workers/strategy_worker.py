@@ -45,7 +45,7 @@ parser.add_argument(
     choices=["simulator", "mirrored", "multiworker", "keras_user", "callbacks", "sync"],
     default="simulator",
 )
-parser.add_argument("--trigger", default="fda")
+parser.add_argument("--trigger", default="fda", help="fda, auto, periodic or synchronous")
 parser.add_argument("--threshold", type=float, default=1.5)
 parser.add_argument("--tau", type=int, default=5)
 parser.add_argument("--steps", type=int, default=60)
@@ -186,6 +186,8 @@ def compile_model(model, optimizer=None):
 
 
 def make_trigger():
+    if args.trigger == "auto":  # short rounds, so that a short run adapts them
+        return triggers.AutoFDA("linear", horizon=8, first_round=8)
     if args.trigger == "periodic":
         return triggers.get("periodic", tau=args.tau)
     if args.trigger == "synchronous":
