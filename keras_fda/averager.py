@@ -70,7 +70,7 @@ class AveragingState:
             0, dtype=tf.int64, trainable=False, name="fda_steps_since_sync"
         )
         self.sync = (sync_rule or outer_lib.SyncRule()).build(self.reference, self.dtype)
-        self.moments = list(moments)
+        self.moments = moments
 
     def state_variables(self):
         """Every variable of the averaging state, for checkpoints (fixed order)."""
@@ -163,6 +163,9 @@ class WorkerAverager(AveragingState):
             -1, dtype=tf.int64, trainable=False, name="fda_pending_since"
         )
         self.exchanges = tf.Variable(0, dtype=tf.int64, trainable=False, name="fda_exchanges")
+        # 1.0 when this worker's weights were set from outside training since
+        # the last step (see `_adopt`); local, so not checkpointed.
+        self.replaced = tf.Variable(0.0, trainable=False, name="fda_replaced")
 
     def state_variables(self):
         return [
@@ -202,42 +205,70 @@ class WorkerAverager(AveragingState):
     def _average(self, active=None, mean_state=None):
         """Averages the variables across workers; returns `(adopted, active_fraction)`.
 
-        With `active`, the 'still training' flag rides in the same all-reduce.
-        Nothing is assigned if the mean is NaN/Inf or a worker has stopped;
-        every worker sees the same mean, so all of them refuse it together.
+        With `active`, the 'still training' flag rides in the same all-reduce,
+        and so does `replaced` (weights set from outside training, which
+        make this a plain average). Nothing is assigned if the mean is
+        NaN/Inf or a worker has stopped; every worker sees the same mean, so
+        all of them refuse it together.
         """
         payload = self.sync.payload(
             [v.read_value() for v in self.averaged], [r.read_value() for r in self.reference]
         )
-        flat = _flatten(payload, self.sync.payload_dtype)
+        groups = list(outer_lib.dtype_groups(payload).items())
+        flats = [_flatten([payload[i] for i in indices], dtype) for dtype, indices in groups]
+        # What rides along goes with the first dtype's tensors (the drift's).
+        control = [tf.reshape(tf.cast(self.replaced, flats[0].dtype), [1])]
         if mean_state is not None:
             # The state of the weights being averaged rides along, for
             # `end_round`: the deciding state may be a step older (overlap),
             # and a round's variance must be measured where its step is.
-            flat = tf.concat([flat, tf.cast(self._local_state(), flat.dtype)], 0)
+            control.append(tf.cast(self._local_state(), flats[0].dtype))
+        size = int(flats[0].shape[0])
+        first = tf.concat([flats[0], *control], 0)
         if active is None:
-            mean, active_fraction = self.transport.all_reduce(flat, "mean"), tf.constant(1.0)
+            mean, active_fraction = self.transport.all_reduce(first, "mean"), tf.constant(1.0)
         else:
-            mean, active_fraction = self._exchange(flat, active)
+            mean, active_fraction = self._exchange(first, active)
+        replaced = mean[size] > 0
         if mean_state is not None:
-            size = self.trigger.state_size
-            mean, mean_state = mean[:-size], tf.cast(mean[-size:], tf.float32)
+            mean_state = tf.cast(mean[size + 1:], tf.float32)
+
+        def adopt():
+            # The other dtypes' collectives only once every worker is known
+            # to be here: a stopped worker answered the first one alone.
+            means = [mean[:size]] + [self.transport.all_reduce(f, "mean") for f in flats[1:]]
+            parts = [None] * len(payload)
+            for (_, indices), flat in zip(groups, means):
+                shapes = [payload[i].shape for i in indices]
+                pieces = tf.split(flat, [int(s.num_elements()) for s in shapes])
+                for i, shape, piece in zip(indices, shapes, pieces):
+                    parts[i] = tf.reshape(piece, shape)
+            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(m)) for m in means])
+            return tf.cond(
+                finite,
+                lambda: self._adopt(parts, mean_state, replaced),
+                lambda: tf.constant(False),
+            )
+
         # A mean of K ones is exactly 1.0 in float32, float16 and bfloat16 (K <= 256).
-        usable = (active_fraction >= 1.0) & tf.reduce_all(tf.math.is_finite(mean))
-        adopted = tf.cond(
-            usable, lambda: self._adopt(mean, mean_state), lambda: tf.constant(False)
-        )
+        adopted = tf.cond(active_fraction >= 1.0, adopt, lambda: tf.constant(False))
         return adopted, active_fraction
 
-    def _adopt(self, mean, mean_state=None):
-        sizes = [int(v.shape.num_elements()) for v in self.averaged]
-        parts = [tf.reshape(p, v.shape) for v, p in zip(self.averaged, tf.split(mean, sizes))]
+    def _adopt(self, parts, mean_state, replaced):
         means = self.sync.mean_weights(parts)
         # The round's progress, read before an outer optimizer moves w0.
         global_step = [tf.cast(m, r.dtype) - r for m, r in zip(means, self.reference)]
-        new_values = self.sync.step(means)
+        # Weights a callback set after the last step (EarlyStopping's best)
+        # are what the user asked for: their plain average, no outer step
+        # from a w0 they no longer continue.
+        new_values = tf.cond(
+            replaced,
+            lambda: [tf.cast(m, self.dtype) for m in means],
+            lambda: [tf.cast(v, self.dtype) for v in self.sync.step(means)],
+        )
         for v, value in zip(self.averaged, new_values):
             v.assign(tf.cast(value, v.dtype))
+        self.replaced.assign(0.0)
         self._sync_moments()
         return self._start_round(
             [v.read_value() for v in self.variables], mean_state, global_step
@@ -252,6 +283,12 @@ class WorkerAverager(AveragingState):
             flat = self.transport.all_reduce(_flatten(payload, tf.float32), "mean")
             mean = [tf.reshape(p, m.shape) for m, p in zip(payload, tf.split(flat, sizes))]
         self.sync.update_moments(self.moments, mean)
+
+    def _first_payload_size(self):
+        """Entries of the payload's first dtype (`_average`'s first collective)."""
+        if not self.sync.sends_drift:
+            return self.num_params
+        return sum(int(v.shape.num_elements()) for v in self.variables)
 
     def _exchange(self, payload, active):
         """All-reduces `payload` with a trailing 'still training' flag.
@@ -416,7 +453,9 @@ class WorkerAverager(AveragingState):
         if self.trigger.state_size:
             size, dtype = self.trigger.state_size, tf.float32
         else:
-            size, dtype = self.num_params, self.sync.payload_dtype
+            # The first collective of `_average`: the payload's first dtype
+            # and the `replaced` flag.
+            size, dtype = self._first_payload_size() + 1, self.sync.payload_dtype
         unsynced = tf.cast(self.steps_since_sync > 0, dtype)
         mean, active_fraction = self._exchange(tf.one_hot(0, size, dtype=dtype) * unsynced, 0.0)
         return {"others_active": active_fraction > 0.0, "unsynced": mean[0] > 0}

@@ -1,6 +1,7 @@
 """`FDACallback`: Federated Dynamic Averaging for `model.fit` across worker processes."""
 
 import contextlib
+import functools
 import math
 import time
 import zlib
@@ -15,6 +16,9 @@ from keras_fda import outer as outer_lib
 from keras_fda import triggers as triggers_lib
 from keras_fda.averager import WorkerAverager
 from keras_fda.tensorboard import Dashboard, standardize_update_freq
+
+# Model methods that give the model new weights from outside training.
+_WRITERS = ("set_weights", "load_weights")
 
 
 class _CheckpointedState(keras.layers.Layer):
@@ -194,6 +198,11 @@ class FDACallback(keras.callbacks.Callback):
             raise ValueError(
                 f'exchange_every must be an integer >= 1 or "auto", got {exchange_every!r}.'
             )
+        if exchange_every != 1 and not self.trigger.state_size:
+            raise ValueError(
+                f"The {self.trigger!r} trigger sends nothing between syncs, so "
+                f"exchange_every={exchange_every!r} would be ignored; remove it."
+            )
         if exchange_every != 1 and not overlap:
             raise ValueError(
                 f"exchange_every={exchange_every} needs overlap=True: the blocking exchange "
@@ -274,14 +283,16 @@ class FDACallback(keras.callbacks.Callback):
             )
         layout = repr([(tuple(v.shape), v.dtype.name) for v in variables])
         initial_epoch = getattr(self.model, "_initial_epoch", None)
+        settings = self._settings()
         mine = np.array(
             [
+                int(self._averager.steps.numpy()) if restored else -1,
+                -1 if initial_epoch is None else int(initial_epoch),
                 -1 if steps is None else steps,
                 self.params.get("epochs", 1),
                 sum(int(np.prod(v.shape)) for v in variables),
                 zlib.crc32(layout.encode()),
-                int(self._averager.steps.numpy()) if restored else -1,
-                -1 if initial_epoch is None else int(initial_epoch),
+                *(zlib.crc32(value.encode()) for _, value in settings),
             ],
             np.int64,
         )
@@ -290,17 +301,41 @@ class FDACallback(keras.callbacks.Callback):
             ("the number of steps per epoch", "pass the same steps_per_epoch= to fit() with a repeated "
              "dataset (dataset.repeat()) on every worker"),
             ("the number of epochs", "pass the same epochs= to fit() on every worker"),
-            ("the number of averaged weights", "build the same model on every worker"),
+            ("the number of averaged weights", "build the same model, with the same frozen "
+             "layers, on every worker"),
             ("the weight shapes and dtypes (layout fingerprint)", "build the same model, "
              "with the same dtype policy, on every worker"),
         ]
-        for column, (what, fix) in enumerate(checks):
+        for name, value in settings:
+            checks.append(
+                (f"the FDACallback setting {name} (this worker: {value}; compared as a "
+                 "fingerprint)", f"give {name} the same value on every worker")
+            )
+        for column, (what, fix) in enumerate(checks, start=2):
             values = everyone[:, column]
             if (values != values[0]).any():
                 raise ValueError(
                     f"Workers disagree on {what}: {values.tolist()} (worker 0, 1, ...); {fix}."
                 )
-        return everyone[:, 4:]
+        return everyone[:, :2]
+
+    def _settings(self):
+        """The settings every worker must share, as `(name, description)` pairs.
+
+        A worker that decides or averages differently would join other
+        collectives than its peers and hang until the timeout.
+        """
+        rule = self.sync_rule
+        return [
+            ("trigger", _describe(self.trigger)),
+            ("sync_dtype", repr(rule.sync_dtype)),
+            ("outer_optimizer", _describe_optimizer(rule.outer_optimizer)),
+            ("optimizer_state", repr(rule.optimizer_state)),
+            ("overlap", repr(self.overlap)),
+            ("exchange_every", repr(self.exchange_every)),
+            ("average_non_trainable", repr(self.average_non_trainable)),
+            ("the model's optimizer class", _describe_optimizer(self.model.optimizer, True)),
+        ]
 
     def _resume(self, resumed, can_change_epoch):
         """Makes the workers start from the same step; False if from nothing restored.
@@ -356,10 +391,8 @@ class FDACallback(keras.callbacks.Callback):
         super().set_model(model)
         if not model.built:
             return
-        extra = []
-        if self.average_non_trainable:
-            extra = [w.value for w in model.non_trainable_weights if w.dtype.startswith("float")]
-        trainable = [w.value for w in model.trainable_weights]
+        trainable, extra = outer_lib.synchronized_weights(model, self.average_non_trainable)
+        trainable, extra = [w.value for w in trainable], [w.value for w in extra]
         moments = []
         if self.sync_rule.optimizer_state != "local" and model.optimizer is not None:
             if not model.optimizer.built:
@@ -384,6 +417,12 @@ class FDACallback(keras.callbacks.Callback):
         # layers and weights stay exactly what the user built. Removed at
         # train end.
         object.__setattr__(model, "_fda_state", self._checkpoint)
+        # Weights set after training started (EarlyStopping's
+        # restore_best_weights, a callback's load_weights) make the next
+        # sync a plain average of them: see `WorkerAverager._adopt`.
+        for name in _WRITERS:
+            if name not in vars(model):
+                object.__setattr__(model, name, self._marks_replaced(getattr(model, name)))
         self._started = self._began = self._ended = self._end_deferred = False
         self._in_flight = None
         # Only a trigger with a state (built now) has a per-step exchange to overlap.
@@ -401,6 +440,33 @@ class FDACallback(keras.callbacks.Callback):
             _run_after(history, "on_train_begin", lambda logs: self._start(True))
             _run_after(history, "on_train_end", self._end_after_all_callbacks)
             self._end_deferred = True
+
+    def _marks_replaced(self, method):
+        @functools.wraps(method)
+        def wrapper(*args, **kwargs):
+            result = method(*args, **kwargs)
+            if self._started and self._averager is not None:
+                self._averager.replaced.assign(1.0)
+            return result
+
+        wrapper._fda_hook = True
+        return wrapper
+
+    def _detach(self):
+        """Leaves the model as the user built it (no FDA state, no hooks)."""
+        state = vars(self.model)
+        state.pop("_fda_state", None)
+        for name in _WRITERS:
+            if getattr(state.get(name), "_fda_hook", False):
+                del state[name]
+
+    def on_test_end(self, logs=None):
+        # evaluate(callbacks=[fda]) outside a fit: set_model attached the
+        # state, and no train end will remove it.
+        if not self._began:
+            self._detach()
+
+    on_predict_end = on_test_end
 
     def on_train_begin(self, logs=None):
         self._check_model()
@@ -541,7 +607,7 @@ class FDACallback(keras.callbacks.Callback):
 
     def _finish(self, logs):
         """The final synchronization: every worker leaves fit with the same weights."""
-        vars(self.model).pop("_fda_state", None)
+        self._detach()
         with self._collective("of the final synchronization at train end"):
             if self._lagged:
                 arrived = self._collect()
@@ -568,6 +634,27 @@ class FDACallback(keras.callbacks.Callback):
         if self._dashboard is not None:
             self._dashboard.close()
             self._dashboard = None
+
+
+def _describe(obj):
+    """`repr(obj)`, or its class if the repr is the default one (an address differs per process)."""
+    text = repr(obj)
+    if " object at 0x" in text:
+        text = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    return text
+
+
+def _describe_optimizer(optimizer, class_only=False):
+    if optimizer is None:
+        return "None"
+    names = []
+    while optimizer is not None:
+        names.append(type(optimizer).__name__)
+        if not class_only:
+            config = {k: v for k, v in optimizer.get_config().items() if k != "name"}
+            names.append(repr(sorted(config.items())))
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+    return "/".join(names)
 
 
 def exchange_period(ratio, longest=100):

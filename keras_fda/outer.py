@@ -49,7 +49,9 @@ class SyncRule:
             at full precision. float16 flushes drift entries below about
             6e-8 to zero and rounds those below 6e-5 coarsely; bfloat16 has
             float32's range and 8 bits of precision. Not-monitored weights
-            (BatchNorm statistics) are sent as values in this dtype.
+            (BatchNorm statistics) are values, not drift: they are sent in
+            the averaging dtype, which holds any of them (a BatchNorm
+            variance above float16's 65504 would overflow a float16 payload).
         outer_optimizer: None, or a Keras optimizer applied at each sync to
             `w0` with the gradient `-(mean of the workers' weights - w0)`;
             the workers then start the next round from the new `w0`. It is
@@ -60,9 +62,13 @@ class SyncRule:
             `keras.optimizers.SGD(0.7, momentum=0.9, nesterov=True)`.
         optimizer_state: "local" (default: each worker keeps its optimizer's
             moments), "average" (the moments are averaged across workers at
-            each sync, in their own dtype, and counted in the bytes) or
-            "reset" (zeroed at each sync; the iteration count, hence the
-            learning-rate schedule and Adam's bias correction, continues).
+            each sync, in float32, and counted in the bytes) or "reset"
+            (back to their initial values at each sync: zeros for Adam's,
+            `initial_accumulator_value` for Adagrad's). The moments are the
+            optimizer's slots (see `moment_variables`); its iteration count
+            (hence the learning-rate schedule and Adam's bias correction),
+            learning rate, a `LossScaleOptimizer`'s loss scale, `use_ema`'s
+            moving averages and accumulated gradients are never touched.
 
     Example:
 
@@ -165,8 +171,11 @@ class SyncState:
 
         Returns:
             The values themselves (the driver averages them in `dtype`), or,
-            if `sends_drift`, `w_k - w0` of the monitored weights and the
-            values of the others, cast to `payload_dtype`.
+            if `sends_drift`, `w_k - w0` of the monitored weights cast to
+            `payload_dtype`, then the others' values in `dtype`. The dtypes
+            may then differ: a driver all-reduces each dtype's tensors
+            together (`dtype_groups`), as TensorFlow packs one dtype per
+            collective.
         """
         if not self.sends_drift:
             return list(values)
@@ -175,7 +184,7 @@ class SyncState:
             tf.cast(tf.cast(v, self.dtype) - tf.cast(r, self.dtype), self.payload_dtype)
             for v, r in zip(values[:n], reference_values)
         ]
-        return drift + [tf.cast(v, self.payload_dtype) for v in values[n:]]
+        return drift + [tf.cast(v, self.dtype) for v in values[n:]]
 
     def mean_weights(self, mean_payload):
         """The workers' average model from the all-reduced payload.
@@ -218,13 +227,13 @@ class SyncState:
         return [m.read_value() for m in moments]
 
     def update_moments(self, moments, mean_moments=()):
-        """Applies `optimizer_state` to this worker's `moments` after a sync."""
+        """Applies `optimizer_state` to this worker's `moments` (a `Moments`) after a sync."""
         if self.rule.optimizer_state == "average":
             for m, mean in zip(moments, mean_moments):
                 m.assign(tf.cast(mean, m.dtype))
         elif self.rule.optimizer_state == "reset":
-            for m in moments:
-                m.assign(tf.zeros_like(m))
+            for m, initial in zip(moments, moments.initial_values()):
+                m.assign(tf.fill(tf.shape(m), tf.constant(initial, m.dtype)))
 
     def sync_bytes(self, num_params, moments=(), param_bytes=None):
         """Bytes one worker all-reduces at one sync.
@@ -235,24 +244,116 @@ class SyncState:
             param_bytes: bytes per parameter when the values themselves are
                 sent (default: `dtype`'s size).
         """
-        per_param = self.payload_dtype.size
-        if not self.sends_drift and param_bytes is not None:
-            per_param = param_bytes
-        total = num_params * per_param
+        if self.sends_drift:
+            monitored = sum(int(r.shape.num_elements()) for r in self.reference)
+            # The others travel as values, in the averaging dtype.
+            total = monitored * self.payload_dtype.size + (num_params - monitored) * self.dtype.size
+        else:
+            total = num_params * (self.dtype.size if param_bytes is None else param_bytes)
         if self.rule.optimizer_state == "average":
             total += sum(int(m.shape.num_elements()) * m.dtype.size for m in moments)
         return total
 
 
+def dtype_groups(tensors):
+    """`{dtype: [indices]}` of `tensors`, in first-seen order: what one collective may pack."""
+    groups = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.dtype, []).append(i)
+    return groups
+
+
+def synchronized_weights(model, average_non_trainable=True):
+    """The Keras variables a sync averages: `(monitored, others)`.
+
+    `monitored` are the trainable weights (their drift drives the trigger);
+    `others`, with `average_non_trainable`, the non-trainable float weights
+    of the layers that train (BatchNorm moving statistics). Frozen layers
+    (`layer.trainable = False`) are left out of both: they are identical on
+    every worker and never change, so a sync would only send them and round
+    them.
+    """
+    frozen = {
+        id(w)
+        for layer in model._flatten_layers(include_self=True)
+        if not layer.trainable
+        for w in layer.weights
+    }
+    others = []
+    if average_non_trainable:
+        others = [
+            w for w in model.non_trainable_weights
+            if w.dtype.startswith("float") and id(w) not in frozen
+        ]
+    return list(model.trainable_weights), others
+
+
+class Moments(list):
+    """An optimizer's moments: the variables `optimizer_state` acts on (a list).
+
+    Built by `moment_variables`. `initial_values()` gives the value each
+    moment starts from (what "reset" restores), read once from a fresh copy
+    of the optimizer built on weights of the same shapes.
+    """
+
+    def __init__(self, variables, optimizer, weights):
+        super().__init__(variables)
+        self._optimizer = optimizer
+        self._shapes = [(tuple(w.shape), w.dtype) for w in weights]
+        self._initial = None
+
+    def initial_values(self):
+        if self._initial is None:
+            with tf.init_scope():
+                fresh = _moments(type(self._optimizer).from_config(self._optimizer.get_config()))
+                fresh_weights = [
+                    keras.Variable(tf.zeros(shape, dtype), dtype=dtype, trainable=True)
+                    for shape, dtype in self._shapes
+                ]
+                fresh.build(fresh_weights)
+                values = [v.numpy() for v in _slots(fresh)]
+            initial = []
+            for variable, value in zip(self, values):
+                flat = value.reshape(-1)
+                if flat.size and (flat != flat[0]).any():
+                    raise ValueError(
+                        f'optimizer_state="reset" cannot reset {variable.name}: it does not '
+                        f"start from one value in {type(self._optimizer).__name__}; use "
+                        'optimizer_state="local" or "average".'
+                    )
+                initial.append(flat[0].item() if flat.size else 0.0)
+            self._initial = initial
+        return self._initial
+
+
 def moment_variables(optimizer):
-    """The moments of a built Keras optimizer: its variables but the iteration count
-    and the learning rate (e.g. Adam's `momentum` and `velocity` slots)."""
+    """The moments of a built Keras optimizer, as a `Moments` list.
+
+    The moments are the optimizer's slots: its variables but the iteration
+    count, the learning rate, `use_ema`'s moving averages of the weights and
+    the gradient accumulators (e.g. Adam's `momentum` and `velocity`). A
+    `LossScaleOptimizer`'s are its inner optimizer's: its loss scale and step
+    counter are never touched.
+    """
+    inner = _moments(optimizer)
+    return Moments([v.value for v in _slots(inner)], inner, inner._trainable_variables)
+
+
+def _moments(optimizer):
+    """The optimizer that holds the moments (a LossScaleOptimizer's inner one)."""
+    while isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer = optimizer.inner_optimizer
+    return optimizer
+
+
+def _slots(optimizer):
     skip = {id(optimizer.iterations)}
     rate = getattr(optimizer, "_learning_rate", None)
     if isinstance(rate, keras.Variable):
         skip.add(id(rate))
-    # The backend tf.Variables, as the drivers hold the weights.
-    return [v.value for v in optimizer.variables if id(v) not in skip]
+    for name in ("_model_variables_moving_average", "_accumulated_gradients"):
+        skip.update(id(v) for v in getattr(optimizer, name, None) or ())
+    return [v for v in optimizer.variables if id(v) not in skip]
 
 
 def _check_sync_dtype(sync_dtype):

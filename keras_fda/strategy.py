@@ -69,9 +69,7 @@ class _ModelState(AveragingState):
     ):
         self.strategy = strategy
         self.dashboard = dashboard
-        extra = []
-        if average_non_trainable:
-            extra = [w.value for w in model.non_trainable_weights if w.dtype.startswith("float")]
+        trainable, extra = outer_lib.synchronized_weights(model, average_non_trainable)
         # Created eagerly even when first seen while Keras traces its train
         # function. Mirrored (one copy per replica) so that replica-context
         # reads are local; they are only assigned in cross-replica context,
@@ -79,7 +77,7 @@ class _ModelState(AveragingState):
         # The outer optimizer's variables, built here too, are mirrored alike.
         with tf.init_scope(), strategy.scope():
             super().__init__(
-                trigger, [w.value for w in model.trainable_weights], extra, sync_rule,
+                trigger, [w.value for w in trainable], [w.value for w in extra], sync_rule,
                 self._moments_of(model, sync_rule),
             )
         self.inner_optimizer = model.optimizer
@@ -215,9 +213,16 @@ class _ModelState(AveragingState):
         """
         # The per-replica values, not variables: given a MirroredVariable the
         # strategy assumes its copies are equal and returns it unchanged.
-        reduced = strategy.extended.batch_reduce_to(_MEAN, [(p, p) for p in payload])
-        # Every device holds the same mean; this process's first one's is used.
-        mean = [strategy.experimental_local_results(m)[0] for m in reduced]
+        # One batch per dtype: TensorFlow packs a batch into one tensor.
+        mean = [None] * len(payload)
+        local = [strategy.experimental_local_results(p)[0] for p in payload]
+        for indices in outer_lib.dtype_groups(local).values():
+            reduced = strategy.extended.batch_reduce_to(
+                _MEAN, [(payload[i], payload[i]) for i in indices]
+            )
+            # Every device holds the same mean; this process's first one's is used.
+            for i, m in zip(indices, reduced):
+                mean[i] = strategy.experimental_local_results(m)[0]
         finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(m)) for m in mean])
         # No apostrophes: TF's message would show them escaped.
         what = "the average of the weights of the replicas"

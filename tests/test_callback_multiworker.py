@@ -352,3 +352,38 @@ def test_a_model_saved_after_fit_holds_only_its_own_weights(keras_user2):
     first, _ = keras_user2
     keys = first["saved_keys"]
     assert keys and not any("fda" in k for k in keys), keys
+
+
+@pytest.fixture(scope="module")
+def early_stop_outer2(tmp_path_factory):
+    """EarlyStopping(restore_best_weights) with the recommended outer Nesterov step."""
+    return run(
+        tmp_path_factory, 2, "--variant", "linear", "--threshold", LINEAR_THRESHOLD,
+        "--early_stopping_after_fda", "--outer", "nesterov",
+    )
+
+
+def test_restore_best_weights_with_an_outer_optimizer_ends_with_their_plain_average(
+    early_stop_outer2,
+):
+    """Issue 21.3: the final sync took an outer step from w0 toward the restored weights."""
+    first, second = early_stop_outer2
+    np.testing.assert_array_equal(first["final"], second["final"])
+    # The workers' restored best weights, averaged as the all-reduce does (float32).
+    expected = (first["best"] + second["best"]) / np.float32(2)
+    assert not np.array_equal(first["best"], second["best"])
+    np.testing.assert_allclose(first["final"], expected, rtol=0, atol=1e-6)
+
+
+def test_workers_with_different_settings_fail_at_the_start_naming_the_setting(tmp_path):
+    """Issue 21.6: a different threshold on one worker hung both until the timeout."""
+    result = launch(
+        2, WORKER, "--out", tmp_path, "--variant", "linear", "--threshold", 0.001,
+        "--threshold_on_last", 1000, "--collective_timeout", 60,
+    )
+    assert result.returncode != 0
+    for index in range(2):
+        lines = [l for l in result.stdout.splitlines() if l.startswith(f"[worker {index}]")]
+        assert any("ValueError: Workers disagree on the FDACallback setting trigger" in l
+                   for l in lines), result.stdout[-3000:]
+    assert "PeerFailureError" not in result.stdout

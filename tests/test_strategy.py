@@ -333,7 +333,11 @@ def test_unsupported_strategies_and_settings_raise_clear_errors():
         model.fit(np.zeros((8, 3)), np.zeros((8, 1)), batch_size=4, verbose=0)
 
 
-SYNC_OPTIONS = ["plain", "bfloat16", "float16", "nesterov", "nesterov_bfloat16", "average", "reset"]
+SYNC_OPTIONS = [
+    "plain", "bfloat16", "float16", "nesterov", "nesterov_bfloat16", "average", "reset",
+    "bfloat16_average", "float16_average",
+]
+AVERAGED_MOMENTS = ("average", "bfloat16_average", "float16_average")
 
 
 @pytest.mark.parametrize("option", SYNC_OPTIONS)
@@ -346,7 +350,7 @@ def test_each_sync_option_leaves_identical_replicas_after_each_sync(sync_options
     # The syncs at the end of fits (the final-sync path) too.
     assert [found[f"final_spread_{fit}"] for fit in range(3)] == [0.0] * 3
     moments_equal = found["moment_spread"][synced] == 0.0
-    if option in ("average", "reset"):
+    if option in AVERAGED_MOMENTS + ("reset",):
         assert np.all(moments_equal)
     else:  # "local": each replica keeps its own
         assert not np.any(moments_equal)
@@ -359,7 +363,7 @@ def test_each_sync_option_leaves_identical_replicas_after_each_sync(sync_options
     assert found["recompiled_syncs"].tolist() == [4, 4, 5]
     spread, norm = found["recompiled_moment_spread"], found["recompiled_moment_norm"]
     assert spread[0] > 0.0 and norm[0] > 0.0
-    assert (spread[-1] == 0.0) == (option in ("average", "reset"))
+    assert (spread[-1] == 0.0) == (option in AVERAGED_MOMENTS + ("reset",))
     assert (norm[-1] == 0.0) == (option == "reset")
 
 
@@ -425,6 +429,8 @@ def test_sync_bytes_follow_the_payload_and_moments(sync_options):
         "bfloat16": 2 * num_params, "float16": 2 * num_params,
         "nesterov_bfloat16": 2 * num_params,  # the outer optimizer sends nothing
         "average": 4 * num_params + 4 * moments,
+        "bfloat16_average": 2 * num_params + 4 * moments,
+        "float16_average": 2 * num_params + 4 * moments,
     }
     for option, sync_bytes in expected.items():
         found = sync_options[option]

@@ -20,6 +20,8 @@ parser.add_argument("--trigger", default="fda")
 parser.add_argument("--variant", default=None)
 parser.add_argument("--threshold", type=float, default=None)
 parser.add_argument("--tau", type=int, default=None)
+parser.add_argument("--threshold_on_last", type=float, default=None,
+                    help="the last worker's threshold (a misconfigured worker)")
 parser.add_argument("--blocking", action="store_true", help="FDACallback(overlap=False)")
 parser.add_argument("--exchange_every", type=int, default=1)
 parser.add_argument("--sync_dtype", default=None)
@@ -190,8 +192,11 @@ def main():
     if args.unknown_length:
         data = data.filter(lambda *_: True)
     data = data.batch(args.batch_size)
+    threshold = args.threshold
+    if args.threshold_on_last is not None and index == k - 1:
+        threshold = args.threshold_on_last
     fda = keras_fda.FDACallback(
-        threshold=args.threshold, variant=args.variant, trigger=args.trigger, tau=args.tau,
+        threshold=threshold, variant=args.variant, trigger=args.trigger, tau=args.tau,
         overlap=not args.blocking, exchange_every=args.exchange_every,
         sync_dtype=args.sync_dtype, optimizer_state=args.optimizer_state,
         outer_optimizer=(
@@ -203,11 +208,12 @@ def main():
     callbacks = [before, fda, after]
     if index == k - 1:
         callbacks.insert(0, Sabotage())
+    early_stopping = None
     if args.early_stopping_after_fda:
-        callbacks.insert(
-            callbacks.index(fda) + 1,
-            keras.callbacks.EarlyStopping("loss", patience=100, restore_best_weights=True),
+        early_stopping = keras.callbacks.EarlyStopping(
+            "loss", patience=100, restore_best_weights=True
         )
+        callbacks.insert(callbacks.index(fda) + 1, early_stopping)
     if args.backup_dir:
         backup = os.path.join(args.backup_dir, f"worker{index}")
         if args.pause_at_epoch_end_on_last:
@@ -254,6 +260,10 @@ def main():
         threshold=np.array([l["fda/threshold"] for l in after.logs]),
         comm_bytes=np.array([l["fda/comm_bytes"] for l in after.logs]),
         final=flat_weights(model),
+        best=(
+            np.concatenate([np.ravel(w) for w in early_stopping.best_weights])
+            if early_stopping is not None else np.zeros(0)
+        ),
         fit_steps=np.array(fit_steps),
         step_traces=np.array(step_traces),
         optimizer_iterations=int(model.optimizer.iterations.numpy()),

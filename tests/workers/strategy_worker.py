@@ -402,6 +402,9 @@ SYNC_OPTIONS = {
     ),
     "average": dict(optimizer_state="average"),
     "reset": dict(optimizer_state="reset"),
+    # Issue 21.1: a half-precision drift and float32 moments in one sync.
+    "bfloat16_average": dict(sync_dtype="bfloat16", optimizer_state="average"),
+    "float16_average": dict(sync_dtype="float16", optimizer_state="average"),
 }
 
 
