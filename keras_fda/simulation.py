@@ -14,6 +14,7 @@ in the FDA paper), evaluated on held-out data a few times per epoch; an epoch
 is `total samples / (batch_size * K)` steps.
 """
 
+import contextlib
 import csv
 import dataclasses
 import math
@@ -129,13 +130,23 @@ class SimulationHistory:
             `syncs`, `paper_bytes`, `wire_bytes`, `train_loss` (mean over the
             workers since the last evaluation), `seconds` (training time so
             far) and the compiled loss and metrics of the averaged model on
-            the validation data (e.g. `loss`, `accuracy`).
+            the validation data (e.g. `loss`, `accuracy`). The counts are
+            those of `communication(step)`: the last row (step == the run's
+            steps) includes the run's final sync (`final_syncs`), since that
+            sync's all-reduce is what yields the average the row evaluates.
         statistic: the trigger's statistic after every step (`fda/variance`).
-        synced: whether each step ended with a synchronization.
+        synced: whether the trigger's check after each step synchronized
+            (the step's batch logs under `FDACallback`); the final sync is
+            not in it.
         step_seconds: wall time of every step (all K workers; the first
             includes tracing).
         sync_bytes: bytes each worker all-reduces at one sync (see
             `keras_fda.outer.SyncState.sync_bytes`); None: the model's.
+        final_syncs: syncs made after the last step (0 or 1), as a fit with
+            `FDACallback` ends: the pending decision of `lag=1`, else one sync
+            if the workers trained since the last. `communication().syncs`
+            (`synced.sum() + final_syncs`) is what `FDACallback`'s
+            `communication.syncs` counts for the same run.
     """
 
     trigger: str
@@ -149,16 +160,25 @@ class SimulationHistory:
     synced: np.ndarray
     step_seconds: np.ndarray
     sync_bytes: int = None
+    final_syncs: int = 0
 
     def communication(self, step=None):
-        """`CommunicationStats` after `step` steps (default: the whole run)."""
-        step = len(self.synced) if step is None else int(step)
+        """`CommunicationStats` after `step` steps (default: the whole run).
+
+        At the run's last step (and by default) it includes the final sync,
+        as `FDACallback.communication` after fit does.
+        """
+        num_steps = len(self.synced)
+        step = num_steps if step is None else int(step)
+        syncs = int(np.sum(self.synced[:step]))
+        if step >= num_steps:
+            syncs += self.final_syncs
         return CommunicationStats(
             num_workers=self.num_workers,
             num_params=self.num_params,
             state_bytes=self.state_bytes,
             steps=step,
-            syncs=int(np.sum(self.synced[:step])),
+            syncs=syncs,
             sync_bytes=self.sync_bytes,
         )
 
@@ -295,8 +315,9 @@ class Simulation:
     def _build_step(self, trigger, x_data, y_data, rule, lag=0):
         """The compiled step of one run: K local steps, the trigger, maybe a sync by `rule`.
 
-        Returns the step function, the end-of-run function (the final sync),
-        the run's `SyncState` and each worker's optimizer moments.
+        Returns the step function, the end-of-run function (the final sync;
+        it returns how many syncs it made), the run's `SyncState` and each
+        worker's optimizer moments.
         """
         workers = self._workers
         monitored = list(zip(*[w.monitored for w in workers]))
@@ -402,24 +423,25 @@ class Simulation:
                     lambda: tf.constant(False),
                 )
             with tf.control_dependencies([settled]):
-                return tf.cond(
+                final = tf.cond(
                     steps_since_sync.read_value() > 0,
                     lambda: average(None, steps_since_sync.read_value()),
                     lambda: tf.constant(False),
                 )
+            return tf.cast(settled, tf.int32) + tf.cast(final, tf.int32)
 
         def step(indices):
             # Eager calls run in order: the check sees the weights after the K steps.
             loss = self._train_step(x_data, y_data, indices)
-            try:
+            with _diverged_as_floating_point_error():
                 statistic, synced = check()
-            except tf.errors.InvalidArgumentError as e:
-                if _DIVERGED not in str(e):
-                    raise
-                raise FloatingPointError(cluster_lib.error_cause(e)) from None
             return statistic, synced, loss
 
-        return step, finish, sync, moments
+        def final_syncs():
+            with _diverged_as_floating_point_error():
+                return int(finish())
+
+        return step, final_syncs, sync, moments
 
     def _reset(self):
         for w in self._workers:
@@ -570,16 +592,29 @@ class Simulation:
         train_loss = math.nan
         for t in range(num_steps + 1):
             if t in eval_steps:
-                row = self._evaluation_row(
-                    history, t, train_loss, validation_data, eval_batch_size
-                )
+                # Before the final sync: the row evaluates the plain average
+                # (with an outer optimizer the final model is another).
+                metrics = self._evaluate(validation_data, eval_batch_size)
+                if t == num_steps:
+                    # Counted in the last row: that sync's all-reduce is what
+                    # yields the average the row evaluates.
+                    history.final_syncs = finish()
+                row = self._evaluation_row(history, t, train_loss, metrics)
                 rows.append(row)
                 if writer:
                     self._write_summaries(writer, row)
                 if verbose:
                     print(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
             if t == num_steps:
-                finish()
+                if dashboard and history.final_syncs:
+                    # As FDACallback's dashboard: the final sync at the last step.
+                    stats = history.communication()
+                    dashboard.write_sync(t, t - last_sync)
+                    dashboard.write_step(
+                        t, statistic=float(history.statistic[-1]),
+                        threshold=history.threshold, syncs=stats.syncs,
+                        steps_since_sync=0, stats=stats, force=True,
+                    )  # fmt: skip
                 self._evaluate(None, eval_batch_size)  # leaves the final model in self.model
                 break
             start = time.perf_counter()
@@ -609,7 +644,7 @@ class Simulation:
             dashboard.close()
         return history
 
-    def _evaluation_row(self, history, t, train_loss, validation_data, eval_batch_size):
+    def _evaluation_row(self, history, t, train_loss, metrics):
         stats = history.communication(t)
         row = {
             "step": t,
@@ -620,7 +655,7 @@ class Simulation:
             "train_loss": train_loss,
             "seconds": float(np.sum(history.step_seconds[:t])),
         }
-        row.update(self._evaluate(validation_data, eval_batch_size))
+        row.update(metrics)
         # Each worker's loss tracker then averages over one evaluation period.
         for w in self._workers:
             w.model.reset_metrics()
@@ -667,6 +702,16 @@ def _ring_mean(per_worker):
 
 
 _DIVERGED = "FDA simulation stopped"
+
+
+@contextlib.contextmanager
+def _diverged_as_floating_point_error():
+    try:
+        yield
+    except tf.errors.InvalidArgumentError as e:
+        if _DIVERGED not in str(e):
+            raise
+        raise FloatingPointError(cluster_lib.error_cause(e)) from None
 
 
 def _assert_finite(ok, what):

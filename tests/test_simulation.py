@@ -121,19 +121,24 @@ def test_history_accounting_csv_and_tensorboard(tmp_path, data):
     ev = history.evaluations
     np.testing.assert_array_equal(ev["step"], [0, 5, 10, 15, 20])
     np.testing.assert_array_equal(ev["epoch"], [0, 0.5, 1, 1.5, 2])
-    np.testing.assert_array_equal(ev["syncs"], [0, 1, 3, 5, 6])
+    # Steps 19 and 20 trained after the last periodic sync: the run's final
+    # sync averages them, and the last row, which evaluates that average, counts it.
+    assert history.final_syncs == 1
+    np.testing.assert_array_equal(ev["syncs"], [0, 1, 3, 5, 7])
     stats = history.communication()
-    assert stats.syncs == 6 and stats.steps == 20
-    assert ev["paper_bytes"][-1] == stats.paper_bytes == 7 * 2 * 4 * 4 * history.num_params
+    assert stats.syncs == 7 and stats.steps == 20
+    assert history.communication(19).syncs == 6
+    assert ev["paper_bytes"][-1] == stats.paper_bytes == 8 * 2 * 4 * 4 * history.num_params
     assert 0 <= ev["accuracy"][-1] <= 1 and np.isfinite(ev["loss"]).all()
     assert history.first_reaching("accuracy", 0.0)["step"] == 0
     assert history.first_reaching("accuracy", 1.1) is None
     assert (tmp_path / "h.csv").read_text().splitlines()[0].startswith("step,epoch,syncs")
     dashboard = read_run(str(tmp_path / "tb" / "fda"))
-    assert [step for step, _ in dashboard["fda/syncs"]] == list(range(1, 21))
-    assert float(dashboard["fda/syncs"][-1][1]) == 6
+    # The final sync is written at the last step again, as FDACallback's dashboard does.
+    assert [step for step, _ in dashboard["fda/syncs"]] == list(range(1, 21)) + [20]
+    assert float(dashboard["fda/syncs"][-1][1]) == 7
     assert float(dashboard["fda/bytes_sent"][-1][1]) == pytest.approx(stats.paper_bytes, rel=1e-6)
-    assert len(dashboard["fda/round_length"]) == 6
+    assert len(dashboard["fda/round_length"]) == 7
     evaluations = read_run(str(tmp_path / "tb" / "simulation"))
     assert [step for step, _ in evaluations["simulation/accuracy"]] == [0, 5, 10, 15, 20]
 
@@ -141,6 +146,47 @@ def test_history_accounting_csv_and_tensorboard(tmp_path, data):
     again = sim.run(keras_fda.Periodic(3), x, y, parts, batch_size=6, epochs=2,
                     evaluations_per_epoch=2, validation_data=(x, y))  # fmt: skip
     np.testing.assert_allclose(again.evaluations["loss"], ev["loss"], rtol=1e-6)
+
+
+def fit_with_callback(trigger, lag, steps, batch_size=8):
+    """FDACallback on one local worker, fed the order the simulator gives one worker."""
+    x, y = setup.make_data()
+    order = batch_schedule([np.arange(len(x))], batch_size, steps)[:, 0].reshape(-1)
+    model = setup.make_model()
+    fda = keras_fda.FDACallback(trigger=trigger, overlap=lag == 1)
+    model.fit(x[order], y[order], batch_size=batch_size, epochs=1, shuffle=False, verbose=0,
+              callbacks=[fda])  # fmt: skip
+    return fda.communication, model.get_weights()
+
+
+# (trigger, lag, steps, final syncs): thresholds for one worker of the shared
+# setup. 1e-9 fires on every state that drifted; with lag 1 it decides every
+# other step, so an odd run ends on the pending decision (settle) and an even
+# one on a synced step, with nothing left to sync.
+@pytest.mark.parametrize(
+    "threshold, lag, steps, final",
+    [(1e9, 0, 5, 1), (1e9, 1, 5, 1), (1e-9, 1, 5, 1), (1e-9, 1, 6, 0), (0.02, 0, 6, 1)],
+)
+def test_history_counts_the_final_sync_as_fda_callback_does(data, threshold, lag, steps, final):
+    """Same run, same totals: the sync a run ends with is in both drivers' counts."""
+    x, y = data
+    sim = Simulation(setup.make_model(), 1)
+    history = sim.run(keras_fda.FDA("linear", threshold=threshold), x, y, [np.arange(len(x))],
+                      batch_size=8, steps=steps, lag=lag)  # fmt: skip
+    stats = history.communication()
+    assert history.final_syncs == final
+    assert stats.syncs == history.synced.sum() + final
+    if threshold == 1e9:
+        assert stats.syncs == 1  # never fired: only the sync at the end
+    # The last row evaluates the average that sync makes, and counts it.
+    assert history.evaluations["syncs"][-1] == stats.syncs
+    assert history.evaluations["paper_bytes"][-1] == stats.paper_bytes
+
+    real, weights = fit_with_callback(keras_fda.FDA("linear", threshold=threshold), lag, steps)
+    assert (real.steps, real.syncs) == (stats.steps, stats.syncs)
+    assert real.paper_bytes == stats.paper_bytes
+    for got, want in zip(sim.model.get_weights(), weights):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_batch_schedule_reads_each_partition_in_shuffled_passes():
