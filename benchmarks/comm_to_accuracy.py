@@ -469,7 +469,8 @@ def auto_goals(runs, targets, auto="fda-auto"):
     matters = final_accuracy(runs, "synchronous") - final_accuracy(runs, "no-sync") >= MATTERS
     lines = [f"Goals ({name}):", ""]
     if not matters:
-        syncs = int(auto.evaluations["syncs"][-1])
+        # The trigger's own syncs: the last evaluation also counts the final one.
+        syncs = int(np.sum(auto.synced))
         lines.append(
             f"* communication does not matter here: auto made {syncs} syncs besides the final "
             f"one (goal <= 2: {_verdict(syncs <= 2)})."
