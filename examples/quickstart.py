@@ -10,6 +10,8 @@ Each worker gets a non-IID share: the training set sorted by label and cut into
 contiguous pieces, so every worker sees only a few classes.
 """
 
+import math
+
 import keras_fda
 
 # TensorFlow's collective runtime must start before any other TF op.
@@ -24,12 +26,14 @@ from keras_fda import partition  # noqa: E402
 
 flags.DEFINE_enum("dataset", "digits", ["digits", "mnist", "femnist"], "Training data.")
 flags.DEFINE_string("data_path", None, "Path of femnist_subset.npz for --dataset=femnist.")
-flags.DEFINE_integer("epochs", 20, "Epochs (one epoch: the worker's share of the data once).")
-flags.DEFINE_integer("batch_size", 32, "Batch size per worker.")
+flags.DEFINE_integer(
+    "epochs", 20, "Epochs (one epoch: the worker's share of the data once).", lower_bound=1
+)
+flags.DEFINE_integer("batch_size", 32, "Batch size per worker.", lower_bound=1)
 flags.DEFINE_string(
     "threshold", "auto",
     "FDA threshold Theta on the variance estimate (a number, e.g. 1.5), or auto: set and "
-    "adapted from the run (keras_fda.AutoFDA).",
+    "adapted from the run (keras_fda.AutoFDA). --trigger=kamp needs a number.",
 )
 flags.DEFINE_enum(
     "outer_optimizer", "nesterov", ["none", "nesterov"],
@@ -40,7 +44,7 @@ flags.DEFINE_enum("variant", "linear", ["naive", "linear", "sketch"], "Variance 
 flags.DEFINE_enum(
     "trigger", "fda", ["fda", "synchronous", "periodic", "kamp"], "When to synchronize."
 )
-flags.DEFINE_integer("tau", 10, "Steps between syncs for --trigger=periodic.")
+flags.DEFINE_integer("tau", 10, "Steps between syncs for --trigger=periodic.", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Seed of the model initialization and data shuffling.")
 flags.DEFINE_integer("verbose", 0, "Keras fit verbosity (0 keeps the output short).")
 FLAGS = flags.FLAGS
@@ -65,8 +69,6 @@ def load_data():
     if FLAGS.dataset == "mnist":
         (x_train, y_train), (x_test, y_test) = keras.datasets.mnist.load_data()
         return x_train / 255.0, y_train, x_test / 255.0, y_test, None
-    if not FLAGS.data_path:
-        raise app.UsageError("--dataset=femnist needs --data_path=.../femnist_subset.npz")
     data = np.load(FLAGS.data_path)
     return (
         data["x_train"] / 255.0,
@@ -89,6 +91,55 @@ def worker_share(y, groups, num_workers, index):
     return partition.sorted_by_label(y, num_workers, fraction=0.5, seed=0)[index]
 
 
+# The flags each trigger reads; one given to another trigger would be ignored.
+TRIGGER_FLAGS = {
+    "fda": ("threshold", "variant"),
+    "kamp": ("threshold",),
+    "periodic": ("tau",),
+    "synchronous": (),
+}
+
+
+def trigger_args():
+    """The FDACallback arguments the flags give; raises app.UsageError on a bad combination.
+
+    Runs before any data is read, so that a mistyped command fails at once, and
+    as a usage error (the flags to pass), not a traceback from FDACallback.
+    """
+    if FLAGS.dataset == "femnist" and not FLAGS.data_path:
+        raise app.UsageError("--dataset=femnist needs --data_path=.../femnist_subset.npz.")
+    if FLAGS.data_path and FLAGS.dataset != "femnist":
+        raise app.UsageError(
+            f"--data_path is read only with --dataset=femnist (got --dataset={FLAGS.dataset})."
+        )
+    uses = TRIGGER_FLAGS[FLAGS.trigger]
+    for name in ("threshold", "variant", "tau"):
+        if FLAGS[name].present and name not in uses:
+            users = " or ".join(f"--trigger={t}" for t, used in TRIGGER_FLAGS.items()
+                                if name in used)
+            raise app.UsageError(
+                f"--{name} is used only by {users}; --trigger={FLAGS.trigger} would ignore it. "
+                f"Remove --{name}."
+            )
+    if FLAGS.trigger == "kamp" and FLAGS.threshold == "auto":
+        raise app.UsageError(
+            "--trigger=kamp needs a numeric threshold (auto is FDA's only): pass e.g. "
+            "--trigger=kamp --threshold=1.5 (Theta on each worker's squared drift)."
+        )
+    threshold = FLAGS.threshold
+    if threshold != "auto":
+        try:
+            threshold = float(threshold)
+        except ValueError:
+            threshold = math.nan
+        if not (math.isfinite(threshold) and threshold > 0):
+            raise app.UsageError(
+                f"--threshold={FLAGS.threshold}: use a positive number (e.g. 1.5) or auto."
+            )
+    given = {"threshold": threshold, "variant": FLAGS.variant, "tau": FLAGS.tau}
+    return {name: given[name] for name in uses}
+
+
 def make_model(input_shape, num_classes):
     return keras.Sequential(
         [
@@ -107,6 +158,7 @@ def main(argv):
     del argv
     # TF logs every collective it traces at INFO level; keep the output readable.
     tf.get_logger().setLevel("WARNING")
+    args = trigger_args()
     keras.utils.set_random_seed(FLAGS.seed + cluster.worker_index)
     x_train, y_train, x_test, y_test, groups = load_data()
     num_classes = int(max(y_train.max(), y_test.max())) + 1
@@ -128,23 +180,10 @@ def main(argv):
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    # Each trigger takes only its own arguments (others are a ValueError).
-    threshold = FLAGS.threshold
-    if threshold != "auto":
-        try:
-            threshold = float(threshold)
-        except ValueError:
-            raise app.UsageError(f"--threshold={threshold!r}: use a number or auto.") from None
-    trigger_args = {
-        "fda": dict(threshold=threshold, variant=FLAGS.variant),
-        "kamp": dict(threshold=threshold),
-        "periodic": dict(tau=FLAGS.tau),
-        "synchronous": {},
-    }[FLAGS.trigger]
     fda = keras_fda.FDACallback(
         trigger=FLAGS.trigger,
         outer_optimizer=None if FLAGS.outer_optimizer == "none" else FLAGS.outer_optimizer,
-        **trigger_args,
+        **args,
     )
     model.fit(
         dataset,

@@ -1,5 +1,6 @@
 """The README's quickstart, end to end through the launcher (small settings)."""
 
+import json
 import os
 import re
 import subprocess
@@ -62,3 +63,65 @@ def test_quickstart_alone_claims_no_savings():
     assert "workers: 1" in result.stdout
     assert "One worker: nothing was sent" in result.stdout
     assert "times more" not in result.stdout
+
+
+# Runs the quickstart's flag handling through absl's app.run, as the command
+# line does, for several argument lists in one process (one TensorFlow
+# import): "bad" ones through main, which must stop before reading data, and
+# "good" ones through the trigger_args it calls first.
+FLAG_CHECKS = """
+import json, runpy, sys
+from absl import app, flags
+
+cases = json.load(sys.stdin)
+sys.argv = ["quickstart.py"]
+quickstart = runpy.run_path("examples/quickstart.py", run_name="quickstart")
+for kind, args in cases:
+    flags.FLAGS.unparse_flags()
+    main = quickstart["main"] if kind == "bad" else (
+        lambda argv: print("ARGS", json.dumps(quickstart["trigger_args"]()), flush=True))
+    print("=== case", file=sys.stderr, flush=True)
+    try:
+        app.run(main, argv=["quickstart.py", "--epochs=1", *args])
+    except SystemExit as e:
+        print("=== exit", e.code, file=sys.stderr, flush=True)
+"""
+
+BAD_FLAGS = [
+    (["--trigger=kamp"], "--trigger=kamp needs a numeric threshold"),
+    (["--trigger=kamp", "--threshold=auto"], "--threshold=1.5"),
+    (["--threshold=-2"], "use a positive number"),
+    (["--threshold=often"], "use a positive number"),
+    (["--trigger=periodic", "--threshold=1.5"], "--threshold is used only by --trigger=fda or"),
+    (["--trigger=synchronous", "--tau=5"], "--tau is used only by --trigger=periodic"),
+    (["--trigger=kamp", "--threshold=2", "--variant=sketch"], "--variant is used only by"),
+    (["--tau=0"], "--tau=0: 0 is not a positive integer"),
+    (["--dataset=femnist"], "--dataset=femnist needs --data_path"),
+    (["--data_path=x.npz"], "--data_path is read only with --dataset=femnist"),
+]
+GOOD_FLAGS = [
+    ([], {"threshold": "auto", "variant": "linear"}),
+    (["--trigger=kamp", "--threshold=2"], {"threshold": 2.0}),
+    (["--trigger=periodic", "--tau=4"], {"tau": 4}),
+    (["--trigger=synchronous"], {}),
+]
+
+
+def test_bad_flag_combinations_are_usage_errors_naming_what_to_pass():
+    cases = [("bad", args) for args, _ in BAD_FLAGS] + [("good", args) for args, _ in GOOD_FLAGS]
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    result = subprocess.run(
+        [sys.executable, "-c", FLAG_CHECKS], input=json.dumps(cases), cwd=REPO, env=env,
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Traceback" not in result.stderr, result.stderr[-4000:]
+    outputs = result.stderr.split("=== case")[1:]
+    assert len(outputs) == len(cases), result.stderr[-4000:]
+    for (args, message), output in zip(BAD_FLAGS, outputs):
+        assert "=== exit 1" in output, (args, output[-2000:])
+        assert message in output, (args, output[-2000:])
+    accepted = [
+        json.loads(line[5:]) for line in result.stdout.splitlines() if line.startswith("ARGS ")
+    ]
+    assert accepted == [want for _, want in GOOD_FLAGS]
