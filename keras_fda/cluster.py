@@ -173,8 +173,9 @@ def connect(timeout_seconds=DEFAULT_TIMEOUT_SECONDS, cluster_resolver=None):
     address) and returns the `Cluster`. Drivers such as `FDACallback` use the
     connected cluster by default. At the end of a program that did not fail,
     the workers leave together: each waits (up to `timeout_seconds`) until
-    every worker reached its end, and worker 0, which hosts TensorFlow's
-    coordination service, exits last, so no worker reports the service gone.
+    every other worker reached its end or its process is gone, and worker 0,
+    which hosts TensorFlow's coordination service, exits last, so no worker
+    reports the service gone.
 
     Args:
         timeout_seconds: how long any collective may wait for the other
@@ -451,6 +452,10 @@ def _host(name):
 
 _exit_state = {"registered": False, "failed": False}
 
+# How long one look for a peer's "reached the end" key in the coordination
+# service waits, between checks that the peer's process is still there.
+_EXIT_POLL_MS = 200
+
 
 def leave_together_at_exit(workers, index, timeout_seconds):
     """Makes the workers of a cluster end their processes in an order that fails no RPC.
@@ -460,16 +465,17 @@ def leave_together_at_exit(workers, index, timeout_seconds):
     worker 0 has gone logs `Failed to send RPC to coordination service ...
     Connection refused`; worker 0 still running `HEARTBEAT_TIMEOUT_SECONDS`
     after another worker stopped its heartbeats logs that the worker `stopped
-    sending heartbeats`. So at exit each worker waits at a barrier until all
-    reached their end (at most `timeout_seconds`), and worker 0 then waits (at
-    most `EXIT_WAIT_SECONDS`) until the others' servers are gone. A program
-    ending with an uncaught exception leaves at once: its peers will fail
-    anyway. Registered once per process by `connect()`.
+    sending heartbeats`. So at exit each worker waits until every other worker
+    either reached its end too or is gone (its server no longer accepts
+    connections: it crashed, was killed or raised), at most `timeout_seconds`,
+    and worker 0 then waits (at most `EXIT_WAIT_SECONDS`) until the others'
+    servers are gone. A program ending with an uncaught exception leaves at
+    once: its peers see it gone. Registered once per process by `connect()`.
 
     Args:
         workers: the cluster's worker addresses, `host:port`, in worker order.
         index: this worker's index.
-        timeout_seconds: the longest wait at the barrier.
+        timeout_seconds: the longest wait for the other workers.
     """
     if _exit_state["registered"]:
         return
@@ -484,13 +490,43 @@ def leave_together_at_exit(workers, index, timeout_seconds):
     atexit.register(_leave, list(workers), index, timeout_seconds)
 
 
+def _exit_key(index):
+    return f"keras_fda/exit/{index}"
+
+
 def _leave(workers, index, timeout_seconds):
     if _exit_state["failed"]:
         return
+    # Not TF's wait_at_barrier: it returns only when every task arrived, or
+    # when the coordination service declares a missing task dead, which takes
+    # the heartbeat timeout (a peer that failed after fit held worker 0 here
+    # for ~54 s, after which TF logged `E0000 ... StartAbort UNAVAILABLE ...
+    # stopped sending heartbeats`). A blocking call cannot be told that a
+    # peer's process is gone; polling keys with a short timeout, between
+    # looks at the peers' servers, can, and keeps every TF call on this thread
+    # and bounded (nothing is left blocked inside TF while the process ends).
+    context_ = context.context()
     try:
-        context.context().wait_at_barrier("keras_fda_exit", int(timeout_seconds * 1000))
+        context_.set_config_key_value(_exit_key(index), "done")
     except tf.errors.OpError:
-        return  # a worker failed or is gone: there is no orderly exit to make
+        return  # worker 0, and its coordination service, is gone: nobody to wait for
+    deadline = time.monotonic() + timeout_seconds
+    pending = [i for i in range(len(workers)) if i != index]
+    while pending and time.monotonic() < deadline:
+        still = []
+        for i in pending:
+            try:
+                context_.get_config_key_value(_exit_key(i), _EXIT_POLL_MS)
+                continue  # it reached its end
+            except tf.errors.DeadlineExceededError:
+                pass
+            except tf.errors.OpError:
+                return  # the coordination service is gone: there is no orderly exit to make
+            if _listening(workers[i]):
+                still.append(i)
+            # else its process is gone (crashed, killed, raised, os._exit): it
+            # will never arrive, and waiting for TF to notice takes a minute.
+        pending = still
     if index != 0:
         return
     deadline = time.monotonic() + EXIT_WAIT_SECONDS

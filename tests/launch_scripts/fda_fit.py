@@ -2,6 +2,7 @@
 
 Usage: fda_fit.py --out DIR [--verbose 1] [--hold_at_step N] [--report_ports]
                   [--linger_on I --linger S] [--resolver]
+                  [--fail_on I --fail_how raise|exit|os_exit|sigkill]
 
 Writes DIR/worker{i}.json: the cluster it joined, its final weights and the
 fda/* logs of every step. Options:
@@ -13,6 +14,9 @@ fda/* logs of every step. Options:
         connection from inside the job.
     --linger_on I --linger S: worker I works S seconds more after training
         (as a chief evaluating a test set would), to test the order of exit.
+    --fail_on I --fail_how HOW: worker I fails after fit returned and its
+        report is written (HOW: raise an exception, sys.exit(3), os._exit(3)
+        or SIGKILL itself), as a peer of a SLURM or Kubernetes job might.
     --resolver: join through connect(cluster_resolver=...) built from
         TF_CONFIG instead of reading TF_CONFIG in connect().
 """
@@ -20,6 +24,7 @@ fda/* logs of every step. Options:
 import argparse
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -36,6 +41,8 @@ parser.add_argument("--report_ports", action="store_true")
 parser.add_argument("--linger_on", type=int, default=None)
 parser.add_argument("--linger", type=float, default=0.0)
 parser.add_argument("--resolver", action="store_true")
+parser.add_argument("--fail_on", type=int, default=None)
+parser.add_argument("--fail_how", choices=["raise", "exit", "os_exit", "sigkill"], default="raise")
 args = parser.parse_args()
 
 if args.resolver:
@@ -116,6 +123,15 @@ if args.report_ports:
     report["reachable_inside"] = [reachable(a) for a in addresses]
 with open(os.path.join(args.out, f"worker{index}.json"), "w") as f:
     json.dump(report, f)
+if index == args.fail_on:
+    print(f"worker {index} fails ({args.fail_how})", flush=True)
+    if args.fail_how == "raise":
+        raise RuntimeError(f"worker {index} fails after fit on purpose")
+    if args.fail_how == "exit":
+        sys.exit(3)
+    if args.fail_how == "os_exit":
+        os._exit(3)
+    os.kill(os.getpid(), signal.SIGKILL)
 if index == args.linger_on:
     time.sleep(args.linger)  # more work after training, e.g. an evaluation
 print(f"worker {index} done", flush=True)
