@@ -342,6 +342,103 @@ def _die_with(launcher_pid):
         os._exit(128 + signal.SIGKILL)
 
 
+# The guard: a small process that outlives a SIGKILLed launcher (the kernel's
+# PR_SET_PDEATHSIG kills only the workers themselves; whatever a worker
+# started, a data loader or a shell, lives on, reparented to init). It reads
+# the workers' PIDs, each also the ID of the worker's session and process
+# group, from a pipe that only the launcher can write to; an end of file
+# without "done" means the launcher died, and the guard then kills each
+# worker's process group and every other process left in its session. A
+# worker that already ended may have freed its PID for an unrelated process:
+# the guard kills only where /proc shows the same process (by its start
+# time) or no process with that PID, so a reused PID is never hit. Runs with
+# -I -S: the standard library only, in well under a second.
+_GUARD = r"""
+import os, signal, sys
+
+def stat(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()  # [state, ppid, pgrp, session, ...]
+    except (OSError, ValueError):
+        return None
+
+def start_time(pid):
+    fields = stat(pid)
+    return fields and fields[19]
+
+workers = {}
+for line in sys.stdin:
+    line = line.strip()
+    if line == "done":
+        sys.exit(0)
+    if line.isdigit():
+        workers[int(line)] = start_time(int(line))
+ours = {pid for pid, started in workers.items() if start_time(pid) in (None, started)}
+for pid in ours:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
+for _ in range(20):  # again while processes of the sessions fork during the sweep
+    found = False
+    for entry in os.listdir("/proc"):
+        fields = stat(entry) if entry.isdigit() else None
+        if fields and fields[0] != "Z" and int(fields[3]) in ours:
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+                found = True
+            except OSError:
+                pass
+    if not found:
+        break
+"""
+
+
+class _Guard:
+    """Kills the workers' sessions if the launcher dies without stopping them (Linux)."""
+
+    def __init__(self):
+        self._proc = None
+        if _LIBC is None or not os.path.exists("/proc/self/stat"):
+            return  # elsewhere the workers have no PR_SET_PDEATHSIG either
+        self._proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _GUARD],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,  # never holds the launcher's output open
+            stderr=subprocess.DEVNULL,
+            # Out of the terminal's reach: Ctrl-C or a hangup stops the
+            # launcher, which stops the workers itself and then says "done".
+            start_new_session=True,
+        )
+
+    def _send(self, line):
+        if self._proc is None:
+            return
+        try:
+            self._proc.stdin.write(f"{line}\n".encode())
+            self._proc.stdin.flush()
+        except OSError:
+            pass  # the guard is gone; PR_SET_PDEATHSIG still kills the workers
+
+    def watch(self, pid):
+        self._send(pid)
+
+    def release(self):
+        """The launcher has stopped the workers itself: the guard leaves without killing."""
+        if self._proc is None:
+            return
+        self._send("done")
+        try:
+            self._proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self._proc.wait(GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            pass
+
+
 def _start(args, ports, index):
     launcher_pid = os.getpid()
     return subprocess.Popen(
@@ -508,10 +605,12 @@ def main(argv=None):
     }
     live = range(args.workers) if args.progress == "all" else [0]
     procs, readers = [], []
+    guard = _Guard()
     try:
         # All workers start before the first reader thread (see _start).
         for index in range(args.workers):
             procs.append(_start(args, ports, index))
+            guard.watch(procs[-1].pid)
         for index, proc in enumerate(procs):
             worker = _Worker(index, live=terminal and index in live)
             reader = threading.Thread(
@@ -522,6 +621,7 @@ def main(argv=None):
         return _supervise(procs, deadline, signals_received, log)
     finally:
         _stop(procs)
+        guard.release()
         # Let the readers print the workers' last lines. A grandchild that
         # outlived its worker may hold a pipe open, so do not wait forever.
         for reader in readers:

@@ -205,25 +205,58 @@ def test_a_double_dash_before_the_script_keeps_the_script_arguments(pid_dir):
         assert report["argv"] == ["--epochs=3", "--", "x"]
 
 
-def test_workers_die_with_a_killed_launcher(pid_dir):
+def wait_until_gone(pids, timeout):
+    """Waits (bounded) until none of `pids` runs; returns those still running.
+
+    Waits on each process's pidfd, which becomes readable when it ends, so the
+    test neither sleeps nor polls; works for processes that are not our children.
+    """
+    deadline = time.monotonic() + timeout
+    running = []
+    for pid in pids:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                running.append(pid)
+        finally:
+            os.close(fd)
+    return running
+
+
+def test_workers_and_what_they_started_die_with_a_killed_launcher(pid_dir):
+    """SIGKILL leaves the launcher no chance to stop anything: the kernel kills its
+    workers (PR_SET_PDEATHSIG), and its guard process kills what they started, in
+    their process groups or in other groups of their sessions (issue 21)."""
     launcher = subprocess.Popen(
-        [sys.executable, str(LAUNCH), "--workers", "2", str(WORKER), str(pid_dir), "hang,hang"],
+        [sys.executable, str(LAUNCH), "--workers", "2", str(WORKER), str(pid_dir),
+         "grandchildren,hang"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+    grandchildren = []
     try:
         pids = wait_for_pids(pid_dir, 2)
+        grandchildren_file = pid_dir / "0.grandchildren"
+        deadline = time.monotonic() + TIMEOUT
+        while not grandchildren_file.exists():
+            assert time.monotonic() < deadline, "worker 0 started no grandchildren"
+            time.sleep(0.02)
+        grandchildren = json.loads(grandchildren_file.read_text())
+        assert all(alive(pid) for pid in pids + grandchildren)
         launcher.kill()  # SIGKILL: the launcher cannot stop anything itself
         launcher.wait(timeout=TIMEOUT)
-        deadline = time.monotonic() + TIMEOUT
-        while any(alive(pid) for pid in pids):
-            assert time.monotonic() < deadline, "workers outlived their launcher"
-            time.sleep(0.02)
+        assert wait_until_gone(pids + grandchildren, TIMEOUT) == [], "outlived the launcher"
     finally:
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait()
+        for pid in grandchildren:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def worker0_bytes(lines):

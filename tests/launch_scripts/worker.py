@@ -12,6 +12,10 @@ entry at its worker index says:
         code N (so that the test knows the PIDs of the workers to be stopped).
     lines_MB: print two lines of MB megabytes each, in 1 MB writes, then wait
         until the file PID_DIR/go exists, then exit 0.
+    grandchildren: start two processes that block until killed, one in this
+        worker's process group, one in a process group of its own (in the
+        worker's session), write their PIDs to PID_DIR/<index>.grandchildren
+        (JSON), then block until killed.
     progress: print a progress line redrawn with "\r" (5 states), then wait
         until the file PID_DIR/go exists, then end the line and exit 0.
 """
@@ -19,6 +23,7 @@ entry at its worker index says:
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -67,6 +72,19 @@ if behaviour.startswith("wait_then_"):
     ):
         time.sleep(0.01)
     sys.exit(int(behaviour[len("wait_then_") :]))
+if behaviour == "grandchildren":
+    # Each with its own 120 s safety net, like this worker's.
+    block = [sys.executable, "-I", "-S", "-c", "import signal; signal.alarm(120); signal.pause()"]
+    children = [
+        subprocess.Popen(block, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL),
+        subprocess.Popen(block, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         process_group=0),
+    ]
+    path = os.path.join(pid_dir, f"{index}.grandchildren")
+    with open(path + ".tmp", "w") as f:
+        json.dump([c.pid for c in children], f)
+    os.replace(path + ".tmp", path)
+    behaviour = "hang"
 if behaviour in ("hang", "stubborn"):
     if behaviour == "stubborn":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
