@@ -58,6 +58,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -65,6 +66,7 @@ import subprocess
 import sys
 import threading
 import time
+import unicodedata
 
 # How long stopped workers get to exit cleanly after SIGTERM before SIGKILL.
 GRACE_SECONDS = 3.0
@@ -159,6 +161,66 @@ def free_ports(n):
             s.close()
 
 
+# What a terminal draws without moving the cursor: escape sequences (CSI, as
+# in colours and erase-line, OSC, and two-character ones) and other control
+# characters but the backspace and the tab.
+_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?")
+_ZERO_WIDTH = re.compile(_ESCAPE.pattern + r"|[\x00-\x07\x0a-\x1f\x7f]")
+
+
+def fit_to_width(text, columns):
+    """The part of a line that a terminal `columns` wide shows without wrapping.
+
+    A live line is redrawn after a carriage return, which returns to the start
+    of the terminal's last row only: a line longer than the terminal wraps,
+    and each redraw would leave its wrapped rows behind (the line printed
+    again at every redraw). So live lines are cut to `columns - 1` characters
+    (the last column stays empty: a character there leaves the cursor waiting
+    to wrap, which terminals handle differently). Escape sequences are kept,
+    also after the cut, so that colours and attributes end as the full line
+    would leave them; wide characters count 2 columns, combining ones 0, a
+    tab up to the next multiple of 8; a backspace moves back one. Lines of
+    any length cost one scan past the cut.
+
+    Args:
+        text: the line as bytes (UTF-8; other bytes count one column each).
+        columns: the terminal's width, or None for no limit.
+
+    Returns:
+        `(the bytes to draw, whether anything was cut)`.
+    """
+    if columns is None:
+        return bytes(text), False
+    limit = max(1, columns - 1)
+    string = bytes(text).decode("utf-8", "surrogateescape")
+    kept, column, position = [], 0, 0
+    while position < len(string):
+        match = _ZERO_WIDTH.match(string, position)
+        if match:
+            kept.append(match.group())
+            position = match.end()
+            continue
+        character = string[position]
+        if character == "\b":
+            width = -min(1, column)
+        elif character == "\t":
+            width = 8 - column % 8
+        elif unicodedata.combining(character) or unicodedata.category(character) in ("Me", "Cf"):
+            width = 0
+        elif unicodedata.east_asian_width(character) in ("W", "F"):
+            width = 2
+        else:
+            width = 1
+        if column + width > limit:
+            # Past the cut only escape sequences matter (one scan, for long lines).
+            kept += _ESCAPE.findall(string, position)
+            return "".join(kept).encode("utf-8", "surrogateescape"), True
+        kept.append(character)
+        column += width
+        position += 1
+    return bytes(text), False
+
+
 class _Worker:
     """What the console knows of one worker's output: its unfinished line."""
 
@@ -170,6 +232,7 @@ class _Worker:
         self.shown = False  # part of its unfinished line is on the console's last line
         self.redraw_pending = False  # a "\r" came; the next text replaces the shown line
         self.streamed = False  # a long line was written out unfinished and cannot be redrawn
+        self.clipped = False  # its live line is shown cut to the terminal's width
 
 
 class _Console:
@@ -186,10 +249,11 @@ class _Console:
     again, on a line of its own.
     """
 
-    def __init__(self, out, err, erase):
+    def __init__(self, out, err, erase, columns=None):
         self._out = out
         self._err = err
         self._erase = erase  # the stream is a terminal, whose last line can be erased
+        self._columns = columns or (lambda: None)  # the terminal's width now, or None
         self._lock = threading.Lock()
         self._on_screen = None  # the _Worker whose unfinished line ends the stream
         self._last_live = None  # the live worker to draw again after other output
@@ -232,16 +296,11 @@ class _Console:
         if worker.live:
             if self._on_screen is not worker:
                 self._clear_last_line(out)
-                out += worker.prefix + worker.line
-            elif worker.redraw_pending:
-                out += b"\r" + worker.prefix + text
             else:
-                out += text
-            if self._erase:
-                out += b"\x1b[K"  # what the redrawn line no longer covers
+                out += b"\r"  # drawn whole each time: the cut may fall elsewhere now
+            self._draw(worker, worker.line, out)
             worker.redraw_pending = False
-            worker.shown = True
-            self._on_screen = self._last_live = worker
+            self._last_live = worker
             del worker.line[:-_LINE_BYTES]  # only a redraw after other output needs it
         elif len(worker.line) > _LINE_BYTES:
             if self._on_screen is not worker:
@@ -266,6 +325,9 @@ class _Console:
     def _end_line(self, worker, out):
         text = worker.line or (b"" if worker.shown else worker.before_redraw)
         if self._on_screen is worker:
+            if worker.clipped:  # its final state in full: wrapped rows stay, none repeats
+                out += b"\r" + worker.prefix + (worker.line or worker.before_redraw)
+                out += b"\x1b[K" if self._erase else b""
             out += (text if worker.streamed else b"") + b"\n"
             self._on_screen = None
         else:
@@ -273,7 +335,7 @@ class _Console:
             out += worker.prefix + text + b"\n"
         worker.line.clear()
         worker.before_redraw = b""
-        worker.shown = worker.streamed = worker.redraw_pending = False
+        worker.shown = worker.streamed = worker.redraw_pending = worker.clipped = False
         if self._last_live is worker:
             self._last_live = None
         self._draw_live(out)
@@ -292,9 +354,16 @@ class _Console:
     def _draw_live(self, out):
         live = self._last_live
         if self._on_screen is None and live is not None and live.line:
-            out += live.prefix + live.line
-            live.shown = True
-            self._on_screen = live
+            self._draw(live, live.line, out)
+
+    def _draw(self, worker, line, out):
+        """Writes a live worker's line at the cursor, cut to the terminal's width."""
+        visible, worker.clipped = fit_to_width(worker.prefix + line, self._columns())
+        out += visible
+        if self._erase:
+            out += b"\x1b[K"  # what the redrawn line no longer covers
+        worker.shown = True
+        self._on_screen = worker
 
     def _write(self, data):
         if not data:
@@ -575,7 +644,11 @@ def main(argv=None):
     """
     args = _parse_args(sys.argv[1:] if argv is None else list(argv))
     terminal = sys.stdout.isatty()
-    console = _Console(sys.stdout.buffer, sys.stderr, erase=terminal)
+    console = _Console(
+        sys.stdout.buffer, sys.stderr, erase=terminal,
+        # Asked at every draw: the terminal may be resized while the job runs.
+        columns=(lambda: shutil.get_terminal_size().columns) if terminal else None,
+    )
 
     def log(message):
         console.message(f"keras_fda.launch: {message}\n")

@@ -375,9 +375,9 @@ class FakeStream:
         pass
 
 
-def console(live, terminal=True):
+def console(live, terminal=True, columns=None):
     out = FakeStream()
-    con = launch_lib._Console(out, out, erase=terminal)
+    con = launch_lib._Console(out, out, erase=terminal, columns=columns and (lambda: columns))
     workers = [launch_lib._Worker(i, live=i in live) for i in range(2)]
     return con, workers, out
 
@@ -437,6 +437,82 @@ def test_a_long_line_streams_and_another_worker_breaks_it_with_prefixes():
     ]
     con.close(w1)
     assert len(w0.line) == 0 and out.data.endswith(b"tail\n")
+
+
+
+def screen(data, columns):
+    """The rows a terminal `columns` wide shows after `data`, long lines wrapped.
+
+    As xterm: a character written past the last column starts the next row;
+    CR returns to the start of the cursor's row; LF starts a new row (the
+    terminal's ONLCR); erase-line clears the cursor's row from the cursor.
+    """
+    rows, row, column = [[]], 0, 0
+    for token in re.findall(r"\x1b\[[0-9;?]*[A-Za-z]|\r|\n|\x08|\x1b|[^\r\n\x08\x1b]",
+                            data.decode()):
+        if token == "\n":
+            row, column = row + 1, 0
+        elif token == "\r":
+            column = 0
+        elif token == "\x08":
+            column = max(0, column - 1)
+        elif token.startswith("\x1b"):
+            if token.endswith("K"):
+                del rows[row][column:]
+            continue
+        else:
+            if column == columns:
+                row, column = row + 1, 0
+                rows.append([])
+            while len(rows[row]) < column:
+                rows[row].append(" ")
+            rows[row][column : column + 1] = [token]
+            column += 1
+        while len(rows) <= row:
+            rows.append([])
+    return ["".join(r) for r in rows]
+
+
+def wrapped(line, columns):
+    return [line[i : i + columns] for i in range(0, len(line), columns)]
+
+
+@pytest.mark.parametrize("live", [{0}, {0, 1}], ids=["chief", "all"])
+def test_live_lines_wider_than_the_terminal_are_drawn_once(live):
+    """Issue 21: a live line longer than the terminal wrapped, and each redraw after
+    "\r" (back to the start of the last row only) left the wrapped rows behind."""
+    columns = 40
+    con, (w0, w1), out = console(live=live, columns=columns)
+    bar = " ━━━━━━━━━━ 1s 5ms/step - loss: 0.25 - fda/variance: 0.01"  # wider than 40
+    finished = []
+    for step in range(1, 6):
+        for w in (w0, w1):
+            con.feed(w, f"\x08\x08\r\x1b[1m{step}/5\x1b[0m{bar}".encode())
+            rows = [r for r in screen(out.data, columns) if r]
+            # Finished lines, then one row: the live line, cut to the width.
+            assert rows[:-1] == finished, rows
+            assert len(rows[-1]) < columns and rows[-1].startswith(("[worker 0]", "[worker 1]"))
+    for w, index in ((w0, 0), (w1, 1)):
+        con.feed(w, b"\n")
+        finished += wrapped(f"[worker {index}] 5/5{bar}", columns)  # the final state, whole
+    assert screen(out.data, columns) == finished + [""]
+
+
+def test_fit_to_width_counts_columns_as_a_terminal_does():
+    fit = launch_lib.fit_to_width
+    assert fit(b"0123456789", 8) == (b"0123456", True)  # the last column stays empty
+    assert fit(b"0123456", 8) == (b"0123456", False)
+    assert fit(b"0123", None) == (b"0123", False)
+    # Escape sequences take no room and are kept after the cut (attributes end as they would).
+    assert fit(b"\x1b[1m01234\x1b[0m56789", 6) == (b"\x1b[1m01234\x1b[0m", True)
+    # Wide characters take two columns; combining ones none; a backspace moves back.
+    assert fit("日本語x".encode(), 6) == ("日本".encode(), True)
+    assert fit("e\u0301tat".encode(), 5) == ("e\u0301tat".encode(), False)
+    assert fit(b"abc\x08\x08def", 4) == (b"abc\x08\x08de", True)
+    # Keras' progress bar: box-drawing characters are one column.
+    assert fit("12/12 ━━━━ 0s".encode(), 40) == ("12/12 ━━━━ 0s".encode(), False)
+    # Not UTF-8: byte for byte, one column each.
+    assert fit(b"\xff\xfe\xfd", 3) == (b"\xff\xfe", True)
 
 
 # --- Real TensorFlow jobs ---
