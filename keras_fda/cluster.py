@@ -29,7 +29,9 @@ DEFAULT_TIMEOUT_SECONDS = 300.0
 # Without SLURM_STEP_RESV_PORTS, SLURM task i listens on
 # SLURM_PORT_BASE + 16 * (SLURM_JOB_ID % 1000) + (its index on its node): two
 # jobs sharing a node get different ports unless their IDs agree mod 1000, and
-# the range stays below Linux's ephemeral ports (32768 and up).
+# the range stays below Linux's ephemeral ports (32768 and up). So at most 16
+# tasks may share a node (more is a ValueError): a 17th would take a port of
+# the job whose ID is one higher.
 SLURM_PORT_BASE = 12000
 SLURM_PORTS_PER_JOB = 16
 
@@ -328,8 +330,10 @@ def slurm_cluster(environ, expand_hostnames=None):
     nodes, compressed as in `node[01-04]`), `SLURM_STEP_TASKS_PER_NODE` (as in
     `2(x3),1`), `SLURM_PROCID` (the task's rank) and `SLURM_STEP_NUM_TASKS`;
     an `sbatch` script itself (outside `srun`) is not a step. Tasks are laid
-    out on the nodes as SLURM does: in blocks (the default) or cyclically
-    (`SLURM_DISTRIBUTION=cyclic`).
+    out on the nodes as SLURM does: in blocks (the default, also
+    `SLURM_DISTRIBUTION=*`) or cyclically (`SLURM_DISTRIBUTION=cyclic`). Without
+    `SLURM_STEP_RESV_PORTS` at most `SLURM_PORTS_PER_JOB` (16) tasks may share
+    a node.
 
     Args:
         environ: the environment to read (e.g. `os.environ`).
@@ -340,7 +344,8 @@ def slurm_cluster(environ, expand_hostnames=None):
         `(worker addresses, this task's index)`, or None outside a step.
 
     Raises:
-        ValueError: if the SLURM variables are malformed or inconsistent, or
+        ValueError: if the SLURM variables are malformed or inconsistent,
+            more than 16 tasks share a node without reserved ports, or
             `scontrol` is missing; the message names the variable.
     """
     if "SLURM_STEP_NODELIST" not in environ or "SLURM_PROCID" not in environ:
@@ -360,7 +365,10 @@ def slurm_cluster(environ, expand_hostnames=None):
             f"lay out {num_tasks} tasks on the {len(nodes)} nodes of SLURM_STEP_NODELIST="
             f"{environ['SLURM_STEP_NODELIST']!r}; start the workers with srun, or set TF_CONFIG."
         )
-    distribution = environ.get("SLURM_DISTRIBUTION", "block").split(":")[0].split(",")[0]
+    # "<nodes>[:<sockets>[:<cores>]][,Pack|NoPack]": only the first field
+    # places tasks on nodes; "*" (or nothing) there is SLURM's default, block.
+    distribution = environ.get("SLURM_DISTRIBUTION", "").split(",")[0].split(":")[0].strip()
+    distribution = "block" if distribution in ("", "*") else distribution
     if distribution not in ("block", "cyclic"):
         raise ValueError(
             f"SLURM_DISTRIBUTION={environ['SLURM_DISTRIBUTION']!r}: keras_fda can place only "
@@ -406,6 +414,16 @@ def _slurm_ports(environ, needed):
     reserved = environ.get("SLURM_STEP_RESV_PORTS", "").strip()
     if not reserved:
         job = _slurm_int(environ, "SLURM_JOB_ID", "SLURM_JOBID")
+        if needed > SLURM_PORTS_PER_JOB:
+            # More would take the ports of the job whose ID is one higher (mod 1000).
+            raise ValueError(
+                f"{needed} tasks of this SLURM step share a node, but without reserved ports "
+                f"keras_fda gives each job {SLURM_PORTS_PER_JOB} ports per node ("
+                f"{SLURM_PORT_BASE} + {SLURM_PORTS_PER_JOB} * (SLURM_JOB_ID mod 1000) + the "
+                f"task's index on its node). Reserve ports with srun --resv-ports={needed} "
+                f"(needs MpiParams=ports=... in slurm.conf), run at most {SLURM_PORTS_PER_JOB} "
+                "tasks per node (e.g. srun --ntasks-per-node), or set TF_CONFIG."
+            )
         base = SLURM_PORT_BASE + SLURM_PORTS_PER_JOB * (job % 1000)
         return list(range(base, base + needed))
     ports = []

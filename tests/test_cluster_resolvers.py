@@ -58,6 +58,12 @@ def test_without_reserved_ports_slurm_tasks_use_the_documented_base_port():
         (None, ["a:100", "a:101", "b:100", "b:101", "c:100"]),
         ("block", ["a:100", "a:101", "b:100", "b:101", "c:100"]),
         ("cyclic:block", ["a:100", "b:100", "c:100", "a:101", "b:101"]),
+        # "*" is SLURM's default (block) in any field; only the first places on nodes.
+        ("*", ["a:100", "a:101", "b:100", "b:101", "c:100"]),
+        ("*:cyclic", ["a:100", "a:101", "b:100", "b:101", "c:100"]),
+        ("*:*:*,Pack", ["a:100", "a:101", "b:100", "b:101", "c:100"]),
+        ("cyclic:*", ["a:100", "b:100", "c:100", "a:101", "b:101"]),
+        ("cyclic,NoPack", ["a:100", "b:100", "c:100", "a:101", "b:101"]),
     ],
 )
 def test_tasks_are_placed_on_nodes_as_slurm_places_them(distribution, expected):
@@ -67,6 +73,29 @@ def test_tasks_are_placed_on_nodes_as_slurm_places_them(distribution, expected):
     env = step(3, 5, "n[a-c]", "2(x2),1", **more)
     workers, index = cluster_lib.slurm_cluster(env, hostnames({"n[a-c]": ["a", "b", "c"]}))
     assert (workers, index) == (expected, 3)
+
+
+def test_sixteen_tasks_per_node_fit_the_ports_of_a_job_without_reserved_ports():
+    base = cluster_lib.SLURM_PORT_BASE + cluster_lib.SLURM_PORTS_PER_JOB * 242
+    workers, _ = cluster_lib.slurm_cluster(step(0, 16), hostnames({"vm": ["vm"]}))
+    assert workers == [f"vm:{base + i}" for i in range(16)]
+    # The next job's range begins where this one ends.
+    assert base + 16 == cluster_lib.SLURM_PORT_BASE + cluster_lib.SLURM_PORTS_PER_JOB * 243
+
+
+def test_more_tasks_per_node_than_a_job_has_ports_is_a_clear_error():
+    """Issue 21: task 17 on a node silently took the port of the job whose ID is one higher."""
+    with pytest.raises(ValueError, match=r"17 tasks of this SLURM step share a node, but "
+                       r"without reserved ports keras_fda gives each job 16 ports per node.*"
+                       r"srun --resv-ports=17"):
+        cluster_lib.slurm_cluster(step(0, 17), hostnames({"vm": ["vm"]}))
+    # 17 tasks on two nodes (9 + 8) fit; reserved ports lift the limit.
+    env = step(16, 17, "n[1-2]", "9,8")
+    workers, index = cluster_lib.slurm_cluster(env, hostnames({"n[1-2]": ["n1", "n2"]}))
+    assert index == 16 and len(set(workers)) == 17
+    env = step(16, 17, SLURM_STEP_RESV_PORTS="30000-30016")
+    workers, _ = cluster_lib.slurm_cluster(env, hostnames({"vm": ["vm"]}))
+    assert workers == [f"vm:{30000 + i}" for i in range(17)]
 
 
 def test_an_sbatch_script_outside_srun_is_not_a_step():
