@@ -230,7 +230,6 @@ class _Worker:
         self.line = bytearray()  # the unfinished line's text since its last redraw
         self.before_redraw = b""  # the text the last redraw replaced ("100%\r\n" ends with it)
         self.shown = False  # part of its unfinished line is on the console's last line
-        self.redraw_pending = False  # a "\r" came; the next text replaces the shown line
         self.streamed = False  # a long line was written out unfinished and cannot be redrawn
         self.clipped = False  # its live line is shown cut to the terminal's width
 
@@ -299,7 +298,6 @@ class _Console:
             else:
                 out += b"\r"  # drawn whole each time: the cut may fall elsewhere now
             self._draw(worker, worker.line, out)
-            worker.redraw_pending = False
             self._last_live = worker
             del worker.line[:-_LINE_BYTES]  # only a redraw after other output needs it
         elif len(worker.line) > _LINE_BYTES:
@@ -317,7 +315,6 @@ class _Console:
         elif worker.live:
             worker.before_redraw = bytes(worker.line)
             worker.line.clear()
-            worker.redraw_pending = worker.shown
         elif worker.line:
             worker.before_redraw = bytes(worker.line)
             worker.line.clear()
@@ -335,7 +332,7 @@ class _Console:
             out += worker.prefix + text + b"\n"
         worker.line.clear()
         worker.before_redraw = b""
-        worker.shown = worker.streamed = worker.redraw_pending = worker.clipped = False
+        worker.shown = worker.streamed = worker.clipped = False
         if self._last_live is worker:
             self._last_live = None
         self._draw_live(out)
@@ -348,7 +345,7 @@ class _Console:
             out += b"\r\x1b[K"  # erased now, drawn again after the other output
         else:
             out += b"\n"  # cannot be erased: break the line; it goes on under a new prefix
-        other.shown = other.redraw_pending = other.streamed = False
+        other.shown = other.streamed = False
         self._on_screen = None
 
     def _draw_live(self, out):
