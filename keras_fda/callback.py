@@ -198,7 +198,8 @@ class FDACallback(keras.callbacks.Callback):
             raise ValueError(
                 f'exchange_every must be an integer >= 1 or "auto", got {exchange_every!r}.'
             )
-        if exchange_every != 1 and not self.trigger.state_size:
+        # A class attribute: an estimator's state size is known only once built.
+        if exchange_every != 1 and getattr(type(self.trigger), "state_size", None) == 0:
             raise ValueError(
                 f"The {self.trigger!r} trigger sends nothing between syncs, so "
                 f"exchange_every={exchange_every!r} would be ignored; remove it."
@@ -325,16 +326,13 @@ class FDACallback(keras.callbacks.Callback):
         A worker that decides or averages differently would join other
         collectives than its peers and hang until the timeout.
         """
-        rule = self.sync_rule
         return [
-            ("trigger", _describe(self.trigger)),
-            ("sync_dtype", repr(rule.sync_dtype)),
-            ("outer_optimizer", _describe_optimizer(rule.outer_optimizer)),
-            ("optimizer_state", repr(rule.optimizer_state)),
+            ("trigger", triggers_lib.describe(self.trigger)),
+            *self.sync_rule.describe(),
             ("overlap", repr(self.overlap)),
             ("exchange_every", repr(self.exchange_every)),
             ("average_non_trainable", repr(self.average_non_trainable)),
-            ("the model's optimizer class", _describe_optimizer(self.model.optimizer, True)),
+            ("the model's optimizer class", outer_lib.describe_optimizer(self.model.optimizer)),
         ]
 
     def _resume(self, resumed, can_change_epoch):
@@ -634,27 +632,6 @@ class FDACallback(keras.callbacks.Callback):
         if self._dashboard is not None:
             self._dashboard.close()
             self._dashboard = None
-
-
-def _describe(obj):
-    """`repr(obj)`, or its class if the repr is the default one (an address differs per process)."""
-    text = repr(obj)
-    if " object at 0x" in text:
-        text = f"{type(obj).__module__}.{type(obj).__qualname__}"
-    return text
-
-
-def _describe_optimizer(optimizer, class_only=False):
-    if optimizer is None:
-        return "None"
-    names = []
-    while optimizer is not None:
-        names.append(type(optimizer).__name__)
-        if not class_only:
-            config = {k: v for k, v in optimizer.get_config().items() if k != "name"}
-            names.append(repr(sorted(config.items())))
-        optimizer = getattr(optimizer, "inner_optimizer", None)
-    return "/".join(names)
 
 
 def exchange_period(ratio, longest=100):

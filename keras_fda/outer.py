@@ -107,6 +107,14 @@ class SyncRule:
         """
         return SyncState(self, reference, dtype)
 
+    def describe(self):
+        """`(option, text)` pairs, equal across processes for equal options."""
+        return [
+            ("sync_dtype", repr(self.sync_dtype)),
+            ("outer_optimizer", describe_optimizer(self.outer_optimizer, with_config=True)),
+            ("optimizer_state", repr(self.optimizer_state)),
+        ]
+
     def get_config(self):
         return {
             "sync_dtype": self.sync_dtype,
@@ -253,6 +261,18 @@ class SyncState:
         if self.rule.optimizer_state == "average":
             total += sum(int(m.shape.num_elements()) * m.dtype.size for m in moments)
         return total
+
+
+def describe_optimizer(optimizer, with_config=False):
+    """An optimizer's classes (a wrapper's, then its inner one's) and, optionally, configs."""
+    parts = []
+    while optimizer is not None:
+        parts.append(type(optimizer).__name__)
+        if with_config:
+            config = {k: v for k, v in optimizer.get_config().items() if k != "name"}
+            parts.append(repr(sorted(config.items())))
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+    return "/".join(parts) or "None"
 
 
 def dtype_groups(tensors):

@@ -210,12 +210,9 @@ class _Worker:
         # per-worker metrics would cost time each step and show nothing.
         self.model.compile(optimizer=optimizer, loss=model.loss)
         self.model.optimizer.build(self.model.trainable_variables)
-        self.monitored = [v.value for v in self.model.trainable_variables]
-        self.extra = [
-            v.value
-            for v in self.model.non_trainable_variables
-            if average_non_trainable and v.dtype.startswith("float")
-        ]
+        monitored, extra = outer_lib.synchronized_weights(self.model, average_non_trainable)
+        self.monitored = [v.value for v in monitored]
+        self.extra = [v.value for v in extra]
         # Restored at each run: the iteration count, moments and (a variable
         # in Keras 3) the learning rate as the user configured them.
         self._fresh_optimizer = [v.numpy() for v in self.model.optimizer.variables]
@@ -335,8 +332,9 @@ class Simulation:
                 sync.payload([v[k].read_value() for v in averaged], reads)
                 for k in range(self.num_workers)
             ]
-            all_reduce = _ring_mean if sync.sends_drift else _mean
-            means = sync.mean_weights([all_reduce(list(p)) for p in zip(*payloads)])
+            means = sync.mean_weights(
+                [_all_reduce(list(p), sync) for p in zip(*payloads)]
+            )
             mean_moments = [
                 _mean(list(per_worker))
                 for per_worker in zip(*[sync.moments_payload(m) for m in moments])
@@ -678,6 +676,18 @@ def _mean(per_worker):
     if stacked.dtype in (tf.float16, tf.bfloat16):
         return tf.cast(tf.reduce_mean(tf.cast(stacked, tf.float32), axis=0), stacked.dtype)
     return tf.reduce_mean(stacked, axis=0)
+
+
+def _all_reduce(per_worker, sync):
+    """The simulator's all-reduce MEAN of one tensor of `sync`'s payload, as the drivers'.
+
+    A drift travels in the payload dtype, added along the ring; values
+    (the weights, or the not-monitored ones beside a drift) are averaged in
+    the averaging dtype.
+    """
+    if sync.sends_drift and per_worker[0].dtype == sync.payload_dtype:
+        return _ring_mean(per_worker)
+    return _mean(per_worker)
 
 
 def _ring_mean(per_worker):

@@ -42,6 +42,7 @@ import atexit
 import contextlib
 import functools
 import weakref
+import zlib
 
 import keras
 import tensorflow as tf
@@ -435,6 +436,7 @@ class FDAStrategy(tf.distribute.Strategy):
         self._dashboard = None
         self._states = []
         self._adopt(strategy)
+        self._agree()
         if log_dir is not None and self.extended.should_save_summary:
             # The chief's only; the values are the same on every worker.
             self._dashboard = Dashboard(log_dir, self.update_freq)
@@ -448,6 +450,16 @@ class FDAStrategy(tf.distribute.Strategy):
     def _train_logs(self, logs):
         """What the train step's `run` returns to Keras."""
         return logs
+
+    def _agree(self):
+        """Checks that every process of the cluster has the same FDA settings."""
+
+    def _settings(self):
+        return [
+            ("trigger", triggers_lib.describe(self.trigger)),
+            *self.sync_rule.describe(),
+            ("average_non_trainable", repr(self.average_non_trainable)),
+        ]
 
     @property
     def communication(self):
@@ -621,6 +633,23 @@ class _MultiWorkerFDAStrategy(FDAStrategy, tf.distribute.MultiWorkerMirroredStra
         # does) instead of building a second one.
         tf.distribute.Strategy.__init__(self, strategy.extended)
         self.extended._container_strategy_weakref = weakref.ref(self)
+
+    def _agree(self):
+        # Each worker builds its own graph from its settings: different ones
+        # would join different collectives and hang until the timeout.
+        settings = self._settings()
+        mine = tf.constant([float(zlib.crc32(text.encode())) for _, text in settings], tf.float64)
+        per_replica = self.experimental_distribute_values_from_function(lambda _: mine)
+        everyone = tf.reshape(
+            tf.distribute.Strategy.gather(self, per_replica, axis=0), [-1, len(settings)]
+        ).numpy()
+        for column, (name, text) in enumerate(settings):
+            if (everyone[:, column] != everyone[0, column]).any():
+                raise ValueError(
+                    f"Workers disagree on the FDAStrategy setting {name} (this worker: {text}; "
+                    f"compared as a fingerprint, per replica: {everyone[:, column].tolist()}); "
+                    f"give {name} the same value on every worker."
+                )
 
     def reduce(self, reduce_op, value, axis=None):
         # Keras 3.15 under a multi-worker strategy (keras-team/keras#20585)

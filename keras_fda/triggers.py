@@ -382,6 +382,18 @@ class Kamp(SyncTrigger):
         return f"Kamp(threshold={self.threshold})"
 
 
+def describe(trigger):
+    """The trigger's settings as text, equal across processes for equal settings.
+
+    Its repr, or its class's name where the repr is the default one (whose
+    address differs from process to process).
+    """
+    text = repr(trigger)
+    if " object at 0x" in text:
+        text = f"{type(trigger).__module__}.{type(trigger).__qualname__}"
+    return text
+
+
 def get(trigger=None, *, threshold=None, variant=None, tau=None):
     """Resolves the trigger arguments of the drivers into a `SyncTrigger`.
 

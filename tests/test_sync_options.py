@@ -13,6 +13,7 @@ import h5py
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_fda
 from keras_fda.outer import moment_variables
@@ -114,6 +115,21 @@ def test_restored_best_weights_survive_the_final_sync_of_an_outer_optimizer():
     assert float(fda._averager.replaced.numpy()) == 0.0
 
 
+def test_fda_strategy_keeps_restored_best_weights_with_an_outer_optimizer():
+    """The sweep of 21.3 through FDAStrategy: its writers start a new round from the weights."""
+    x, y = data()
+    strategy = keras_fda.FDAStrategy(
+        tf.distribute.MirroredStrategy(["/cpu:0"]), threshold="auto", outer_optimizer="nesterov"
+    )
+    with strategy.scope():
+        model = mlp()
+        model.compile(optimizer=keras.optimizers.SGD(0.3), loss="mse")
+    early_stopping = keras.callbacks.EarlyStopping("loss", patience=100, restore_best_weights=True)
+    model.fit(x, y, batch_size=16, epochs=4, verbose=0, callbacks=[early_stopping])
+    for found, best in zip(model.get_weights(), early_stopping.best_weights):
+        np.testing.assert_array_equal(found, best)
+
+
 # --- 21.4: frozen layers, and values a payload dtype cannot hold --------------
 
 
@@ -130,6 +146,30 @@ def test_frozen_layers_are_not_sent_touched_or_counted():
     assert stats.syncs > 1
     assert stats.num_params == trainable == 9
     assert stats.sync_bytes == 2 * trainable
+
+
+def test_frozen_layers_are_left_out_by_the_simulator_and_the_strategy():
+    x, y = data()
+    model = mlp(frozen=True)
+    model.compile(optimizer="adam", loss="mse")
+    frozen = [w.numpy().copy() for w in model.layers[-2].weights]
+    sim = keras_fda.Simulation(model, 2)
+    history = sim.run(keras_fda.FDA("linear", 1e-6), x, y, keras_fda.partition.iid(len(x), 2),
+                      sync_dtype="bfloat16", steps=8)  # fmt: skip
+    assert history.num_params == 9 and history.sync_bytes == 2 * 9
+    for w, before in zip(sim.model.layers[-2].weights, frozen):
+        np.testing.assert_array_equal(w.numpy(), before)
+
+    strategy = keras_fda.FDAStrategy(
+        tf.distribute.MirroredStrategy(["/cpu:0"]), threshold=1e-6, sync_dtype="bfloat16"
+    )
+    with strategy.scope():
+        model = mlp(frozen=True)
+        model.compile(optimizer="adam", loss="mse")
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert strategy.communication.num_params == 9 and strategy.communication.syncs > 1
+    for w, before in zip(model.layers[-2].weights, frozen):
+        np.testing.assert_array_equal(w.numpy(), before)
 
 
 def test_batch_norm_statistics_above_float16_range_are_averaged_not_overflowed():

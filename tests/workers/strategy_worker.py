@@ -42,7 +42,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--devices", type=int, default=2)
 parser.add_argument(
     "--scenario",
-    choices=["simulator", "mirrored", "multiworker", "keras_user", "callbacks", "sync"],
+    choices=["simulator", "mirrored", "multiworker", "keras_user", "callbacks", "sync", "settings"],
     default="simulator",
 )
 parser.add_argument("--trigger", default="fda", help="fda, auto, periodic or synchronous")
@@ -73,7 +73,7 @@ import traceback  # noqa: E402
 
 import tensorflow as tf  # noqa: E402
 
-MULTI_WORKER = args.scenario in ("multiworker", "callbacks")
+MULTI_WORKER = args.scenario in ("multiworker", "callbacks", "settings")
 if MULTI_WORKER:
     # Before any other TF op: the collective runtime is configured at startup.
     base_strategy = tf.distribute.MultiWorkerMirroredStrategy(
@@ -508,7 +508,14 @@ def sync_scenario():
         np.savez(os.path.join(args.out, f"sync_{name}.npz"), **found)
 
 
-if args.scenario == "mirrored":
+if args.scenario == "settings":
+    # Issue 21.6: a differently configured worker must fail at once, not hang.
+    try:
+        FDAStrategy(base_strategy, threshold=0.001 if TASK == 0 else 1000.0)
+    except ValueError as e:
+        print(f"ValueError: {e}")
+        raise SystemExit(3)
+elif args.scenario == "mirrored":
     mirrored_scenario()
 elif args.scenario == "sync":
     sync_scenario()
