@@ -16,7 +16,8 @@ workers' redrawn lines appear once, in their final state (for Keras: one line
 per epoch), as with Horovod's advice to show progress on rank 0 only;
 `--progress=all` shows every worker's progress live (they take turns on the
 terminal's last line, each with its prefix, like `torchrun --tee` with every
-line labelled). Written to a file or a pipe, every redrawn line appears once,
+line labelled). A live line is cut to the terminal's width while it is
+redrawn, and written whole once it ends. Written to a file or a pipe, every redrawn line appears once,
 in its final state. Output is copied in bounded chunks: a line of any length
 passes without being held in memory.
 
@@ -33,8 +34,9 @@ The job ends as a unit: if any worker fails, the others are stopped and the
 launcher exits with the failed worker's code (128 + N for a worker killed by
 signal N). Ctrl-C or SIGTERM stops all workers (exit code 128 + signal);
 `--timeout` stops them after a time limit (exit code 124). On Linux the
-workers also die with the launcher if it is killed (SIGKILL, the OOM killer).
-POSIX only.
+workers, and the processes they started (in their process groups and
+sessions), also die with the launcher if it is killed (SIGKILL, the OOM
+killer). POSIX only.
 
 Example:
 
