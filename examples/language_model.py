@@ -213,7 +213,7 @@ def make_model(*, seq_len, dim, layers, heads, mlp_ratio=4, seed=0):
 
 
 def learning_rate_schedule(steps, peak, warmup_steps, final_fraction=0.1):
-    """Linear warmup from 0 to `peak` over `warmup_steps`, then cosine decay to `final_fraction * peak`."""
+    """Warmup + cosine: linear from 0 to `peak`, then cosine decay to `final_fraction * peak`."""
     return keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=0.0,
         decay_steps=max(1, steps - warmup_steps),
@@ -224,7 +224,10 @@ def learning_rate_schedule(steps, peak, warmup_steps, final_fraction=0.1):
 
 
 def compile_model(model, *, steps, learning_rate, warmup_steps, weight_decay=0.1):
-    """Compiles with AdamW (warmup + cosine, global norm clipping 1.0) and cross-entropy on logits."""
+    """Compiles with AdamW (warmup + cosine, global-norm clipping at 1) and cross-entropy on logits.
+
+    Returns the model.
+    """
     model.compile(
         optimizer=keras.optimizers.AdamW(
             learning_rate_schedule(steps, learning_rate, warmup_steps),
