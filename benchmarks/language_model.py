@@ -49,6 +49,17 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 flags.DEFINE_list("workers", ["4", "8"], "Values of K.")
 flags.DEFINE_integer("steps", 512, "Steps per run.", lower_bound=2)
 flags.DEFINE_list("taus", ["16", "32", "64", "128"], "DiLoCo periods H (with the outer step).")
+flags.DEFINE_list(
+    "only", None,
+    "Run only these of the standard strategies (labels as in the report, e.g. "
+    "auto,diloco-H32), plus any --auto_variants; synchronous always runs, since the targets "
+    "and the verdict come from it.",
+)
+flags.DEFINE_list(
+    "auto_variants", [],
+    "Extra AutoFDA settings, HORIZON:FIRST_ROUND each (library default 128:32), run with and "
+    "without the outer step as auto-HORIZON-FIRST_ROUND[+nesterov].",
+)
 flags.DEFINE_integer("seq_len", 64, "Bytes per example.", lower_bound=2)
 flags.DEFINE_integer("dim", 64, "Model width.", lower_bound=1)
 flags.DEFINE_integer("layers", 2, "Transformer blocks.", lower_bound=1)
@@ -85,8 +96,13 @@ def load_example():
     return module
 
 
-def strategies(steps, taus):
-    """`[(label, trigger factory, run kwargs)]`: a fresh trigger per run (triggers hold state)."""
+def strategies(steps, taus, auto_variants=(), only=None):
+    """`[(label, trigger factory, run kwargs)]`: a fresh trigger per run (triggers hold state).
+
+    `auto_variants`: `(horizon, first_round)` pairs of extra AutoFDA runs;
+    `only`: labels of the standard runs to keep (synchronous always is;
+    the variants always run).
+    """
     import keras_fda
 
     runs = [("synchronous", keras_fda.Synchronous, {})]
@@ -101,6 +117,16 @@ def strategies(steps, taus):
         # A period longer than the run: only the final average.
         ("no-sync", lambda: keras_fda.Periodic(steps + 1), {}),
     ]  # fmt: skip
+    if only is not None:
+        runs = [r for r in runs if r[0] == "synchronous" or r[0] in only]
+    for horizon, first in auto_variants:
+        def make(horizon=horizon, first=first):
+            return keras_fda.AutoFDA("linear", horizon=horizon, first_round=first)
+
+        runs += [
+            (f"auto-{horizon}-{first}", make, {"lag": 1}),
+            (f"auto-{horizon}-{first}+nesterov", make, {"lag": 1, "outer_optimizer": "nesterov"}),
+        ]
     return runs
 
 
@@ -218,6 +244,8 @@ def report(k, results, num_params, fractions):
             f"{fmt_bytes(stats.paper_bytes)} | {sync_bytes / stats.paper_bytes:.1f}x | "
             + " | ".join(cells) + f" | {h.wall_seconds:.0f} |"
         )
+    if RECOMMENDED not in dict(results):
+        return lines, f"Quality goal at K = {k}: not evaluated ({RECOMMENDED} not run).", targets
     rec = dict(results)[RECOMMENDED]
     gap = rec.final_loss / sync.final_loss - 1
     savings = sync_bytes / rec.communication().paper_bytes
@@ -317,13 +345,14 @@ def main(argv):
     )
     fractions = [float(f) for f in FLAGS.target_fractions]
     taus = [int(t) for t in FLAGS.taus]
+    variants = [tuple(int(v) for v in pair.split(":")) for pair in FLAGS.auto_variants]
     all_results, sections, verdicts, num_params = {}, [], [], None
     for k in (int(w) for w in FLAGS.workers):
         data = worker_partitions(lm, k, modules)
         print(f"K={k}: {len(data[0]) * FLAGS.seq_len} training bytes, validation "
               f"{x_val.size} bytes from {len(held_out)} held-out modules", flush=True)  # fmt: skip
         results, num_params = run_workers(
-            lm, k, data, (x_val, y_val), strategies(FLAGS.steps, taus)
+            lm, k, data, (x_val, y_val), strategies(FLAGS.steps, taus, variants, FLAGS.only)
         )
         all_results[k] = results
         lines, verdict, _ = report(k, results, num_params, fractions)
