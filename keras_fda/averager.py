@@ -13,119 +13,14 @@ It knows nothing of Keras: `FDACallback` feeds it a model's variables.
 import tensorflow as tf
 
 from keras_fda import outer as outer_lib
-from keras_fda.accounting import CommunicationStats
-
-
-def averaging_dtype(variables):
-    """The dtype in which `variables` are averaged: float64 if any is, else float32.
-
-    float32 holds float16 and bfloat16 values exactly, float64 all of them:
-    averaging never rounds a weight below its own precision.
-    """
-    return tf.float64 if any(v.dtype == tf.float64 for v in variables) else tf.float32
+from keras_fda.engine import Engine
 
 
 def _flatten(tensors, dtype):
     return tf.concat([tf.reshape(tf.cast(t, dtype), [-1]) for t in tensors], 0)
 
 
-class AveragingState:
-    """The state of dynamic averaging over `variables`, shared by the drivers.
-
-    Holds the reference weights `w0` agreed at the last synchronization, the
-    trigger's round state and the counters, and advances them at a sync. The
-    drivers differ only in where the variables live and how they average.
-
-    Args:
-        trigger: a built-in or custom `keras_fda.triggers.SyncTrigger`.
-        variables: the tf.Variables whose drift is monitored and averaged
-            (a model's trainable weights).
-        extra_variables: tf.Variables averaged at each sync but not monitored
-            (e.g. BatchNorm moving statistics).
-        sync_rule: a `keras_fda.SyncRule` (what a sync sends and does with
-            the average; default: the plain average of the weights).
-        moments: this worker's optimizer moment variables
-            (`keras_fda.outer.moment_variables`), for the rule's
-            `optimizer_state`.
-    """
-
-    def __init__(self, trigger, variables, extra_variables=(), sync_rule=None, moments=()):
-        self.trigger = trigger
-        self.variables = list(variables)
-        self.averaged = self.variables + list(extra_variables)
-        self.num_params = sum(int(v.shape.num_elements()) for v in self.averaged)
-        self.dtype = averaging_dtype(self.averaged)
-        trigger.build([v.shape for v in self.variables])
-        self.reference = [
-            tf.Variable(v.read_value(), trainable=False, name="fda_reference")
-            for v in self.variables
-        ]
-        self.round_state = [
-            tf.Variable(x, trainable=False, name="fda_round_state")
-            for x in trigger.initial_round_state()
-        ]
-        self.steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="fda_steps")
-        self.syncs = tf.Variable(0, dtype=tf.int64, trainable=False, name="fda_syncs")
-        self.steps_since_sync = tf.Variable(
-            0, dtype=tf.int64, trainable=False, name="fda_steps_since_sync"
-        )
-        self.sync = (sync_rule or outer_lib.SyncRule()).build(self.reference, self.dtype)
-        self.moments = moments
-
-    def state_variables(self):
-        """Every variable of the averaging state, for checkpoints (fixed order)."""
-        return [
-            *self.reference, *self.round_state, self.steps, self.syncs, self.steps_since_sync,
-            *self.sync.state_variables(),
-        ]
-
-    def _start_round(self, new_reference, mean_state, global_step):
-        """After a sync: `new_reference` (the new trainable values) becomes w0.
-
-        `mean_state` is the all-reduced trigger state of the averaged weights
-        (None for a final or planned sync); with the round's length and
-        `global_step` (the round's averaged drift, read before an outer
-        optimizer moved w0) it goes to `trigger.end_round`, which may adapt
-        the next round (AutoFDA).
-        """
-        next_round = self.trigger.end_round(
-            [s.read_value() for s in self.round_state],
-            global_step,
-            mean_state,
-            self.steps_since_sync.read_value(),
-        )
-        for s, value in zip(self.round_state, next_round):
-            s.assign(value)
-        for r, value in zip(self.reference, new_reference):
-            r.assign(value)
-        self.steps_since_sync.assign(0)
-        self.syncs.assign_add(1)
-        return tf.constant(True)
-
-    def communication(
-        self, num_workers, control_bytes=0, *, steps=None, syncs=None, exchanges=None
-    ):
-        """The `CommunicationStats` of the steps and syncs so far.
-
-        `steps` and `syncs` default to the counters' current values;
-        `exchanges` (state all-reduces) to one per step.
-        """
-        return CommunicationStats(
-            num_workers=num_workers,
-            num_params=self.num_params,
-            state_bytes=self.trigger.state_bytes,
-            steps=int(self.steps.numpy()) if steps is None else steps,
-            syncs=int(self.syncs.numpy()) if syncs is None else syncs,
-            control_bytes=control_bytes,
-            param_bytes=self.dtype.size,
-            sync_bytes=self.sync.sync_bytes(
-                self.num_params, self.moments, param_bytes=self.dtype.size
-            ),
-            exchanges=exchanges,
-        )
-
-
-class WorkerAverager(AveragingState):
+class WorkerAverager(Engine):
     """Dynamic averaging of `variables` (plus `extra_variables`) across workers.
 
     Each step has two halves: the message (this worker's local state on its
@@ -211,9 +106,7 @@ class WorkerAverager(AveragingState):
         NaN/Inf or a worker has stopped; every worker sees the same mean, so
         all of them refuse it together.
         """
-        payload = self.sync.payload(
-            [v.read_value() for v in self.averaged], [r.read_value() for r in self.reference]
-        )
+        payload = self.payload([v.read_value() for v in self.averaged])
         groups = list(outer_lib.dtype_groups(payload).items())
         flats = [_flatten([payload[i] for i in indices], dtype) for dtype, indices in groups]
         # What rides along goes with the first dtype's tensors (the drift's).
@@ -255,38 +148,29 @@ class WorkerAverager(AveragingState):
         return adopted, active_fraction
 
     def _adopt(self, parts, mean_state, replaced):
-        means = self.sync.mean_weights(parts)
-        # The round's progress, read before an outer optimizer moves w0.
-        global_step = [tf.cast(m, r.dtype) - r for m, r in zip(means, self.reference)]
-        # Weights a callback set after the last step (EarlyStopping's best)
-        # are what the user asked for: their plain average, no outer step
-        # from a w0 they no longer continue.
-        new_values = tf.cond(
-            replaced,
-            lambda: [tf.cast(m, self.dtype) for m in means],
-            lambda: [tf.cast(v, self.dtype) for v in self.sync.step(means)],
-        )
-        for v, value in zip(self.averaged, new_values):
-            v.assign(tf.cast(value, v.dtype))
-        self.replaced.assign(0.0)
-        self._sync_moments()
-        return self._start_round(
-            [v.read_value() for v in self.variables], mean_state, global_step
-        )
+        def assign(values):
+            for v, value in zip(self.averaged, values):
+                v.assign(tf.cast(value, v.dtype))
 
-    def _sync_moments(self):
-        """Applies the rule's `optimizer_state` (one more all-reduce for "average")."""
-        payload = self.sync.moments_payload(self.moments)
-        mean = []
-        if payload:
-            sizes = [int(m.shape.num_elements()) for m in payload]
-            flat = self.transport.all_reduce(_flatten(payload, tf.float32), "mean")
-            mean = [tf.reshape(p, m.shape) for m, p in zip(payload, tf.split(flat, sizes))]
-        self.sync.update_moments(self.moments, mean)
+        synced = self.sync(
+            parts, assign, mean_state=mean_state, mean_moments=self._mean_moments(),
+            plain=replaced,
+        )
+        self.replaced.assign(0.0)
+        return synced
+
+    def _mean_moments(self):
+        """The workers' mean moments for optimizer_state="average" (one more all-reduce)."""
+        payload = self.moments_payload()
+        if not payload:
+            return []
+        sizes = [int(m.shape.num_elements()) for m in payload]
+        flat = self.transport.all_reduce(_flatten(payload, tf.float32), "mean")
+        return [tf.reshape(p, m.shape) for m, p in zip(payload, tf.split(flat, sizes))]
 
     def _first_payload_size(self):
         """Entries of the payload's first dtype (`_average`'s first collective)."""
-        if not self.sync.sends_drift:
+        if not self.sync_state.sends_drift:
             return self.num_params
         return sum(int(v.shape.num_elements()) for v in self.variables)
 
@@ -305,9 +189,7 @@ class WorkerAverager(AveragingState):
         return self.steps_since_sync.assign_add(1)
 
     def _local_state(self):
-        drift = [v - r for v, r in zip(self.variables, self.reference)]
-        local = self.trigger.local_state(drift, [s.read_value() for s in self.round_state])
-        return tf.cast(local, tf.float32)
+        return self.local_state([v.read_value() for v in self.variables])
 
     def _message(self, sent=True):
         self.exchanges.assign_add(tf.cast(sent, tf.int64))
@@ -360,14 +242,8 @@ class WorkerAverager(AveragingState):
         since = self.pending_since.read_value()
         mean_state = self.pending_state[:-1]
         active_fraction = self.pending_state[-1]
-        statistic = tf.cast(self.trigger.statistic(mean_state, since), tf.float32)
-        finite = tf.math.is_finite(statistic)
-        decided = (
-            exchanged
-            & self.trigger.should_sync(statistic, since)
-            & (active_fraction >= 1.0)
-            & finite
-        )
+        statistic, decided, finite = self.decide(mean_state, since)
+        decided = exchanged & decided & (active_fraction >= 1.0)
         self.pending_since.assign(-1)
         synced = tf.cond(
             decided,
@@ -400,8 +276,7 @@ class WorkerAverager(AveragingState):
         synchronous step costs one collective. A worker that stopped early
         meets the others in their next scheduled sync (see `stop`).
         """
-        statistic = tf.cast(self.trigger.statistic(None, steps_since_sync), tf.float32)
-        decided = self.trigger.should_sync(statistic, steps_since_sync)
+        statistic, decided, _ = self.decide(None, steps_since_sync)
         synced, active_fraction = tf.cond(
             decided,
             lambda: self._average(1.0),
@@ -455,7 +330,7 @@ class WorkerAverager(AveragingState):
         else:
             # The first collective of `_average`: the payload's first dtype
             # and the `replaced` flag.
-            size, dtype = self._first_payload_size() + 1, self.sync.payload_dtype
+            size, dtype = self._first_payload_size() + 1, self.sync_state.payload_dtype
         unsynced = tf.cast(self.steps_since_sync > 0, dtype)
         mean, active_fraction = self._exchange(tf.one_hot(0, size, dtype=dtype) * unsynced, 0.0)
         return {"others_active": active_fraction > 0.0, "unsynced": mean[0] > 0}

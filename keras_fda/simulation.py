@@ -29,7 +29,7 @@ from keras_fda import cluster as cluster_lib
 from keras_fda import outer as outer_lib
 from keras_fda import triggers as triggers_lib
 from keras_fda.accounting import CommunicationStats
-from keras_fda.averager import averaging_dtype
+from keras_fda.engine import Engine
 from keras_fda.tensorboard import Dashboard
 
 
@@ -320,56 +320,42 @@ class Simulation:
         monitored = list(zip(*[w.monitored for w in workers]))
         averaged = list(zip(*[w.monitored + w.extra for w in workers]))
         moments = [outer_lib.moment_variables(w.model.optimizer) for w in workers]
-        trigger.build([v[0].shape for v in monitored])
-        reference = [tf.Variable(v[0]) for v in monitored]
-        round_state = [tf.Variable(s) for s in trigger.initial_round_state()]
-        steps_since_sync = tf.Variable(0, dtype=tf.int64)
-        sync = rule.build(reference, averaging_dtype([v[0] for v in averaged]))
+        # One engine for the K workers: worker 0's copy seeds w0 (all start equal).
+        engine = Engine(trigger, [v[0] for v in monitored],
+                        [v[0] for v in averaged[len(monitored):]], rule, moments[0])
 
-        def average(mean_state, round_steps):
-            reads = [r.read_value() for r in reference]
+        def assign(values):
+            for copies, value in zip(averaged, values):
+                for v in copies:
+                    v.assign(tf.cast(value, v.dtype))
+
+        def average(mean_state):
+            sync = engine.sync_state
             payloads = [
-                sync.payload([v[k].read_value() for v in averaged], reads)
+                engine.payload([v[k].read_value() for v in averaged])
                 for k in range(self.num_workers)
             ]
-            means = sync.mean_weights(
-                [_all_reduce(list(p), sync) for p in zip(*payloads)]
-            )
+            mean_payload = [_all_reduce(list(p), sync) for p in zip(*payloads)]
             mean_moments = [
                 _mean(list(per_worker))
                 for per_worker in zip(*[sync.moments_payload(m) for m in moments])
             ]
             # All checked before any is assigned: a NaN is never averaged in.
             finite = tf.reduce_all(
-                [tf.reduce_all(tf.math.is_finite(m)) for m in means + mean_moments]
+                [tf.reduce_all(tf.math.is_finite(m)) for m in mean_payload + mean_moments]
             )
             with tf.control_dependencies([_assert_finite(finite, "the workers' average")]):
-                # The round's progress, read before an outer optimizer moves w0.
-                global_step = [
-                    tf.cast(m, r.dtype) - r for m, r in zip(means, reference)
-                ]
-                new_values = sync.step(means)
-                for copies, value in zip(averaged, new_values):
-                    for v in copies:
-                        v.assign(tf.cast(value, v.dtype))
-                for worker_moments in moments:
-                    sync.update_moments(worker_moments, mean_moments)
-            rounds = [s.read_value() for s in round_state]
-            next_round = trigger.end_round(rounds, global_step, mean_state, round_steps)
-            for s, value in zip(round_state, next_round):
-                s.assign(value)
-            for r, v in zip(reference, monitored):
-                r.assign(v[0])
-            steps_since_sync.assign(0)
-            return tf.constant(True)
+                return engine.sync(
+                    mean_payload, assign, mean_state=mean_state, mean_moments=mean_moments,
+                    moment_copies=moments,
+                )
 
         def mean_local_state():
-            rounds = [s.read_value() for s in round_state]
-            drifts = [
-                [v[k] - r for v, r in zip(monitored, reference)] for k in range(self.num_workers)
-            ]
-            return trigger.mean_local_state(drifts, rounds)
+            return engine.mean_local_state(
+                [[v[k] for v in monitored] for k in range(self.num_workers)]
+            )
 
+        steps_since_sync = engine.steps_since_sync
         lagged = lag and trigger.state_size
         if lagged:
             # The state composed after the previous step's sync and its round
@@ -387,23 +373,22 @@ class Simulation:
                 exchanged = decided_since >= 0
             elif trigger.state_size:
                 mean_state = mean_local_state()
-            statistic = trigger.statistic(mean_state, decided_since)
-            finite = tf.math.is_finite(tf.cast(statistic, tf.float32)) | ~exchanged
-            with tf.control_dependencies([_assert_finite(finite, "the statistic")]):
+            statistic, decided, finite = engine.decide(mean_state, decided_since)
+            with tf.control_dependencies([_assert_finite(finite | ~exchanged, "the statistic")]):
                 statistic = tf.identity(statistic)
             # end_round measures the round where its step is: with the lag,
             # on the weights being averaged, not the deciding (older) state.
             synced = tf.cond(
-                exchanged & trigger.should_sync(statistic, decided_since),
-                lambda: average(mean_local_state() if lagged else mean_state, since),
+                exchanged & decided,
+                lambda: average(mean_local_state() if lagged else mean_state),
                 lambda: tf.constant(False),
             )
             if lagged:
                 with tf.control_dependencies([synced]):
                     pending_state.assign(tf.cast(mean_local_state(), tf.float32))
                     pending_since.assign(steps_since_sync.read_value())
-                statistic = tf.where(exchanged, tf.cast(statistic, tf.float32), float("nan"))
-            return tf.cast(statistic, tf.float32), synced
+                statistic = tf.where(exchanged, statistic, float("nan"))
+            return statistic, synced
 
         @tf.function
         def finish():
@@ -414,16 +399,16 @@ class Simulation:
             settled = tf.constant(False)
             if lagged:
                 decided_since = pending_since.read_value()
-                statistic = trigger.statistic(pending_state.read_value(), decided_since)
+                _, decided, _ = engine.decide(pending_state.read_value(), decided_since)
                 settled = tf.cond(
-                    (decided_since >= 0) & trigger.should_sync(statistic, decided_since),
-                    lambda: average(mean_local_state(), steps_since_sync.read_value()),
+                    (decided_since >= 0) & decided,
+                    lambda: average(mean_local_state()),
                     lambda: tf.constant(False),
                 )
             with tf.control_dependencies([settled]):
                 final = tf.cond(
                     steps_since_sync.read_value() > 0,
-                    lambda: average(None, steps_since_sync.read_value()),
+                    lambda: average(None),
                     lambda: tf.constant(False),
                 )
             return tf.cast(settled, tf.int32) + tf.cast(final, tf.int32)
@@ -439,7 +424,7 @@ class Simulation:
             with _diverged_as_floating_point_error():
                 return int(finish())
 
-        return step, final_syncs, sync, moments
+        return step, final_syncs, engine.sync_state, moments
 
     def _reset(self):
         for w in self._workers:

@@ -50,7 +50,7 @@ from tensorflow.python.distribute import values as distribute_values
 
 from keras_fda import outer as outer_lib
 from keras_fda import triggers as triggers_lib
-from keras_fda.averager import AveragingState
+from keras_fda.engine import Engine
 from keras_fda.tensorboard import Dashboard, standardize_update_freq
 
 _MEAN = tf.distribute.ReduceOp.MEAN
@@ -62,7 +62,7 @@ _READERS = ("save", "save_weights", "get_weights", "export")
 _WRITERS = ("set_weights", "load_weights")
 
 
-class _ModelState(AveragingState):
+class _ModelState(Engine):
     """The FDA state of one model under an `FDAStrategy` (mirrored variables)."""
 
     def __init__(
@@ -96,7 +96,7 @@ class _ModelState(AveragingState):
     def follow_optimizer(self, model):
         """After a recompile: the rule acts on the new optimizer's moments."""
         if model.optimizer is not self.inner_optimizer:
-            self.moments = self._moments_of(model, self.sync.rule)
+            self.moments = self._moments_of(model, self.sync_state.rule)
             self.inner_optimizer = model.optimizer
 
     # --- replica context -------------------------------------------------
@@ -106,12 +106,7 @@ class _ModelState(AveragingState):
         logs = train_step(*args, **kwargs)
         reads = self._reads()
         payload = self._payload(reads)
-        if self.trigger.state_size:
-            drift = [w - tf.cast(r, w.dtype) for w, r in zip(reads, self.reference)]
-            local = self.trigger.local_state(drift, [s.read_value() for s in self.round_state])
-            local = tf.cast(local, tf.float32)
-        else:
-            local = tf.zeros([0])
+        local = self.local_state(reads) if self.trigger.state_size else tf.zeros([0])
         fda_logs = tf.distribute.get_replica_context().merge_call(
             self._decide, args=(local, payload)
         )
@@ -129,8 +124,7 @@ class _ModelState(AveragingState):
 
     def _payload(self, reads):
         """What this replica all-reduces at a sync: the rule's payload, then its moments."""
-        payload = self.sync.payload(reads, [r.read_value() for r in self.reference])
-        return payload + self.sync.moments_payload(self.moments)
+        return self.payload(reads) + self.moments_payload()
 
     def _replica_sync(self):
         return tf.distribute.get_replica_context().merge_call(
@@ -147,14 +141,13 @@ class _ModelState(AveragingState):
         mean_state = None
         if self.trigger.state_size:
             mean_state = strategy.reduce(_MEAN, local, axis=None)
-        statistic = tf.cast(self.trigger.statistic(mean_state, steps_since_sync), tf.float32)
+        statistic, decided, finite = self.decide(mean_state, steps_since_sync)
         # The statistic is all-reduced: every worker fails here together,
         # before anything is averaged.
         _assert_finite(
-            statistic, self.steps.read_value(), f"the {self.trigger.name} statistic (fda/variance)"
+            finite, self.steps.read_value(), f"the {self.trigger.name} statistic (fda/variance)"
         )
         # One tf.cond in one graph: every replica is averaged or none is.
-        decided = self.trigger.should_sync(statistic, steps_since_sync)
         synced = tf.cond(
             decided,
             lambda: self._average(strategy, payload, mean_state),
@@ -228,22 +221,19 @@ class _ModelState(AveragingState):
         # No apostrophes: TF's message would show them escaped.
         what = "the average of the weights of the replicas"
         with tf.control_dependencies([_assert_finite(finite, self.steps.read_value(), what)]):
-            means = self.sync.mean_weights(mean[: len(self.averaged)])
-            # The round's progress, read before an outer optimizer moves w0
-            # (in cross-replica context it updates every copy of w0 alike).
-            global_step = [tf.cast(m, r.dtype) - r for m, r in zip(means, self.reference)]
+
+            def assign(values):
+                for variable, value in zip(self.averaged, values):
+                    for copy in variable.values:
+                        copy.assign(tf.cast(value, variable.dtype))
+
+            # Cross-replica context: the outer optimizer and the moments'
+            # assignments update every copy alike.
             with _merged(strategy):
-                new = self.sync.step(means)
-            for variable, value in zip(self.averaged, new):
-                for copy in variable.values:
-                    copy.assign(tf.cast(value, variable.dtype))
-            # Cross-replica assignments of the mirrored moments: every copy alike.
-            self.sync.update_moments(self.moments, mean[len(self.averaged):])
-            return self._start_round(
-                [tf.cast(value, v.dtype) for value, v in zip(new, self.variables)],
-                mean_state,
-                global_step,
-            )
+                return self.sync(
+                    mean[: len(self.averaged)], assign, mean_state=mean_state,
+                    mean_moments=mean[len(self.averaged):],
+                )
 
     def _logs(self, statistic):
         syncs = tf.cast(self.syncs.read_value(), tf.float64)
@@ -259,12 +249,6 @@ class _ModelState(AveragingState):
         }
 
     # --- eager -----------------------------------------------------------
-
-    def rebase(self):
-        """Starts a new round from the weights every replica was just given."""
-        for reference, variable in zip(self.reference, self.variables):
-            reference.assign(variable.read_value())
-        self.steps_since_sync.assign(0)
 
     def _synchronize_if_drifted(self):
         return tf.distribute.Strategy.run(self.strategy, self._replica_sync)
