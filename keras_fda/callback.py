@@ -129,7 +129,11 @@ class FDACallback(keras.callbacks.Callback):
             the measured round trip and step time: each message carries the
             worker's ratio of the two (4 bytes), and the workers take the
             period that hides the mean ratio from the all-reduced value, so
-            all of them switch at the same step.
+            all of them switch at the same step. None (default): "auto" for
+            an overlapped exchange among several workers, so that a slow
+            link never costs its round trip on every step (on a LAN the
+            period stays 1); 1 otherwise. Pass 1 for decisions that do not
+            depend on timing (reproducible runs).
         sync_dtype: what a sync all-reduces: None (the weights in float32,
             or float64), or "float32", "bfloat16", "float16": the drift
             `w_k - w0` in that dtype (2 bytes per parameter for the half
@@ -180,7 +184,7 @@ class FDACallback(keras.callbacks.Callback):
         log_dir=None,
         update_freq=1,
         overlap=True,
-        exchange_every=1,
+        exchange_every=None,
         sync_dtype=None,
         outer_optimizer=None,
         optimizer_state="local",
@@ -191,20 +195,21 @@ class FDACallback(keras.callbacks.Callback):
         self.sync_rule = outer_lib.SyncRule(
             sync_dtype=sync_dtype, outer_optimizer=outer_optimizer, optimizer_state=optimizer_state
         )
-        if exchange_every != "auto" and (
+        if exchange_every not in (None, "auto") and (
             isinstance(exchange_every, bool) or not isinstance(exchange_every, int)
             or exchange_every < 1
         ):
             raise ValueError(
-                f'exchange_every must be an integer >= 1 or "auto", got {exchange_every!r}.'
+                f'exchange_every must be an integer >= 1, "auto" or None, got {exchange_every!r}.'
             )
         # A class attribute: an estimator's state size is known only once built.
-        if exchange_every != 1 and getattr(type(self.trigger), "state_size", None) == 0:
+        explicit = exchange_every not in (None, 1)
+        if explicit and getattr(type(self.trigger), "state_size", None) == 0:
             raise ValueError(
                 f"The {self.trigger!r} trigger sends nothing between syncs, so "
                 f"exchange_every={exchange_every!r} would be ignored; remove it."
             )
-        if exchange_every != 1 and not overlap:
+        if explicit and not overlap:
             raise ValueError(
                 f"exchange_every={exchange_every} needs overlap=True: the blocking exchange "
                 "decides after every step."
@@ -425,8 +430,11 @@ class FDACallback(keras.callbacks.Callback):
         self._in_flight = None
         # Only a trigger with a state (built now) has a per-step exchange to overlap.
         self._lagged = self.overlap and self.trigger.state_size > 0
-        auto = self._lagged and self.exchange_every == "auto"
-        self._every = 1 if auto else self.exchange_every
+        every = self.exchange_every
+        if every is None:
+            every = "auto" if self.cluster.transport.num_workers > 1 else 1
+        auto = self._lagged and every == "auto"
+        self._every = 1 if auto or not self._lagged else every
         self._timing = _StepTiming() if auto else None
         # Keras hands the fit's History to the model before any callback's
         # set_model and calls it after the callbacks the user listed: hooked

@@ -105,6 +105,7 @@ def main():
             keras_fda.FDACallback(
                 trigger=make_trigger(args.trigger),
                 overlap=args.lag == 1,
+                exchange_every=1,  # decisions that do not depend on timing
                 outer_optimizer=outer_optimizer(args.trigger),
             ),
             Record(),

@@ -390,3 +390,13 @@ def test_workers_with_different_settings_fail_at_the_start_naming_the_setting(tm
         assert any("ValueError: Workers disagree on the FDACallback setting trigger" in l
                    for l in lines), result.stdout[-3000:]
     assert "PeerFailureError" not in result.stdout
+
+
+def test_the_default_exchange_cadence_adapts_on_several_workers(tmp_path_factory):
+    """Issue 22.3: by default the period follows the measured round trip ("auto")."""
+    runs = run(tmp_path_factory, 2, "--variant", "linear", "--threshold", LINEAR_THRESHOLD,
+               "--exchange_every", "default")  # fmt: skip
+    assert all(bool(r["exchange_auto"]) for r in runs)
+    np.testing.assert_array_equal(runs[0]["final"], runs[1]["final"])
+    np.testing.assert_array_equal(runs[0]["syncs"], runs[1]["syncs"])
+    assert runs[0]["stats"]["syncs"] >= 1

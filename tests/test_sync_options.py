@@ -211,3 +211,16 @@ def test_evaluate_with_the_callback_leaves_no_fda_state_to_save(tmp_path):
             names = []
             weights.visit(names.append)
     assert names and not any("fda" in n for n in names), names
+
+
+# --- issue 22.3: the exchange cadence adapts by default -------------------------
+
+
+def test_one_worker_exchanges_every_step_by_default():
+    fda = keras_fda.FDACallback(threshold=1.0)
+    fit(mlp(), fda, epochs=1)
+    assert fda.exchange_every is None and fda._every == 1 and fda._timing is None
+    # The default is not an explicit cadence: the blocking exchange accepts it.
+    keras_fda.FDACallback(threshold=1.0, overlap=False)
+    with pytest.raises(ValueError, match="exchange_every='auto' would be ignored"):
+        keras_fda.FDACallback(trigger="periodic", tau=4, exchange_every="auto")

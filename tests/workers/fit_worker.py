@@ -23,7 +23,8 @@ parser.add_argument("--tau", type=int, default=None)
 parser.add_argument("--threshold_on_last", type=float, default=None,
                     help="the last worker's threshold (a misconfigured worker)")
 parser.add_argument("--blocking", action="store_true", help="FDACallback(overlap=False)")
-parser.add_argument("--exchange_every", type=int, default=1)
+parser.add_argument("--exchange_every", default="1",
+                    help='an int, "auto", or "default" (the callback\'s default)')
 parser.add_argument("--sync_dtype", default=None)
 parser.add_argument("--outer", choices=["none", "nesterov"], default="none",
                     help="nesterov: outer SGD(0.7, momentum=0.9, nesterov=True) (DiLoCo)")
@@ -197,7 +198,12 @@ def main():
         threshold = args.threshold_on_last
     fda = keras_fda.FDACallback(
         threshold=threshold, variant=args.variant, trigger=args.trigger, tau=args.tau,
-        overlap=not args.blocking, exchange_every=args.exchange_every,
+        overlap=not args.blocking,
+        exchange_every=(
+            None if args.exchange_every == "default"
+            else args.exchange_every if args.exchange_every == "auto"
+            else int(args.exchange_every)
+        ),
         sync_dtype=args.sync_dtype, optimizer_state=args.optimizer_state,
         outer_optimizer=(
             keras.optimizers.SGD(0.7, momentum=0.9, nesterov=True)
@@ -260,6 +266,7 @@ def main():
         threshold=np.array([l["fda/threshold"] for l in after.logs]),
         comm_bytes=np.array([l["fda/comm_bytes"] for l in after.logs]),
         final=flat_weights(model),
+        exchange_auto=fda._timing is not None,
         best=(
             np.concatenate([np.ravel(w) for w in early_stopping.best_weights])
             if early_stopping is not None else np.zeros(0)
