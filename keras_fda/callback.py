@@ -69,8 +69,17 @@ class FDACallback(keras.callbacks.Callback):
     estimate strictly exceeds `threshold`).
 
     What is averaged: the trainable weights and, if `average_non_trainable`,
-    the non-trainable float weights (BatchNorm moving statistics). Optimizer
-    state (Adam moments, momentum) stays local on each worker, as in the paper.
+    the non-trainable float weights of the layers that train (BatchNorm
+    moving statistics); frozen layers are never sent or touched (see
+    `keras_fda.outer.synchronized_weights`). Optimizer state (Adam moments,
+    momentum) stays local on each worker, as in the paper, unless
+    `optimizer_state` says otherwise.
+
+    Before the first step the workers also check that they share the FDA
+    settings (trigger, sync rule, overlap, `exchange_every`,
+    `average_non_trainable`, the optimizer's class). Weights a callback sets
+    during `fit` (`EarlyStopping(restore_best_weights=True)`) make the next
+    sync a plain average of them, without an outer optimizer's step.
 
     Before the first step the workers check that they agree on the number of
     steps per epoch and on the model, and take worker 0's initial weights. If

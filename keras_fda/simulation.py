@@ -249,8 +249,9 @@ class Simulation:
             outer optimizer's step).
         num_workers: K, an integer >= 1.
         average_non_trainable: also average non-trainable float weights
-            (BatchNorm statistics) at each synchronization, as `FDACallback`
-            does by default. The evaluated model always gets the average.
+            (BatchNorm statistics) of the layers that train at each
+            synchronization, as `FDACallback` does by default; frozen layers
+            are left as they are. The evaluated model always gets the average.
 
     Example:
 

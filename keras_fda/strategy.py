@@ -280,7 +280,8 @@ class FDAStrategy(tf.distribute.Strategy):
     `FDACallback` does, so after `fit` every replica holds the averaged model.
 
     What is averaged: the trainable weights and, if `average_non_trainable`,
-    the non-trainable float weights. (Weights whose aggregation is not NONE,
+    the non-trainable float weights of the layers that train; frozen layers
+    are never sent or touched. (Weights whose aggregation is not NONE,
     such as BatchNorm moving statistics, are kept equal across replicas by
     tf.distribute itself on every update.)
 
