@@ -1,5 +1,6 @@
 """Shared test helpers: real worker processes on 127.0.0.1, and reading TensorBoard event files."""
 
+import json
 import os
 import re
 import subprocess
@@ -28,6 +29,34 @@ def launch(num_workers, script, *args, timeout=150):
     return subprocess.run(
         command, cwd=REPO, capture_output=True, text=True, timeout=timeout + 30
     )
+
+
+def check_flags(flag_checks, bad, good, *argv):
+    """Runs `flag_checks` (a script reading JSON cases on stdin) over flag lists.
+
+    `bad` and `good` are lists of `(flags, expected)`: each bad list must end in
+    an absl usage error (exit 1, no traceback) whose output holds `expected`;
+    each good one must print `ARGS <json>` equal to `expected`. Returns the
+    script's stdout.
+    """
+    cases = [("bad", args) for args, _ in bad] + [("good", args) for args, _ in good]
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    result = subprocess.run(
+        [sys.executable, "-c", flag_checks, *argv], input=json.dumps(cases), cwd=REPO,
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Traceback" not in result.stderr, result.stderr[-4000:]
+    outputs = result.stderr.split("=== case")[1:]
+    assert len(outputs) == len(cases), result.stderr[-4000:]
+    for (args, message), output in zip(bad, outputs):
+        assert "=== exit 1" in output, (args, output[-2000:])
+        assert message in output, (args, output[-2000:])
+    accepted = [
+        json.loads(line[5:]) for line in result.stdout.splitlines() if line.startswith("ARGS ")
+    ]
+    assert accepted == [want for _, want in good]
+    return result.stdout
 
 
 @pytest.fixture

@@ -1,14 +1,11 @@
 """examples/language_model.py: the byte-level GPT on the standard library's source, under FDA."""
 
 import importlib.util
-import json
 import math
 import os
 import re
-import subprocess
-import sys
 
-from conftest import REPO, launch
+from conftest import REPO, check_flags, launch
 
 EXAMPLE = os.path.join(REPO, "examples", "language_model.py")
 
@@ -112,22 +109,6 @@ GOOD_FLAGS = [
 
 
 def test_bad_flag_combinations_are_usage_errors():
-    cases = [("bad", args) for args, _ in BAD_FLAGS] + [("good", args) for args, _ in GOOD_FLAGS]
-    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
-    result = subprocess.run(
-        [sys.executable, "-c", FLAG_CHECKS, EXAMPLE], input=json.dumps(cases), cwd=REPO,
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "Traceback" not in result.stderr, result.stderr[-4000:]
-    outputs = result.stderr.split("=== case")[1:]
-    assert len(outputs) == len(cases), result.stderr[-4000:]
-    for (args, message), output in zip(BAD_FLAGS, outputs):
-        assert "=== exit 1" in output, (args, output[-2000:])
-        assert message in output, (args, output[-2000:])
+    stdout = check_flags(FLAG_CHECKS, BAD_FLAGS, GOOD_FLAGS, EXAMPLE)
     # Every bad case stopped before reading data: none said what it trained on.
-    assert "training bytes from" not in result.stdout
-    accepted = [
-        json.loads(line[5:]) for line in result.stdout.splitlines() if line.startswith("ARGS ")
-    ]
-    assert accepted == [want for _, want in GOOD_FLAGS]
+    assert "training bytes from" not in stdout

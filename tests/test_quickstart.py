@@ -1,12 +1,11 @@
 """The README's quickstart, end to end through the launcher (small settings)."""
 
-import json
 import os
 import re
 import subprocess
 import sys
 
-from conftest import REPO, launch
+from conftest import REPO, check_flags, launch
 
 
 def test_quickstart_trains_and_reports_savings():
@@ -108,20 +107,4 @@ GOOD_FLAGS = [
 
 
 def test_bad_flag_combinations_are_usage_errors_naming_what_to_pass():
-    cases = [("bad", args) for args, _ in BAD_FLAGS] + [("good", args) for args, _ in GOOD_FLAGS]
-    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
-    result = subprocess.run(
-        [sys.executable, "-c", FLAG_CHECKS], input=json.dumps(cases), cwd=REPO, env=env,
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "Traceback" not in result.stderr, result.stderr[-4000:]
-    outputs = result.stderr.split("=== case")[1:]
-    assert len(outputs) == len(cases), result.stderr[-4000:]
-    for (args, message), output in zip(BAD_FLAGS, outputs):
-        assert "=== exit 1" in output, (args, output[-2000:])
-        assert message in output, (args, output[-2000:])
-    accepted = [
-        json.loads(line[5:]) for line in result.stdout.splitlines() if line.startswith("ARGS ")
-    ]
-    assert accepted == [want for _, want in GOOD_FLAGS]
+    check_flags(FLAG_CHECKS, BAD_FLAGS, GOOD_FLAGS)
