@@ -335,25 +335,8 @@ def render(data):
     Understands what the launcher and Keras' progress bar write: CR, LF,
     backspace, erase-to-end-of-line; other escape sequences (colours) are dropped.
     """
-    lines, line, column = [], [], 0
-    for token in re.findall(
-        r"\x1b\[[0-9;?]*[A-Za-z]|\r|\n|\x08|[^\r\n\x08\x1b]+|\x1b", data.decode(errors="replace")
-    ):
-        if token == "\n":
-            lines.append("".join(line))
-            line, column = [], 0
-        elif token == "\r":
-            column = 0
-        elif token == "\x08":
-            column = max(0, column - 1)
-        elif token.startswith("\x1b"):
-            if token.endswith("K"):
-                del line[column:]
-        else:
-            for character in token:
-                line[column : column + 1] = [character]
-                column += 1
-    return lines, "".join(line)
+    rows = screen(data, columns=None)
+    return rows[:-1], rows[-1]
 
 
 PREFIXED = re.compile(r"\[worker \d+\] |keras_fda\.launch: ")
@@ -441,7 +424,7 @@ def test_a_long_line_streams_and_another_worker_breaks_it_with_prefixes():
 
 
 def screen(data, columns):
-    """The rows a terminal `columns` wide shows after `data`, long lines wrapped.
+    """The rows a terminal `columns` wide (None: unbounded) shows after `data`, long lines wrapped.
 
     As xterm: a character written past the last column starts the next row;
     CR returns to the start of the cursor's row; LF starts a new row (the
@@ -449,7 +432,7 @@ def screen(data, columns):
     """
     rows, row, column = [[]], 0, 0
     for token in re.findall(r"\x1b\[[0-9;?]*[A-Za-z]|\r|\n|\x08|\x1b|[^\r\n\x08\x1b]",
-                            data.decode()):
+                            data.decode(errors="replace")):
         if token == "\n":
             row, column = row + 1, 0
         elif token == "\r":
@@ -461,7 +444,7 @@ def screen(data, columns):
                 del rows[row][column:]
             continue
         else:
-            if column == columns:
+            if columns is not None and column == columns:
                 row, column = row + 1, 0
                 rows.append([])
             while len(rows[row]) < column:
