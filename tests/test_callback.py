@@ -89,9 +89,9 @@ def test_rejects_models_built_in_a_strategy_scope():
         (dict(trigger="kamp", threshold=1.0, tau=3), "does not use tau"),
         (dict(threshold=1.0, tau=3), "does not use tau"),
         (dict(trigger=keras_fda.Periodic(4), threshold=1.0), "does not use threshold"),
-        (dict(threshold=1.0, exchange_every=0), "integer >= 1 or \"auto\""),
-        (dict(threshold=1.0, exchange_every="fast"), "integer >= 1 or \"auto\""),
-        (dict(threshold=1.0, exchange_every=2.5), "integer >= 1 or \"auto\""),
+        (dict(threshold=1.0, exchange_every=0), "integer >= 1, \"auto\" or None"),
+        (dict(threshold=1.0, exchange_every="fast"), "integer >= 1, \"auto\" or None"),
+        (dict(threshold=1.0, exchange_every=2.5), "integer >= 1, \"auto\" or None"),
         (dict(threshold=1.0, exchange_every=4, overlap=False), "needs overlap=True"),
     ],
 )
