@@ -51,14 +51,23 @@ def main(argv):
     reduce_fn = tf.function(lambda t: transport.all_reduce(t, "sum"))
     correct = True
 
+    def barrier():
+        # Returns only once the other workers finished what came before, so
+        # every byte this worker sent for it has left the rate limiter's
+        # queue and is in eth0's counters (a worker that has received
+        # everything may finish while its own last bytes still wait there).
+        reduce_fn(small).numpy()
+
     def timed(tensor, repeats):
         nonlocal correct
         reduce_fn(tensor).numpy()  # tracing, connection setup; also lines the workers up
+        barrier()
         before, start = link_bytes(), time.perf_counter()
         for _ in range(repeats):
             out = reduce_fn(tensor).numpy()
             correct = correct and bool(np.all(out == expected))
         elapsed = time.perf_counter() - start
+        barrier()
         after = link_bytes()
         return elapsed / repeats, [(a - b) / repeats for a, b in zip(after, before)]
 
