@@ -293,6 +293,7 @@ def synchronized_weights(model, average_non_trainable=True):
     every worker and never change, so a sync would only send them and round
     them.
     """
+    # Keras' own walk over nested layers (a frozen base inside a model).
     frozen = {
         id(w)
         for layer in model._flatten_layers(include_self=True)
@@ -325,7 +326,8 @@ class Moments(list):
     def initial_values(self):
         if self._initial is None:
             with tf.init_scope():
-                fresh = _moments(type(self._optimizer).from_config(self._optimizer.get_config()))
+                optimizer = self._optimizer
+                fresh = _moment_holder(type(optimizer).from_config(optimizer.get_config()))
                 fresh_weights = [
                     keras.Variable(tf.zeros(shape, dtype), dtype=dtype, trainable=True)
                     for shape, dtype in self._shapes
@@ -355,11 +357,11 @@ def moment_variables(optimizer):
     `LossScaleOptimizer`'s are its inner optimizer's: its loss scale and step
     counter are never touched.
     """
-    inner = _moments(optimizer)
+    inner = _moment_holder(optimizer)
     return Moments([v.value for v in _slots(inner)], inner, inner._trainable_variables)
 
 
-def _moments(optimizer):
+def _moment_holder(optimizer):
     """The optimizer that holds the moments (a LossScaleOptimizer's inner one)."""
     while isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         optimizer = optimizer.inner_optimizer
