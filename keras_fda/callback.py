@@ -75,20 +75,17 @@ class FDACallback(keras.callbacks.Callback):
     momentum) stays local on each worker, as in the paper, unless
     `optimizer_state` says otherwise.
 
-    Before the first step the workers also check that they share the FDA
-    settings (trigger, sync rule, overlap, `exchange_every`,
-    `average_non_trainable`, the optimizer's class). Weights a callback sets
-    during `fit` (`EarlyStopping(restore_best_weights=True)`) make the next
-    sync a plain average of them, without an outer optimizer's step.
-
     Before the first step the workers check that they agree on the number of
-    steps per epoch and on the model, and take worker 0's initial weights. If
+    steps per epoch, on the model and on the FDA settings (trigger, sync
+    rule, overlap, `exchange_every`, `average_non_trainable`, the optimizer's
+    class), and take worker 0's initial weights. If
     one worker's `fit` ends early (its data ran out, or a callback stopped it),
     the others stop after their next step instead of hanging. At train end the
     workers synchronize once more, after every other callback's
     `on_train_end` (e.g. `EarlyStopping(restore_best_weights=True)`), in
     whichever order the callbacks are listed, so every worker leaves `fit`
-    with identical weights.
+    with identical weights; weights a callback set during `fit` are averaged
+    plainly, without an outer optimizer's step.
 
     During `fit` the FDA state (reference weights, direction, counters) is
     part of the model's weight files, so `keras.callbacks.BackupAndRestore`

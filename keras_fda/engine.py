@@ -148,8 +148,9 @@ class Engine:
         means = [tf.cast(m, self.dtype) for m in self.sync_state.mean_weights(mean_payload)]
         # The round's progress, read before an outer optimizer moves w0.
         global_step = [tf.cast(m, r.dtype) - r for m, r in zip(means, self.reference)]
-        if self.sync_state.optimizer is None or plain is False:
-            new = self.sync_state.step(means) if plain is False else means
+        if plain is False or self.sync_state.optimizer is None:
+            # Without an outer optimizer the step is the plain average itself.
+            new = self.sync_state.step(means)
         else:
             new = tf.cond(
                 plain, lambda: means,
