@@ -3,9 +3,10 @@
 `WorkerAverager` composes a trigger (the algorithm) with a transport (the
 collectives) for variables that live in this process. It holds the reference
 weights `w0` agreed at the last synchronization, the trigger's round state and
-the counters, and runs one compiled `tf.function` per step:
+the counters. Its per-step work runs inside the driver's own compiled step
+(`FDACallback` puts it in the train function Keras builds for `fit`):
 
-    drift -> local state -> all-reduce -> statistic -> should_sync -> [average]
+    [train] -> drift -> local state -> all-reduce -> statistic -> should_sync -> [average]
 
 It knows nothing of Keras: `FDACallback` feeds it a model's variables.
 """
@@ -26,13 +27,14 @@ class WorkerAverager(Engine):
     Each step has two halves: the message (this worker's local state on its
     drift, for the all-reduce) and the decision on the all-reduced state
     (which may average the weights). `step` runs them back to back around a
-    blocking all-reduce; a driver that overlaps the all-reduce with the next
-    training step calls `overlapped_step`, which decides on an earlier
-    step's all-reduced message and composes this step's
-    (`FDACallback(overlap=True)`): the decision on step t's state is then
+    blocking all-reduce. A driver that overlaps the all-reduce with the next
+    training step calls `lagged_step` inside that step's graph: it decides
+    on an earlier step's all-reduced message and composes this step's into
+    the `outbox`, which `send_outbox` all-reduces while the next step trains
+    (`FDACallback(overlap=True)`), so the decision on step t's state is
     applied after step t+1. Between the halves the all-reduced state waits in
-    `pending_state`, which is part of the checkpointed state, so a resumed
-    run decides as the uninterrupted one would.
+    `pending_state`; both it and the outbox are part of the checkpointed
+    state, so a resumed run decides as the uninterrupted one would.
 
     Args:
         trigger: a built-in or custom `keras_fda.triggers.SyncTrigger`.
@@ -41,13 +43,19 @@ class WorkerAverager(Engine):
             (a model's trainable weights).
         extra_variables: tf.Variables averaged at each sync but not monitored
             (e.g. BatchNorm moving statistics).
+        sync_rule: the `keras_fda.SyncRule`.
+        moments: the optimizer moments the rule's `optimizer_state` acts on.
+        timed: messages carry one more float after the 'still training'
+            flag, the sender's round trip in steps (`exchange_every="auto"`).
     """
 
     def __init__(
-        self, trigger, transport, variables, extra_variables=(), sync_rule=None, moments=()
+        self, trigger, transport, variables, extra_variables=(), sync_rule=None, moments=(),
+        timed=False,
     ):
         super().__init__(trigger, variables, extra_variables, sync_rule, moments)
         self.transport = transport
+        self.timed = bool(timed)
         # The all-reduced message (state and 'still training' fraction) that
         # awaits its decision, and the round length when it was computed
         # (-1: none awaits).
@@ -58,13 +66,21 @@ class WorkerAverager(Engine):
             -1, dtype=tf.int64, trainable=False, name="fda_pending_since"
         )
         self.exchanges = tf.Variable(0, dtype=tf.int64, trainable=False, name="fda_exchanges")
+        # This worker's message composed after a step and not yet sent, the
+        # round length it was composed at, and whether it awaits sending.
+        self.outbox = tf.Variable(
+            tf.zeros([trigger.state_size + 1 + self.timed]), trainable=False, name="fda_outbox"
+        )
+        self.outbox_since = tf.Variable(0, dtype=tf.int64, trainable=False, name="fda_outbox_since")
+        self.outbox_full = tf.Variable(False, trainable=False, name="fda_outbox_full")
         # 1.0 when this worker's weights were set from outside training since
         # the last step (see `_adopt`); local, so not checkpointed.
         self.replaced = tf.Variable(0.0, trainable=False, name="fda_replaced")
 
     def state_variables(self):
         return [
-            *super().state_variables(), self.pending_state, self.pending_since, self.exchanges
+            *super().state_variables(), self.pending_state, self.pending_since, self.exchanges,
+            self.outbox, self.outbox_since, self.outbox_full,
         ]
 
     def _assign_flat(self, flat, variables):
@@ -87,6 +103,7 @@ class WorkerAverager(Engine):
             r.assign(v)
         self.steps_since_sync.assign(0)
         self.pending_since.assign(-1)
+        self.outbox_full.assign(False)
 
     @tf.function
     def adopt(self, source):
@@ -191,36 +208,77 @@ class WorkerAverager(Engine):
     def _local_state(self):
         return self.local_state([v.read_value() for v in self.variables])
 
-    def _message(self, sent=True):
-        self.exchanges.assign_add(tf.cast(sent, tf.int64))
-        return _with_flag(self._local_state(), 1.0), self.steps_since_sync.read_value()
+    def _message(self, state, active, ratio=0.0):
+        """A message: the state, the 'still training' flag and, if `timed`, the ratio."""
+        parts = [state, [tf.cast(active, tf.float32)]]
+        if self.timed:
+            parts.append([tf.cast(ratio, tf.float32)])
+        return tf.concat(parts, 0)
 
-    @tf.function
-    def overlapped_step(self, mean_message=None, since=None, send=True):
-        """One step with the all-reduce outside: receive, decide, compose the next message.
+    def send_outbox(self):
+        """All-reduces the outbox if a message awaits; returns `(mean, sent)`.
 
-        One compiled call per step for a driver that all-reduces the message
-        itself while the next step trains (`FDACallback(overlap=True)`).
+        Called at the start of a step's graph, with nothing of the step as
+        input, so the collective runs while the step trains.
+        """
+        sent = self.outbox_full.read_value()
+        mean = tf.cond(
+            sent,
+            lambda: self.transport.all_reduce(self.outbox.read_value(), "mean"),
+            lambda: tf.zeros_like(self.outbox),
+        )
+        return mean, sent
+
+    def lagged_step(self, mean_message, since, received, compose, keep, ratio=0.0):
+        """After a local step: receive, decide, compose this step's message.
+
+        Runs inside the driver's compiled step, after its training.
 
         Args:
-            mean_message: the all-reduced message of an earlier step (or
-                None if none arrived since the last call), with `since`, the
-                round length it was composed at (both as this function
-                returned them). Its decision is made now.
-            send: whether to compose this step's message (False while one is
-                still in flight).
+            mean_message: an earlier step's all-reduced message (`send_outbox`
+                or the driver's own all-reduce of `message`), with `since`,
+                the round length it was composed at. Decided now if
+                `received`.
+            compose: whether to compose this step's message (False while
+                the driver still has one in flight).
+            keep: leave the message in the outbox for `send_outbox`
+                (otherwise the driver sends the returned `message`).
+            ratio: the sender's round trip in steps, for a `timed` message.
 
         Returns:
-            The dict of `step`; with `send`, also `message` (to all-reduce,
-            MEAN, unless `peers_active` is False) and `since`.
+            The dict of `step`, plus `message` (this step's, if composed),
+            `composed` and, for `timed` messages, `mean_ratio` (the
+            received message's, or NaN).
         """
-        if mean_message is not None:
-            self._receive(mean_message, since)
+        received = tf.convert_to_tensor(received)
+        tf.cond(received, lambda: self._receive(mean_message, since), lambda: received)
         self._advance()
         result = self._decide()
-        if send:
-            result["message"], result["since"] = self._message(sent=result["peers_active"])
+        composed = tf.logical_and(compose, result["peers_active"])
+        self.exchanges.assign_add(tf.cast(composed, tf.int64))
+        message = tf.cond(
+            composed,
+            lambda: self._post(self._message(self._local_state(), 1.0, ratio)),
+            lambda: tf.zeros_like(self.outbox),
+        )
+        self.outbox_full.assign(composed & keep)
+        result["message"], result["composed"] = message, composed
+        if self.timed:
+            result["mean_ratio"] = tf.where(received, mean_message[-1], float("nan"))
         return result
+
+    def _post(self, message):
+        self.outbox.assign(message)
+        self.outbox_since.assign(self.steps_since_sync)
+        return message
+
+    @tf.function
+    def flush(self):
+        """Sends the outbox, if full, and stores the mean for `settle` (at a fit's end)."""
+        mean, sent = self.send_outbox()
+        since = self.outbox_since.read_value()
+        tf.cond(sent, lambda: self._receive(mean, since), lambda: sent)
+        self.outbox_full.assign(False)
 
     @tf.function
     def receive(self, mean_message, since):
@@ -228,8 +286,10 @@ class WorkerAverager(Engine):
         self._receive(mean_message, since)
 
     def _receive(self, mean_message, since):
-        self.pending_state.assign(mean_message)
+        size = self.trigger.state_size + 1  # the state and the flag; not the ratio
+        self.pending_state.assign(mean_message[:size])
         self.pending_since.assign(since)
+        return tf.constant(True)
 
     def _decide(self):
         """The trigger's decision on the pending state, if any, and maybe the average.
@@ -290,6 +350,18 @@ class WorkerAverager(Engine):
             "exchanged": decided,
         }
 
+    def blocking_step(self):
+        """After a local step: message, blocking all-reduce, decision (see `step`)."""
+        steps_since_sync = self._advance()
+        if not self.trigger.state_size:
+            return self._planned_step(steps_since_sync)
+        self.exchanges.assign_add(1)
+        self._receive(
+            self.transport.all_reduce(self._message(self._local_state(), 1.0), "mean"),
+            steps_since_sync,
+        )
+        return self._decide()
+
     @tf.function
     def step(self):
         """Runs after one local step: message, blocking all-reduce, decision.
@@ -302,12 +374,7 @@ class WorkerAverager(Engine):
             nothing was averaged) and `exchanged` (False on a stateless
             trigger's steps between syncs, which send nothing).
         """
-        steps_since_sync = self._advance()
-        if not self.trigger.state_size:
-            return self._planned_step(steps_since_sync)
-        message, since = self._message()
-        self._receive(self.transport.all_reduce(message, "mean"), since)
-        return self._decide()
+        return self.blocking_step()
 
     @tf.function
     def stop(self):
@@ -326,13 +393,18 @@ class WorkerAverager(Engine):
             whether to make a final sync.
         """
         if self.trigger.state_size:
-            size, dtype = self.trigger.state_size, tf.float32
+            unsynced = tf.cast(self.steps_since_sync > 0, tf.float32)
+            state = tf.one_hot(0, self.trigger.state_size) * unsynced
+            mean = self.transport.all_reduce(self._message(state, 0.0), "mean")
+            active_fraction = mean[self.trigger.state_size]
         else:
             # The first collective of `_average`: the payload's first dtype
             # and the `replaced` flag.
             size, dtype = self._first_payload_size() + 1, self.sync_state.payload_dtype
-        unsynced = tf.cast(self.steps_since_sync > 0, dtype)
-        mean, active_fraction = self._exchange(tf.one_hot(0, size, dtype=dtype) * unsynced, 0.0)
+            unsynced = tf.cast(self.steps_since_sync > 0, dtype)
+            mean, active_fraction = self._exchange(
+                tf.one_hot(0, size, dtype=dtype) * unsynced, 0.0
+            )
         return {"others_active": active_fraction > 0.0, "unsynced": mean[0] > 0}
 
     @tf.function
@@ -347,8 +419,8 @@ class WorkerAverager(Engine):
         synced = tf.cond(attempted, lambda: self._average()[0], lambda: tf.constant(False))
         return {"synced": synced, "healthy": synced | ~attempted}
 
-    def communication(self, control_bytes=4):
-        """The `CommunicationStats` so far.
+    def communication(self, control_bytes=4, *, steps=None, syncs=None, exchanges=None):
+        """The `CommunicationStats` so far (or at the given counters).
 
         A trigger with a state sends `control_bytes` with each state (the
         'still training' flag, and what the driver adds); a stateless one
@@ -358,7 +430,9 @@ class WorkerAverager(Engine):
         return super().communication(
             self.transport.num_workers,
             control_bytes=control_bytes if self.trigger.state_size else 0,
-            exchanges=int(self.exchanges.numpy()),
+            steps=steps,
+            syncs=syncs,
+            exchanges=int(self.exchanges.numpy()) if exchanges is None else exchanges,
         )
 
 

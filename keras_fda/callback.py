@@ -251,7 +251,7 @@ class FDACallback(keras.callbacks.Callback):
         if self._averager is None:
             raise ValueError("No communication yet: FDACallback has not been used in fit().")
         # exchange_every="auto" adds each worker's round-trip ratio to a message.
-        return self._averager.communication(control_bytes=8 if self._timing else 4)
+        return self._averager.communication(control_bytes=8 if self._averager.timed else 4)
 
     def _check_model(self):
         model = self.model
@@ -408,6 +408,10 @@ class FDACallback(keras.callbacks.Callback):
                 # Keras would build it at the first step, after the averager's variables.
                 model.optimizer.build(model.trainable_variables)
             moments = outer_lib.moment_variables(model.optimizer)
+        every = self.exchange_every
+        if every is None:
+            every = "auto" if self.cluster.transport.num_workers > 1 else 1
+        auto = self.overlap and every == "auto"
         same = self._averager is not None and self._owner is model and [
             id(v) for v in self._averager.averaged + self._averager.moments
         ] == [id(v) for v in trainable + extra + moments]
@@ -415,10 +419,23 @@ class FDACallback(keras.callbacks.Callback):
             # Kept across fits of the same model: the counters, communication
             # totals and dashboard steps go on, and the step is not retraced.
             self._averager = WorkerAverager(
-                self.trigger, self.cluster.transport, trainable, extra, self.sync_rule, moments
+                self.trigger, self.cluster.transport, trainable, extra, self.sync_rule, moments,
+                timed=auto,
             )
             self._checkpoint = _CheckpointedState(self._averager.state_variables())
             self._owner = model
+            self._step_function = None
+            # Passed to every step's call: created once, not per step.
+            self._constants = {
+                True: tf.constant(True), False: tf.constant(False),
+                "nothing": tf.zeros_like(self._averager.outbox),
+                "never": tf.constant(-1, tf.int64),
+            }
+        # Only a trigger with a state (built with the averager) has a per-step
+        # exchange to overlap. `_every`: steps from a message to its decision.
+        self._lagged = self.overlap and self.trigger.state_size > 0
+        self._every = 1 if auto or not self._lagged else every
+        self._timing = _StepTiming() if auto and self._lagged else None
         self._checkpoint.restored = False
         # Found by Keras' weight saving (which walks the model's attributes), so
         # checkpoints written during fit (BackupAndRestore, ModelCheckpoint)
@@ -434,14 +451,6 @@ class FDACallback(keras.callbacks.Callback):
                 object.__setattr__(model, name, self._marks_replaced(getattr(model, name)))
         self._started = self._began = self._ended = self._end_deferred = False
         self._in_flight = None
-        # Only a trigger with a state (built now) has a per-step exchange to overlap.
-        self._lagged = self.overlap and self.trigger.state_size > 0
-        every = self.exchange_every
-        if every is None:
-            every = "auto" if self.cluster.transport.num_workers > 1 else 1
-        auto = self._lagged and every == "auto"
-        self._every = 1 if auto or not self._lagged else every
-        self._timing = _StepTiming() if auto else None
         # Keras hands the fit's History to the model before any callback's
         # set_model and calls it after the callbacks the user listed: hooked
         # there, the start and the final sync see every other callback's
@@ -486,6 +495,7 @@ class FDACallback(keras.callbacks.Callback):
         self._began = True
         if self.log_dir is not None and self.cluster.is_chief:
             self._dashboard = Dashboard(self.log_dir, self.update_freq)
+        self._wrap_train_function()
 
     def _start(self, can_change_epoch):
         """Agrees on the run and starts every worker from the same weights and state."""
@@ -501,13 +511,23 @@ class FDACallback(keras.callbacks.Callback):
         )
 
     def on_train_batch_begin(self, batch, logs=None):
+        self._batch = batch
         # Without the History hook: deferred to the first step so that every
         # callback's on_train_begin has run, BackupAndRestore's restore included.
         self._start(False)
 
-    def _record(self, logs, synced=False, force=False):
-        """Puts the fda/* values into Keras' logs and, on the chief, the dashboard."""
-        stats = self.communication
+    def _record(self, logs, synced=False, force=False, counters=None):
+        """Puts the fda/* values into Keras' logs and, on the chief, the dashboard.
+
+        `counters` (a step's result) spares reading the counters again.
+        """
+        if counters is None:
+            stats = self.communication
+        else:
+            stats = self._averager.communication(
+                control_bytes=8 if self._averager.timed else 4,
+                **{k: int(counters[k]) for k in ("steps", "syncs", "exchanges")},
+            )
         if logs is not None:
             logs["fda/variance"] = self._last_statistic
             logs["fda/threshold"] = self.trigger.threshold
@@ -531,37 +551,138 @@ class FDACallback(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if self._timing is not None:
             self._timing.step_ended()
-        with self._collective("after step {step}"):
-            if self._lagged:
-                result = self._overlapped_step(last_of_epoch=batch + 1 == self.params.get("steps"))
-            else:
-                result = self._averager.step()
+        result = self._result
         self._check(result)
-        self._record(logs, synced=bool(result["synced"]))
+        self._record(logs, synced=result["synced"], counters=result)
 
-    def _overlapped_step(self, last_of_epoch):
-        """Decides on an earlier step's state and sends this step's, if none is in flight."""
-        arrived = self._collect(due_only=True)
-        send = self._in_flight is None
-        result = self._averager.overlapped_step(*arrived, send=send)
-        if send and bool(result["peers_active"]):
-            message = result["message"]
-            if self._timing is not None:
-                message = tf.concat([[self._timing.ratio()], message], 0)
-            self._in_flight = self.cluster.transport.all_reduce_async(message)
-            self._in_flight_since, self._in_flight_steps = result["since"], 0
-        if last_of_epoch and self._in_flight is not None:
-            # Nothing in flight across an epoch's end, whatever the callbacks'
-            # order: the checkpoints written there (BackupAndRestore) hold the
-            # exchanged state, decided after the next step as usual.
-            self._averager.receive(*self._collect())
-        return result
+    def _wrap_train_function(self):
+        """Puts the per-step FDA work into the function `fit` calls for each step.
+
+        Keras has just built `model.train_function`; it is replaced, for this
+        fit, by `_train_function`, which runs the training step and FDA's
+        step in one compiled call (see `_build_step_function`). The wrapper
+        hands the call back to Keras' own function once this fit is over,
+        even one ended by an error, so a later fit without the callback
+        trains as usual.
+        """
+        model = self.model
+        keras_function = getattr(model.train_function, "_fda_keras", model.train_function)
+        if self._step_function is None or self._step_function_for is not keras_function:
+            self._step_function = self._build_step_function()
+            self._step_function_for = keras_function
+
+        def train_function(iterator):
+            if not self._began or self._ended:
+                model.train_function = keras_function
+                return keras_function(iterator)
+            return self._train_function(iterator)
+
+        train_function._fda_keras = keras_function
+        model.train_function = train_function
+
+    def _build_step_function(self):
+        """One training step followed, in the same graph, by FDA's step.
+
+        With the overlapped exchange (`_every` == 1) the graph all-reduces
+        the previous step's message (the outbox) with nothing of this step
+        as input, so the collective runs while the step trains; the
+        decision and this step's message follow the training. With a longer
+        lag the message goes to a background all-reduce instead, whose
+        result a later call receives as `mean_message`. The exchange's
+        round trip and the step's compute are timed inside the graph, for
+        `exchange_every="auto"`.
+        """
+        model, averager = self.model, self._averager
+        train_step = model.train_step
+        if model.jit_compile and not model.run_eagerly:
+            # XLA compiles the training alone; the collectives stay outside it.
+            train_step = tf.function(train_step, jit_compile=True, reduce_retracing=True)
+        if self._timing is not None and not hasattr(self, "_ratio"):
+            # The workers' round trip over the step time, measured in the graph.
+            self._ratio = tf.Variable(math.nan, trainable=False, name="fda_round_trip_ratio")
+
+        def step(iterator, mean_message, since, received, compose, keep, ratio, in_graph):
+            data = iterator.get_next() if hasattr(iterator, "get_next") else next(iterator)
+            # After the data arrived: a worker whose data ran out sends nothing.
+            with tf.control_dependencies(tf.nest.flatten(data)):
+                began = tf.timestamp()
+            if in_graph:
+                with tf.control_dependencies([began]):
+                    mean_message, received = averager.send_outbox()
+                    since = averager.outbox_since.read_value()
+                with tf.control_dependencies([mean_message]):
+                    exchanged = tf.timestamp()
+            logs = train_step(data)
+            with tf.control_dependencies(tf.nest.flatten(logs)):
+                trained = tf.timestamp()
+                if in_graph and self._timing is not None:
+                    sample = tf.cast((exchanged - began) / tf.maximum(trained - began, 1e-6),
+                                     tf.float32)
+                    smoothed = tf.where(tf.math.is_nan(self._ratio), sample,
+                                        0.9 * self._ratio + 0.1 * sample)
+                    self._ratio.assign(tf.where(received, smoothed, self._ratio))
+                if self._timing is not None:
+                    ratio = tf.where(tf.math.is_nan(ratio), self._ratio, ratio)
+                if not averager.trigger.state_size or not self.overlap:
+                    result = averager.blocking_step()
+                    result["composed"] = tf.constant(False)
+                else:
+                    result = averager.lagged_step(
+                        mean_message, since, received, compose, keep, ratio
+                    )
+            message = result.pop("message", tf.zeros([0]))
+            result["since"] = averager.steps_since_sync.read_value()
+            result["mean_ratio"] = result.get("mean_ratio", tf.constant(math.nan))
+            result.update(steps=averager.steps, syncs=averager.syncs, exchanges=averager.exchanges)
+            packed = tf.stack([tf.cast(result[k], tf.float64) for k in _RESULT_NAMES])
+            return logs, packed, message
+
+        if model.run_eagerly:
+            return step
+        return tf.function(step, reduce_retracing=True)
+
+    def _train_function(self, iterator):
+        """One step of `fit`: a background exchange's bookkeeping around the compiled step."""
+        averager, constants = self._averager, self._constants
+        arrived, since = None, None
+        with self._collective("after step {step}"):
+            if self._lagged and self._every > 1:
+                # A collected round trip may shorten the lag to 1 (see `_collect`).
+                arrived, since = self._collect(due_only=True)
+            in_graph = self._lagged and self._every == 1
+            received = arrived is not None
+            if not received:
+                arrived, since = constants["nothing"], constants["never"]
+            ratio = self._timing.ratio() if self._timing is not None and not in_graph else 0.0
+            logs, packed, message = self._step_function(
+                iterator, arrived, since, constants[received],
+                constants[in_graph or self._in_flight is None], constants[in_graph],
+                tf.constant(ratio or math.nan, tf.float32), in_graph,
+            )
+            result = dict(zip(_RESULT_NAMES, packed.numpy().tolist()))
+            for name in ("synced", "peers_active", "healthy", "exchanged", "composed"):
+                result[name] = bool(result[name])
+            if self._timing is not None and not math.isnan(result["mean_ratio"]):
+                self._every = _lag(exchange_period(result["mean_ratio"]))
+            if result["composed"] and self._every > 1:
+                if in_graph:  # the lag grew: the message waits in the outbox
+                    averager.outbox_full.assign(False)
+                self._in_flight = self.cluster.transport.all_reduce_async(message)
+                self._in_flight_steps = 0
+                self._in_flight_since = tf.constant(int(result["since"]), tf.int64)
+            if self._in_flight is not None and self._batch + 1 == self.params.get("steps"):
+                # Nothing in flight across an epoch's end, whatever the callbacks'
+                # order: the checkpoints written there (BackupAndRestore) hold the
+                # exchanged state, decided after the next step as usual.
+                averager.receive(*self._collect())
+        self._result = result
+        return logs
 
     def _collect(self, due_only=False):
         """The in-flight all-reduce's result and its round length (waits for it).
 
         Returns `(None, None)` if nothing is in flight or, with `due_only`,
-        until `exchange_every` steps have trained since it started. Called
+        until the step `_every` steps after the message's is due. Called
         inside `_collective`, so a dead peer is detected within the
         cluster's timeout.
         """
@@ -575,8 +696,7 @@ class FDACallback(keras.callbacks.Callback):
         mean = in_flight.result()
         if self._timing is not None:
             self._timing.exchanged(in_flight.elapsed, waited=time.perf_counter() - started)
-            self._every = exchange_period(float(mean[0]))
-            mean = mean[1:]
+            self._every = _lag(exchange_period(float(mean[-1])))
         return mean, self._in_flight_since
 
     def _check(self, result):
@@ -625,6 +745,7 @@ class FDACallback(keras.callbacks.Callback):
                 arrived = self._collect()
                 if arrived[0] is not None:
                     self._averager.receive(*arrived)
+                self._averager.flush()
                 # The last exchanged state's decision: the workers still
                 # training apply it after their next step, in the same
                 # collective.
@@ -646,6 +767,23 @@ class FDACallback(keras.callbacks.Callback):
         if self._dashboard is not None:
             self._dashboard.close()
             self._dashboard = None
+
+
+# The values of a step's result, in the order the compiled step packs them.
+_RESULT_NAMES = (
+    "composed", "exchanged", "exchanges", "healthy", "mean_ratio", "peers_active", "since",
+    "statistic", "steps", "synced", "syncs",
+)
+
+
+def _lag(hidden):
+    """Steps from a message to its decision when `hidden` steps must hide its round trip.
+
+    The exchange inside the step's graph hides one step at a lag of one; a
+    background exchange, received by the call after the last hiding step,
+    needs one more.
+    """
+    return 1 if hidden == 1 else hidden + 1
 
 
 def exchange_period(ratio, longest=100):

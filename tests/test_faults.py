@@ -240,10 +240,12 @@ def test_nan_on_one_worker_is_an_error_naming_the_step_on_every_worker(tmp_path)
     )
     assert result.returncode == 4, result.stdout[-3000:]
     for worker in (0, 1):
-        # Step 3's state is all-reduced while step 4 trains, and decided after it.
+        # Poisoned after step 3, whose FDA part ran inside its compiled step: step
+        # 3's (finite) state, all-reduced while step 4 trains, fires a sync after
+        # step 4, whose average holds worker 1's NaN weights and is refused.
         assert (
             f"[worker {worker}] FloatingPointError: FDA stopped training at step 4: the "
-            "fda-linear statistic (fda/variance) is NaN or Inf, so nothing was averaged"
+            "average of the workers' weights is NaN or Inf, so nothing was averaged"
         ) in result.stdout
     healthy = np.load(tmp_path / "nan_final0.npy")
     assert np.isfinite(healthy).all()

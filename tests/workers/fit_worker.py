@@ -77,11 +77,47 @@ def flat_weights(model, trainable_only=False):
     return np.concatenate([np.ravel(w.numpy()) for w in weights])
 
 
-class Recorder(keras.callbacks.Callback):
-    """Records flattened weights (and, after FDACallback, its logs) per step."""
+class AfterLocalStep:
+    """The model's weights right after each local step, before FDA acts on them.
 
-    def __init__(self):
+    FDACallback acts inside the compiled step, so no callback sees these
+    weights: the wrapped `train_step` copies them there, before FDA's part.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.copies = [tf.Variable(w.value, trainable=False) for w in model.weights]
+        train_step = model.train_step
+
+        def copying_train_step(data):
+            logs = train_step(data)
+            for copy, w in zip(self.copies, model.weights):
+                copy.assign(w.value)
+            return logs
+
+        model.train_step = copying_train_step
+
+    @property
+    def weights(self):
+        return list(zip(self.model.weights, self.copies))
+
+
+def flat_copies(snapshot, trainable_only=False):
+    return np.concatenate(
+        [np.ravel(c.numpy()) for w, c in snapshot.weights if w.trainable or not trainable_only]
+    )
+
+
+class Recorder(keras.callbacks.Callback):
+    """Records flattened weights (and, after FDACallback, its logs) per step.
+
+    With `snapshot` (an `AfterLocalStep`), the weights it copied after the
+    local step; otherwise the model's weights at batch end (after FDA).
+    """
+
+    def __init__(self, snapshot=None):
         super().__init__()
+        self.snapshot = snapshot
         self.weights, self.trainable, self.logs, self.moments = [], [], [], []
 
     def on_train_batch_begin(self, batch, logs=None):
@@ -97,8 +133,12 @@ class Recorder(keras.callbacks.Callback):
             last = cluster.worker_index == cluster.num_workers - 1
             if len(self.logs) == args.pause_after_step and (last or not args.pause_only_last):
                 signal.pause()  # a deterministic point for the test to kill this worker
-        self.weights.append(flat_weights(self.model))
-        self.trainable.append(flat_weights(self.model, trainable_only=True))
+        if self.snapshot is None:
+            self.weights.append(flat_weights(self.model))
+            self.trainable.append(flat_weights(self.model, trainable_only=True))
+        else:
+            self.weights.append(flat_copies(self.snapshot))
+            self.trainable.append(flat_copies(self.snapshot, trainable_only=True))
         self.moments.append(
             np.concatenate(
                 [np.zeros(0)] + [np.ravel(v.numpy()) for v in self.model.optimizer.variables[2:]]
@@ -210,7 +250,7 @@ def main():
             if args.outer == "nesterov" else None
         ),
     )
-    before, after = Recorder(), Recorder()
+    before, after = Recorder(AfterLocalStep(model)), Recorder()
     callbacks = [before, fda, after]
     if index == k - 1:
         callbacks.insert(0, Sabotage())
@@ -236,8 +276,8 @@ def main():
                 verbose=0,
             )
             fit_steps.append(fda.communication.steps)
-            # The function each step runs: `overlapped_step` when the exchange overlaps.
-            step_function = fda._averager.overlapped_step if fda._lagged else fda._averager.step
+            # The compiled function each step runs.
+            step_function = fda._step_function
             step_traces.append(step_function.experimental_get_tracing_count())
     except ValueError as e:
         print(f"ValueError: {e}")
