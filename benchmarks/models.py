@@ -2,7 +2,7 @@
 
 import keras
 
-MODELS = ("lenet5", "cnn")
+MODELS = ("lenet5", "cnn", "mlp")
 
 
 def lenet5(num_classes):
@@ -49,6 +49,22 @@ def cnn(num_classes):
     )
 
 
+def mlp(num_classes):
+    """The MLP of benchmarks/overhead.py: 784-1024-256-10, about 1.07M parameters.
+
+    Little compute per parameter, so FDA's per-step work shows most.
+    """
+    return keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(1024, activation="relu"),
+            keras.layers.Dense(256, activation="relu"),
+            keras.layers.Dense(num_classes),
+        ]
+    )
+
+
 def _conv(filters):
     return keras.layers.Conv2D(filters, 3, padding="same", activation="relu")
 
@@ -62,7 +78,7 @@ def build(name, num_classes, seed=0, learning_rate=0.001):
     if name not in MODELS:
         raise ValueError(f"Unknown model {name!r}; use one of {MODELS}.")
     keras.utils.set_random_seed(seed)
-    model = {"lenet5": lenet5, "cnn": cnn}[name](num_classes)
+    model = {"lenet5": lenet5, "cnn": cnn, "mlp": mlp}[name](num_classes)
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
