@@ -66,7 +66,11 @@ class FDACallback(keras.callbacks.Callback):
     callback computes a few bytes of local state from the model's drift since
     the last synchronization, all-reduces them across the workers, and averages
     the full weights only when the trigger fires (for FDA: when the variance
-    estimate strictly exceeds `threshold`).
+    estimate strictly exceeds `threshold`). This work runs inside the compiled
+    function `fit` calls for each step (the callback wraps it for the fit), so
+    a step between syncs costs about a local step: the other callbacks'
+    `on_train_batch_end` see the weights after FDA acted, and weights a
+    callback changes there are seen by the next step's FDA part.
 
     What is averaged: the trainable weights and, if `average_non_trainable`,
     the non-trainable float weights of the layers that train (BatchNorm
@@ -123,23 +127,25 @@ class FDACallback(keras.callbacks.Callback):
         update_freq: write the dashboard every this many steps (an int), or
             "epoch" for once per epoch.
         overlap: all-reduce each step's state while the next step trains
-            (default True). The decision on step t's state is then applied
-            after step t+1 (a one-step lag; all workers still decide alike),
-            and a step no longer waits for a network round trip. False
-            restores the blocking exchange (decision after the same step).
-            Stateless triggers (periodic, synchronous) send nothing between
-            syncs either way.
+            (default True): the next step's graph starts the all-reduce with
+            nothing of the step as its input. The decision on step t's state
+            is then applied after step t+1 (a one-step lag; all workers still
+            decide alike), and a step no longer waits for a network round
+            trip shorter than itself. False restores the blocking exchange
+            (decision after the same step). Stateless triggers (periodic,
+            synchronous) send nothing between syncs either way.
         exchange_every: with `overlap`, exchange the state every this many
             steps (an int >= 1), for links whose round trip is longer than a
-            step; the decision then lags this many steps. "auto" sets it from
-            the measured round trip and step time: each message carries the
-            worker's ratio of the two (4 bytes), and the workers take the
-            period that hides the mean ratio from the all-reduced value, so
-            all of them switch at the same step. None (default): "auto" for
-            an overlapped exchange among several workers, so that a slow
-            link never costs its round trip on every step (on a LAN the
-            period stays 1); 1 otherwise. Pass 1 for decisions that do not
-            depend on timing (reproducible runs).
+            step; the decision then lags this many steps, and from 2 on the
+            all-reduce runs in the background across the steps in between.
+            "auto" sets it from the measured round trip and step time: each
+            message carries the worker's ratio of the two (4 bytes), and the
+            workers take the lag that hides the mean ratio from the
+            all-reduced value, so all of them switch at the same step. None
+            (default): "auto" for an overlapped exchange among several
+            workers, so that a slow link never costs its round trip on every
+            step (on a LAN the lag stays 1); 1 otherwise. Pass 1 for
+            decisions that do not depend on timing (reproducible runs).
         sync_dtype: what a sync all-reduces: None (the weights in float32,
             or float64), or "float32", "bfloat16", "float16": the drift
             `w_k - w0` in that dtype (2 bytes per parameter for the half
@@ -477,6 +483,9 @@ class FDACallback(keras.callbacks.Callback):
         """Leaves the model as the user built it (no FDA state, no hooks)."""
         state = vars(self.model)
         state.pop("_fda_state", None)
+        keras_function = getattr(self.model.train_function, "_fda_keras", None)
+        if keras_function is not None:
+            self.model.train_function = keras_function
         for name in _WRITERS:
             if getattr(state.get(name), "_fda_hook", False):
                 del state[name]
@@ -571,8 +580,12 @@ class FDACallback(keras.callbacks.Callback):
             self._step_function = self._build_step_function()
             self._step_function_for = keras_function
 
+        history = getattr(model, "history", None)
+
         def train_function(iterator):
-            if not self._began or self._ended:
+            # Another fit (this one ended by an error, or a later one without
+            # the callback) gets Keras' own function back.
+            if self._ended or getattr(model, "history", None) is not history:
                 model.train_function = keras_function
                 return keras_function(iterator)
             return self._train_function(iterator)

@@ -128,6 +128,54 @@ def test_overlapped_exchange_decides_one_exchange_later(exchange_every):
     assert fda.communication.steps == 8
 
 
+def _trained(fda=None, **compile_kwargs):
+    keras.utils.set_random_seed(3)
+    model = compiled_model(**compile_kwargs)
+    x, y = data()
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False,
+              callbacks=[fda] if fda else [])
+    return model
+
+
+@pytest.mark.parametrize(
+    "compile_kwargs", [{}, {"jit_compile": True}, {"run_eagerly": True}],
+    ids=["graph", "xla", "eager"],
+)
+def test_the_step_fda_compiles_into_trains_exactly_like_keras_own(compile_kwargs):
+    """One worker: FDA's step inside the train function leaves training as Keras does it.
+
+    XLA compiles only the training (collectives stay outside it); eagerly the
+    same code runs op by op.
+    """
+    plain = _trained()
+    fda = keras_fda.FDACallback(threshold=1e-12, variant="naive")  # a (no-op) sync every step
+    model = _trained(fda, **compile_kwargs)
+    for a, b in zip(plain.get_weights(), model.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # The lagged decision: each sync starts a round whose first message has no drift.
+    assert fda.communication.steps == 8 and fda.communication.syncs == 4
+
+
+def test_fit_hands_the_train_function_back_even_after_an_error():
+    model = compiled_model()
+    x, y = data()
+    fda = keras_fda.FDACallback(threshold=1.0)
+
+    class Fail(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            raise RuntimeError("a callback failed")
+
+    with pytest.raises(RuntimeError, match="a callback failed"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[fda, Fail()])
+    steps = fda.communication.steps
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)  # no FDA here
+    assert fda.communication.steps == steps
+    assert not hasattr(model.train_function, "_fda_keras")
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[fda])
+    assert fda.communication.steps == steps + 4
+    assert not hasattr(model.train_function, "_fda_keras")  # handed back at train end
+
+
 @pytest.mark.parametrize(
     "config, message",
     [
