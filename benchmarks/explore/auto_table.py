@@ -1,6 +1,6 @@
-"""Units of bytes and steps to each target per run, as in issue13_report.md's exploration tables.
+"""Units of bytes and steps to each target per run, as in benchmarks/results/issue13_report.md's exploration tables.
 
-    python benchmarks/results/auto_table.py dir0.1-const benchmarks/results/regimes_lenet5_k10_[ABC].csv \
+    python benchmarks/explore/auto_table.py dir0.1-const benchmarks/results/regimes_lenet5_k10_[ABC].csv \
         benchmarks/results/auto_explore.csv
 
 Reads one regime's runs from the given CSVs (one of them must hold its synchronous run). A cell "3u 1.20x": the run first reached

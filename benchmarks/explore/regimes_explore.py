@@ -1,6 +1,6 @@
-"""Exploration runs behind regimes_diagnosis.md (as run; not a polished benchmark).
+"""Exploration runs behind benchmarks/results/regimes_diagnosis.md (as run; not a polished benchmark).
 
-    python benchmarks/results/regimes_explore.py '{"lr": "cosine:3e-3", "runs": ["sync",
+    python benchmarks/explore/regimes_explore.py '{"lr": "cosine:3e-3", "runs": ["sync",
         "nosync", "periodic:16", "diag:16", "diag:16,0-128", "exact:1e-5"], "out": "/tmp/x.pkl"}'
 
 Run specs: sync, nosync, periodic:TAU, exact|linear|naive:C (Theta = C * d),

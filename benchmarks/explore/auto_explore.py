@@ -1,6 +1,6 @@
-"""Exploration runs behind issue13_report.md (as run; not a polished benchmark).
+"""Exploration runs behind benchmarks/results/issue13_report.md (as run; not a polished benchmark).
 
-    python benchmarks/results/auto_explore.py dir0.1-const out.csv \
+    python benchmarks/explore/auto_explore.py dir0.1-const out.csv \
         'periodic:96' 'rule:sqrt,h=256,f=16' 'rule:monofloor,h=180,f=32'
 
 Same harness as comm_to_accuracy.py --preset=regimes (LeNet-5 digits, K=10, Adam,

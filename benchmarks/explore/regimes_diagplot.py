@@ -1,6 +1,6 @@
-"""The figure of regimes_diagnosis.md from regimes_explore.py pickles.
+"""The figure of benchmarks/results/regimes_diagnosis.md from regimes_explore.py pickles.
 
-    python benchmarks/results/regimes_diagplot.py PICKLE_DIR OUT.png
+    python benchmarks/explore/regimes_diagplot.py PICKLE_DIR OUT.png
 
 PICKLE_DIR holds cos01.pkl-style files: cos01b.pkl (cosine) and const01b.pkl (constant), each
 with runs diag:16, diag:16,A-B for the four windows and exact:1e-5, 4e-5, 1.6e-4.
