@@ -652,7 +652,9 @@ class FDACallback(keras.callbacks.Callback):
 
         if model.run_eagerly:
             return step
-        return tf.function(step, reduce_retracing=True)
+        # Without AutoGraph, as Keras traces its own train step: every branch
+        # on a tensor here is an explicit tf.cond.
+        return tf.function(step, reduce_retracing=True, autograph=False)
 
     def _train_function(self, iterator):
         """One step of `fit`: a background exchange's bookkeeping around the compiled step."""

@@ -183,9 +183,8 @@ class AutoFDA(SyncTrigger):
     mean ||u_k||^2 - ||mean u||^2`; the first term is in the all-reduced
     state). Their ratio `rho = Var / ||mean u||^2` does not depend on d or
     on the learning rate: around or below 1 the workers mostly agree, above
-    it they pull their own ways (in our runs, over rounds of 30-300 steps:
-    whole writers per worker 0.1, Dirichlet 0.5 label skew 0.8-2.7,
-    Dirichlet 0.1 3.4-11).
+    it they pull their own ways (BENCHMARKS.md section 4 has the values
+    measured under each kind of skew).
 
     * Round length. The next round lasts `L = max(L_prev, horizon /
       sqrt(rho))` steps: as long as the workers' disagreement allows, and
@@ -213,19 +212,11 @@ class AutoFDA(SyncTrigger):
     length.
 
     Use it with the outer Nesterov step (`outer_optimizer="nesterov"` in
-    every driver): each of its few syncs then counts for more, and on
-    FEMNIST digits (LeNet-5, K = 10, 504 steps, two seeds) it ended between
-    1.4 points below synchronous averaging and 4.1 above, with 2 syncs where
-    the workers agree and 7-9 under strong label skew. When it loses
-    (benchmarks/results/issue13_nesterov.md): a fixed long period with the
-    same outer step (128 steps, 3 syncs) reaches mid-run accuracy targets
-    with 0.33-1.5x its bytes (its first, measuring sync and its shorter
-    rounds under skew cost one to three syncs), though it ends lower; under
-    a high, decaying learning rate (warmup + cosine) it needs up to 2.1x
-    synchronous's steps to the early targets; without the outer step it
-    ends up to 6 points below a period of 32 under strong skew. A larger
-    `horizon` sends less and ends lower (256: 0-6 points). With one worker,
-    or identical data, rho is 0: it never syncs after the first round.
+    every driver): each of its few syncs then counts for more. Where it
+    stands against synchronous averaging and fixed periods with the same
+    outer step, and when it loses, is measured in BENCHMARKS.md (section
+    4). A larger `horizon` sends less and ends lower. With one worker, or
+    identical data, rho is 0: it never syncs after the first round.
 
     Args:
         estimator: a `VarianceEstimator` or one of "naive", "linear",
