@@ -46,7 +46,7 @@ class WorkerAverager(Engine):
         sync_rule: the `keras_fda.SyncRule`.
         moments: the optimizer moments the rule's `optimizer_state` acts on.
         timed: messages carry one more float after the 'still training'
-            flag, the sender's round trip in steps (`exchange_every="auto"`).
+            flag: the lag the sender wants (`exchange_every="auto"`).
     """
 
     def __init__(
@@ -208,11 +208,11 @@ class WorkerAverager(Engine):
     def _local_state(self):
         return self.local_state([v.read_value() for v in self.variables])
 
-    def _message(self, state, active, ratio=0.0):
-        """A message: the state, the 'still training' flag and, if `timed`, the ratio."""
+    def _message(self, state, active, wanted=0.0):
+        """A message: the state, the 'still training' flag and, if `timed`, `wanted`."""
         parts = [state, [tf.cast(active, tf.float32)]]
         if self.timed:
-            parts.append([tf.cast(ratio, tf.float32)])
+            parts.append([tf.cast(wanted, tf.float32)])
         return tf.concat(parts, 0)
 
     def send_outbox(self):
@@ -229,7 +229,7 @@ class WorkerAverager(Engine):
         )
         return mean, sent
 
-    def lagged_step(self, mean_message, since, received, compose, keep, ratio=0.0):
+    def lagged_step(self, mean_message, since, received, compose, keep, wanted=0.0):
         """After a local step: receive, decide, compose this step's message.
 
         Runs inside the driver's compiled step, after its training.
@@ -243,11 +243,11 @@ class WorkerAverager(Engine):
                 the driver still has one in flight).
             keep: leave the message in the outbox for `send_outbox`
                 (otherwise the driver sends the returned `message`).
-            ratio: the sender's round trip in steps, for a `timed` message.
+            wanted: the lag this worker wants, for a `timed` message.
 
         Returns:
             The dict of `step`, plus `message` (this step's, if composed),
-            `composed` and, for `timed` messages, `mean_ratio` (the
+            `composed` and, for `timed` messages, `mean_wanted` (the
             received message's, or NaN).
         """
         received = tf.convert_to_tensor(received)
@@ -258,13 +258,13 @@ class WorkerAverager(Engine):
         self.exchanges.assign_add(tf.cast(composed, tf.int64))
         message = tf.cond(
             composed,
-            lambda: self._post(self._message(self._local_state(), 1.0, ratio)),
+            lambda: self._post(self._message(self._local_state(), 1.0, wanted)),
             lambda: tf.zeros_like(self.outbox),
         )
         self.outbox_full.assign(composed & keep)
         result["message"], result["composed"] = message, composed
         if self.timed:
-            result["mean_ratio"] = tf.where(received, mean_message[-1], float("nan"))
+            result["mean_wanted"] = tf.where(received, mean_message[-1], float("nan"))
         return result
 
     def _post(self, message):

@@ -138,14 +138,17 @@ class FDACallback(keras.callbacks.Callback):
             steps (an int >= 1), for links whose round trip is longer than a
             step; the decision then lags this many steps, and from 2 on the
             all-reduce runs in the background across the steps in between.
-            "auto" sets it from the measured round trip and step time: each
-            message carries the worker's ratio of the two (4 bytes), and the
-            workers take the lag that hides the mean ratio from the
-            all-reduced value, so all of them switch at the same step. None
-            (default): "auto" for an overlapped exchange among several
-            workers, so that a slow link never costs its round trip on every
-            step (on a LAN the lag stays 1); 1 otherwise. Pass 1 for
-            decisions that do not depend on timing (reproducible runs).
+            "auto" sets it from what the workers measure: the lag that hides
+            the exchange's round trip, and at least the lag that keeps FDA's
+            per-step work (the local state's pass over the weights and the
+            exchange) within 5% of the steps' compute. Each message carries
+            the lag its worker wants (4 bytes); all workers take the mean of
+            the all-reduced values, so all of them switch at the same step.
+            None (default): "auto" for an overlapped exchange among several
+            workers, so that neither a slow link nor a small model pays
+            FDA's work on every step (where both are cheap, the lag stays
+            1); 1 otherwise. Pass 1 for decisions that do not depend on
+            timing (reproducible runs).
         sync_dtype: what a sync all-reduces: None (the weights in float32,
             or float64), or "float32", "bfloat16", "float16": the drift
             `w_k - w0` in that dtype (2 bytes per parameter for the half
@@ -610,15 +613,12 @@ class FDACallback(keras.callbacks.Callback):
         if model.jit_compile and not model.run_eagerly:
             # XLA compiles the training alone; the collectives stay outside it.
             train_step = tf.function(train_step, jit_compile=True, reduce_retracing=True)
-        if self._timing is not None and not hasattr(self, "_ratio"):
-            # The workers' round trip over the step time, measured in the graph.
-            self._ratio = tf.Variable(math.nan, trainable=False, name="fda_round_trip_ratio")
 
-        def step(iterator, mean_message, since, received, compose, keep, ratio, in_graph):
+        def step(iterator, mean_message, since, received, compose, keep, wanted, in_graph):
             data = iterator.get_next() if hasattr(iterator, "get_next") else next(iterator)
             # After the data arrived: a worker whose data ran out sends nothing.
             with tf.control_dependencies(tf.nest.flatten(data)):
-                began = tf.timestamp()
+                began = exchanged = tf.timestamp()
             if in_graph:
                 with tf.control_dependencies([began]):
                     mean_message, received = averager.send_outbox()
@@ -628,25 +628,23 @@ class FDACallback(keras.callbacks.Callback):
             logs = train_step(data)
             with tf.control_dependencies(tf.nest.flatten(logs)):
                 trained = tf.timestamp()
-                if in_graph and self._timing is not None:
-                    sample = tf.cast((exchanged - began) / tf.maximum(trained - began, 1e-6),
-                                     tf.float32)
-                    smoothed = tf.where(tf.math.is_nan(self._ratio), sample,
-                                        0.9 * self._ratio + 0.1 * sample)
-                    self._ratio.assign(tf.where(received, smoothed, self._ratio))
-                if self._timing is not None:
-                    ratio = tf.where(tf.math.is_nan(ratio), self._ratio, ratio)
                 if not averager.trigger.state_size or not self.overlap:
                     result = averager.blocking_step()
                     result["composed"] = tf.constant(False)
                 else:
                     result = averager.lagged_step(
-                        mean_message, since, received, compose, keep, ratio
+                        mean_message, since, received, compose, keep, wanted
                     )
             message = result.pop("message", tf.zeros([0]))
-            result["since"] = averager.steps_since_sync.read_value()
-            result["mean_ratio"] = result.get("mean_ratio", tf.constant(math.nan))
-            result.update(steps=averager.steps, syncs=averager.syncs, exchanges=averager.exchanges)
+            with tf.control_dependencies([message]):
+                finished = tf.timestamp()
+            result.update(
+                since=averager.steps_since_sync, steps=averager.steps, syncs=averager.syncs,
+                exchanges=averager.exchanges, received=received,
+                mean_wanted=result.get("mean_wanted", math.nan),
+                # The step's timeline (seconds), for exchange_every="auto".
+                exchange_s=exchanged - began, train_s=trained - began, fda_s=finished - trained,
+            )
             packed = tf.stack([tf.cast(result[k], tf.float64) for k in _RESULT_NAMES])
             return logs, packed, message
 
@@ -668,17 +666,19 @@ class FDACallback(keras.callbacks.Callback):
             received = arrived is not None
             if not received:
                 arrived, since = constants["nothing"], constants["never"]
-            ratio = self._timing.ratio() if self._timing is not None and not in_graph else 0.0
+            wanted = self._timing.wanted() if self._timing is not None else 0.0
             logs, packed, message = self._step_function(
                 iterator, arrived, since, constants[received],
                 constants[in_graph or self._in_flight is None], constants[in_graph],
-                tf.constant(ratio or math.nan, tf.float32), in_graph,
+                tf.constant(wanted, tf.float32), in_graph,
             )
             result = dict(zip(_RESULT_NAMES, packed.numpy().tolist()))
-            for name in ("synced", "peers_active", "healthy", "exchanged", "composed"):
+            for name in ("synced", "peers_active", "healthy", "exchanged", "composed", "received"):
                 result[name] = bool(result[name])
-            if self._timing is not None and not math.isnan(result["mean_ratio"]):
-                self._every = _lag(exchange_period(result["mean_ratio"]))
+            if self._timing is not None:
+                self._timing.measured(result, in_graph)
+                if not math.isnan(result["mean_wanted"]):
+                    self._every = agreed_lag(result["mean_wanted"])
             if result["composed"] and self._every > 1:
                 if in_graph:  # the lag grew: the message waits in the outbox
                     averager.outbox_full.assign(False)
@@ -711,7 +711,7 @@ class FDACallback(keras.callbacks.Callback):
         mean = in_flight.result()
         if self._timing is not None:
             self._timing.exchanged(in_flight.elapsed, waited=time.perf_counter() - started)
-            self._every = _lag(exchange_period(float(mean[-1])))
+            self._every = agreed_lag(float(mean[-1]))
         return mean, self._in_flight_since
 
     def _check(self, result):
@@ -786,19 +786,26 @@ class FDACallback(keras.callbacks.Callback):
 
 # The values of a step's result, in the order the compiled step packs them.
 _RESULT_NAMES = (
-    "composed", "exchanged", "exchanges", "healthy", "mean_ratio", "peers_active", "since",
-    "statistic", "steps", "synced", "syncs",
+    "composed", "exchange_s", "exchanged", "exchanges", "fda_s", "healthy", "mean_wanted",
+    "peers_active", "received", "since", "statistic", "steps", "synced", "syncs", "train_s",
 )
 
+# exchange_every="auto" spends at most this fraction of a step's compute on
+# FDA's per-step work (the local state's pass over the weights and the
+# exchange), by exchanging less often when it costs more.
+_BUDGET = 0.05
+_LONGEST_LAG = 100
 
-def _lag(hidden):
-    """Steps from a message to its decision when `hidden` steps must hide its round trip.
 
-    The exchange inside the step's graph hides one step at a lag of one; a
-    background exchange, received by the call after the last hiding step,
-    needs one more.
+def agreed_lag(mean_wanted):
+    """The lag every worker takes from the mean of the lags they want (all-reduced).
+
+    >>> agreed_lag(1.0), agreed_lag(2.5)
+    (1, 3)
     """
-    return 1 if hidden == 1 else hidden + 1
+    if not math.isfinite(mean_wanted):
+        return _LONGEST_LAG
+    return int(min(max(math.ceil(mean_wanted - 1e-6), 1), _LONGEST_LAG))
 
 
 def exchange_period(ratio, longest=100):
@@ -816,15 +823,22 @@ def exchange_period(ratio, longest=100):
 
 
 class _StepTiming:
-    """This worker's round trip of the state exchange, in steps (for exchange_every="auto").
+    """The lag this worker wants for exchange_every="auto", from its timings.
 
-    Steps are timed between batch ends, less the time spent waiting there for
-    an exchange, so a round trip that is not yet hidden does not pass for
-    compute; both are smoothed over about ten samples.
+    Two needs, the larger wins. Hiding: a round trip of r steps needs
+    `exchange_period(r)` steps to hide behind; one is the exchange inside
+    the step's own graph (lag 1), more run in the background and are
+    received one call later. Cost: FDA's work per exchange (the local
+    state's pass over the weights, timed inside the step's graph, and the
+    in-graph exchange's time, which on shared cores competes with the
+    training) may take `_BUDGET` of the steps between two exchanges. Steps
+    are timed between batch ends, less the time spent waiting there for a
+    background exchange; every value is smoothed over about ten samples.
     """
 
     def __init__(self):
         self._step = self._round_trip = None
+        self._in_graph = self._pass = None
         self._last_end = None
         self._waited = 0.0
 
@@ -835,14 +849,27 @@ class _StepTiming:
         self._last_end, self._waited = now, 0.0
 
     def exchanged(self, round_trip, waited):
-        """An exchange took `round_trip` seconds, of which the step waited `waited`."""
+        """A background exchange took `round_trip` seconds, of which the step waited `waited`."""
         self._round_trip = _smooth(self._round_trip, round_trip)
         self._waited += waited
 
-    def ratio(self):
-        if self._step is None or self._round_trip is None:
-            return 0.0
-        return self._round_trip / max(self._step, 1e-6)
+    def measured(self, result, in_graph):
+        """Takes a compiled step's timeline (`exchange_s`, `train_s`, `fda_s`)."""
+        train = max(result["train_s"], 1e-6)
+        if in_graph and result["received"]:
+            self._in_graph = _smooth(self._in_graph, result["exchange_s"] / train)
+        if result["composed"]:
+            self._pass = _smooth(self._pass, result["fda_s"] / train)
+
+    def wanted(self):
+        if self._round_trip is not None and self._step is not None:
+            ratio = self._round_trip / max(self._step, 1e-6)
+        else:
+            ratio = self._in_graph or 0.0
+        hidden = exchange_period(ratio)
+        hiding = 1 if hidden == 1 else hidden + 1
+        cost = ((self._pass or 0.0) + (self._in_graph or 0.0)) / _BUDGET
+        return float(min(max(hiding, math.ceil(cost)), _LONGEST_LAG))
 
 
 def _smooth(average, sample):
