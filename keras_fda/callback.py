@@ -140,8 +140,8 @@ class FDACallback(keras.callbacks.Callback):
             all-reduce runs in the background across the steps in between.
             "auto" sets it from what the workers measure: the lag that hides
             the exchange's round trip, and at least the lag that keeps FDA's
-            per-step work (the local state's pass over the weights and the
-            exchange) within 5% of the steps' compute. Each message carries
+            work per message (the local state's pass over the weights) within
+            5% of the steps' compute. Each message carries
             the lag its worker wants (4 bytes); all workers take the mean of
             the all-reduced values, so all of them switch at the same step.
             None (default): "auto" for an overlapped exchange among several
@@ -790,9 +790,9 @@ _RESULT_NAMES = (
     "peers_active", "received", "since", "statistic", "steps", "synced", "syncs", "train_s",
 )
 
-# exchange_every="auto" spends at most this fraction of a step's compute on
-# FDA's per-step work (the local state's pass over the weights and the
-# exchange), by exchanging less often when it costs more.
+# exchange_every="auto" spends at most this fraction of the steps' compute on
+# FDA's work per message (the local state's pass over the weights), by
+# exchanging less often when it costs more.
 _BUDGET = 0.05
 _LONGEST_LAG = 100
 
@@ -828,10 +828,10 @@ class _StepTiming:
     Two needs, the larger wins. Hiding: a round trip of r steps needs
     `exchange_period(r)` steps to hide behind; one is the exchange inside
     the step's own graph (lag 1), more run in the background and are
-    received one call later. Cost: FDA's work per exchange (the local
-    state's pass over the weights, timed inside the step's graph, and the
-    in-graph exchange's time, which on shared cores competes with the
-    training) may take `_BUDGET` of the steps between two exchanges. Steps
+    received one call later. Cost: FDA's work per message (the local
+    state's pass over the weights and the decision, timed inside the step's
+    graph after the training, so an exchange it waits for counts too) may
+    take `_BUDGET` of the compute of the steps between two messages. Steps
     are timed between batch ends, less the time spent waiting there for a
     background exchange; every value is smoothed over about ten samples.
     """
@@ -868,7 +868,7 @@ class _StepTiming:
             ratio = self._in_graph or 0.0
         hidden = exchange_period(ratio)
         hiding = 1 if hidden == 1 else hidden + 1
-        cost = ((self._pass or 0.0) + (self._in_graph or 0.0)) / _BUDGET
+        cost = (self._pass or 0.0) / _BUDGET
         return float(min(max(hiding, math.ceil(cost)), _LONGEST_LAG))
 
 

@@ -109,6 +109,31 @@ def test_exchange_period_hides_the_measured_round_trip(ratio, period):
     assert exchange_period(ratio) == period
 
 
+def test_auto_wants_the_lag_that_hides_the_round_trip_and_bounds_the_cost():
+    from keras_fda.callback import _StepTiming, agreed_lag
+
+    def step(timing, exchange_s=0.0, fda_s=0.0, in_graph=True):
+        timing.measured({"train_s": 0.010, "exchange_s": exchange_s, "fda_s": fda_s,
+                         "received": True, "composed": True}, in_graph)
+
+    cheap = _StepTiming()
+    step(cheap, exchange_s=0.0002, fda_s=0.0004)  # 4% of the step: every step
+    assert cheap.wanted() == 1.0
+    costly = _StepTiming()
+    step(costly, exchange_s=0.0005, fda_s=0.0013)  # 13% of a step per message
+    assert costly.wanted() == 3.0
+    slow_link = _StepTiming()
+    step(slow_link, exchange_s=0.050)  # a 50 ms round trip on a 10 ms step
+    # 1.25 x 5 -> 7 steps to hide it, in the background: received one call later.
+    assert slow_link.wanted() == 8.0
+    background = _StepTiming()
+    background.step_ended(), background.step_ended()
+    background._step = 0.010
+    background.exchanged(round_trip=0.050, waited=0.0)  # on the background thread
+    assert background.wanted() == 8.0
+    assert [agreed_lag(x) for x in (1.0, 1.5, 4.0, float("nan"), 1e9)] == [1, 2, 4, 100, 100]
+
+
 @pytest.mark.parametrize("exchange_every", [1, 3, "auto"])
 def test_overlapped_exchange_decides_one_exchange_later(exchange_every):
     """One worker: every decision uses a state sent `exchange_every` steps before."""
