@@ -858,7 +858,7 @@ class _StepTiming:
         train = max(result["train_s"], 1e-6)
         if in_graph and result["received"]:
             self._in_graph = _smooth(self._in_graph, result["exchange_s"] / train)
-        if result["composed"]:
+        if result["composed"] and not result["synced"]:  # a sync's time is not per message
             self._pass = _smooth(self._pass, result["fda_s"] / train)
 
     def wanted(self):

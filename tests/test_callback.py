@@ -114,7 +114,7 @@ def test_auto_wants_the_lag_that_hides_the_round_trip_and_bounds_the_cost():
 
     def step(timing, exchange_s=0.0, fda_s=0.0, in_graph=True):
         timing.measured({"train_s": 0.010, "exchange_s": exchange_s, "fda_s": fda_s,
-                         "received": True, "composed": True}, in_graph)
+                         "received": True, "composed": True, "synced": False}, in_graph)
 
     cheap = _StepTiming()
     step(cheap, exchange_s=0.0002, fda_s=0.0004)  # 4% of the step: every step
@@ -122,6 +122,9 @@ def test_auto_wants_the_lag_that_hides_the_round_trip_and_bounds_the_cost():
     costly = _StepTiming()
     step(costly, exchange_s=0.0005, fda_s=0.0013)  # 13% of a step per message
     assert costly.wanted() == 3.0
+    costly.measured({"train_s": 0.010, "exchange_s": 0.0, "fda_s": 0.400, "received": True,
+                     "composed": True, "synced": True}, True)
+    assert costly.wanted() == 3.0  # a sync's own time is not a message's cost
     slow_link = _StepTiming()
     step(slow_link, exchange_s=0.050)  # a 50 ms round trip on a 10 ms step
     # 1.25 x 5 -> 7 steps to hide it, in the background: received one call later.
