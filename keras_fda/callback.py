@@ -678,7 +678,7 @@ class FDACallback(keras.callbacks.Callback):
             if self._timing is not None:
                 self._timing.measured(result, in_graph)
                 if not math.isnan(result["mean_wanted"]):
-                    self._every = agreed_lag(result["mean_wanted"])
+                    self._every = agreed_lag(result["mean_wanted"], self._every)
             if result["composed"] and self._every > 1:
                 if in_graph:  # the lag grew: the message waits in the outbox
                     averager.outbox_full.assign(False)
@@ -711,7 +711,7 @@ class FDACallback(keras.callbacks.Callback):
         mean = in_flight.result()
         if self._timing is not None:
             self._timing.exchanged(in_flight.elapsed, waited=time.perf_counter() - started)
-            self._every = agreed_lag(float(mean[-1]))
+            self._every = agreed_lag(float(mean[-1]), self._every)
         return mean, self._in_flight_since
 
     def _check(self, result):
@@ -797,15 +797,19 @@ _BUDGET = 0.05
 _LONGEST_LAG = 100
 
 
-def agreed_lag(mean_wanted):
-    """The lag every worker takes from the mean of the lags they want (all-reduced).
+def agreed_lag(mean_wanted, lag):
+    """The lag every worker takes after `lag`, from the mean of the lags they want.
 
-    >>> agreed_lag(1.0), agreed_lag(2.5)
-    (1, 3)
+    `mean_wanted` is all-reduced, so every worker computes the same. The
+    lag at most doubles per exchange: one slow first exchange (a peer still
+    tracing) must not set a lag of 100 steps before the next measurement.
+
+    >>> agreed_lag(1.0, 4), agreed_lag(2.5, 4), agreed_lag(50.0, 4)
+    (1, 3, 8)
     """
     if not math.isfinite(mean_wanted):
-        return _LONGEST_LAG
-    return int(min(max(math.ceil(mean_wanted - 1e-6), 1), _LONGEST_LAG))
+        mean_wanted = _LONGEST_LAG
+    return int(min(max(math.ceil(mean_wanted - 1e-6), 1), 2 * lag, _LONGEST_LAG))
 
 
 def exchange_period(ratio, longest=100):

@@ -134,7 +134,9 @@ def test_auto_wants_the_lag_that_hides_the_round_trip_and_bounds_the_cost():
     background._step = 0.010
     background.exchanged(round_trip=0.050, waited=0.0)  # on the background thread
     assert background.wanted() == 8.0
-    assert [agreed_lag(x) for x in (1.0, 1.5, 4.0, float("nan"), 1e9)] == [1, 2, 4, 100, 100]
+    lags = [agreed_lag(x, 64) for x in (1.0, 1.5, 4.0, float("nan"), 1e9)]
+    assert lags == [1, 2, 4, 100, 100]
+    assert [agreed_lag(100.0, lag) for lag in (1, 2, 8, 60)] == [2, 4, 16, 100]
 
 
 @pytest.mark.parametrize("exchange_every", [1, 3, "auto"])
