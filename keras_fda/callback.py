@@ -626,8 +626,13 @@ class FDACallback(keras.callbacks.Callback):
                 with tf.control_dependencies([mean_message]):
                     exchanged = tf.timestamp()
             logs = train_step(data)
-            with tf.control_dependencies(tf.nest.flatten(logs)):
+            # The logs come before the optimizer's update; reading the weights
+            # waits for it (reads follow earlier writes), so `trained` is the
+            # end of the whole step.
+            updated = [v.read_value()[..., :0] for v in averager.variables]
+            with tf.control_dependencies(tf.nest.flatten(logs) + updated):
                 trained = tf.timestamp()
+            with tf.control_dependencies(tf.nest.flatten(logs)):
                 if not averager.trigger.state_size or not self.overlap:
                     result = averager.blocking_step()
                     result["composed"] = tf.constant(False)
