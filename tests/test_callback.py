@@ -104,32 +104,32 @@ def test_bad_arguments_say_what_to_do(kwargs, message):
     "ratio, period", [(0.0, 1), (0.8, 1), (1.0, 2), (8.0, 10), (1e6, 100), (float("nan"), 100)]
 )
 def test_exchange_period_hides_the_measured_round_trip(ratio, period):
-    from keras_fda.callback import exchange_period
+    from keras_fda.cadence import exchange_period
 
     assert exchange_period(ratio) == period
 
 
 def test_auto_wants_the_lag_that_hides_the_round_trip_and_bounds_the_cost():
-    from keras_fda.callback import _StepTiming, agreed_lag
+    from keras_fda.cadence import StepTiming, agreed_lag
 
     def step(timing, exchange_s=0.0, fda_s=0.0, in_graph=True):
         timing.measured({"train_s": 0.010, "exchange_s": exchange_s, "fda_s": fda_s,
                          "received": True, "composed": True, "synced": False}, in_graph)
 
-    cheap = _StepTiming()
+    cheap = StepTiming()
     step(cheap, exchange_s=0.0002, fda_s=0.0004)  # 4% of the step: every step
     assert cheap.wanted() == 1.0
-    costly = _StepTiming()
+    costly = StepTiming()
     step(costly, exchange_s=0.0005, fda_s=0.0013)  # 13% of a step per message
     assert costly.wanted() == 3.0
     costly.measured({"train_s": 0.010, "exchange_s": 0.0, "fda_s": 0.400, "received": True,
                      "composed": True, "synced": True}, True)
     assert costly.wanted() == 3.0  # a sync's own time is not a message's cost
-    slow_link = _StepTiming()
+    slow_link = StepTiming()
     step(slow_link, exchange_s=0.050)  # a 50 ms round trip on a 10 ms step
     # 1.25 x 5 -> 7 steps to hide it, in the background: received one call later.
     assert slow_link.wanted() == 8.0
-    background = _StepTiming()
+    background = StepTiming()
     background.step_ended(), background.step_ended()
     background._step = 0.010
     background.exchanged(round_trip=0.050, waited=0.0)  # on the background thread
