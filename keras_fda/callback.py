@@ -260,7 +260,7 @@ class FDACallback(keras.callbacks.Callback):
     def communication(self):
         if self._averager is None:
             raise ValueError("No communication yet: FDACallback has not been used in fit().")
-        # exchange_every="auto" adds each worker's round-trip ratio to a message.
+        # exchange_every="auto" adds the lag each worker wants to its messages.
         return self._averager.communication(control_bytes=8 if self._averager.timed else 4)
 
     def _check_model(self):
