@@ -210,10 +210,8 @@ class WorkerAverager(Engine):
 
     def _message(self, state, active, wanted=0.0):
         """A message: the state, the 'still training' flag and, if `timed`, `wanted`."""
-        parts = [state, [tf.cast(active, tf.float32)]]
-        if self.timed:
-            parts.append([tf.cast(wanted, tf.float32)])
-        return tf.concat(parts, 0)
+        message = _with_flag(state, active)
+        return _with_flag(message, wanted) if self.timed else message
 
     def send_outbox(self):
         """All-reduces the outbox if a message awaits; returns `(mean, sent)`.
