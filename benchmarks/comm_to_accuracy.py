@@ -1,6 +1,6 @@
 """Communication to accuracy: bytes and steps each sync strategy needs to reach a target.
 
-Trains K simulated workers (`keras_fda.simulation.Simulation`) on the FEMNIST
+Trains K simulated workers (`keras_fda.Simulation`) on the FEMNIST
 subset with Adam and batch 32 per worker, under synchronous averaging, no
 synchronization until the end (the do-nothing baseline: how much
 communication matters), periodic averaging (a tau sweep), Kamp's local
@@ -693,7 +693,7 @@ def plot(configs, path):
 
 def configs_from_csv(paths):
     """(title, runs, targets, scheduled_or_drift) per config of earlier runs' CSVs."""
-    from keras_fda.simulation import SimulationHistory
+    from keras_fda.drivers.simulation import SimulationHistory
 
     rows = []
     for path in paths:
@@ -735,7 +735,7 @@ def main(argv):
         print(f"Wrote {stem}.md and {stem.name}_pareto.png.")
         return
     import models
-    from keras_fda.simulation import Simulation
+    from keras_fda.drivers.simulation import Simulation
 
     preset_name = "quick" if FLAGS.quick else FLAGS.preset
     preset = dict(PRESETS[preset_name])
@@ -794,7 +794,7 @@ def main(argv):
         f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared), "
         f"load average at the start {os.getloadavg()[0]:.1f}; "
-        "Keras simulator `keras_fda.simulation.Simulation`.",
+        "Keras simulator `keras_fda.Simulation`.",
         "",
         f"Adam, batch {BATCH_SIZE} per worker, accuracy of the averaged model on the task's "
         f"test set, evaluated {preset['evaluations_per_epoch']} times per epoch. Bytes: the "

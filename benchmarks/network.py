@@ -59,7 +59,7 @@ import tempfile
 import threading
 import time
 
-from keras_fda.launch import _describe, _stop
+from keras_fda.runtime.launch import _describe, _stop
 
 SUBNET = "10.77.0"
 RELAY_ADDRESS = f"{SUBNET}.254"

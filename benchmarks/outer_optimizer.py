@@ -1,6 +1,6 @@
 """What a sync sends and does: bfloat16 payload and an outer optimizer, FDA against periodic.
 
-Trains K simulated workers (`keras_fda.simulation.Simulation`) in the regimes of
+Trains K simulated workers (`keras_fda.Simulation`) in the regimes of
 `benchmarks/comm_to_accuracy.py` where communication matters (label skew
 Dirichlet 0.1 with a constant or warmup + cosine learning rate, and the concept
 drift that rotates the partitions at mid-run), LeNet-5 on the FEMNIST digits,
@@ -257,7 +257,7 @@ def main():
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import models
-    from keras_fda.simulation import Simulation
+    from keras_fda.drivers.simulation import Simulation
 
     preset = dict(PRESETS[args.preset])
     if args.regimes:

@@ -72,8 +72,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from keras_fda import triggers  # noqa: E402
-from keras_fda.averager import WorkerAverager  # noqa: E402
+from keras_fda.policies import triggers  # noqa: E402
+from keras_fda.engine.averager import WorkerAverager  # noqa: E402
 
 flags.DEFINE_integer("steps", 300, "Measured steps (or calls) per section and round.")
 flags.DEFINE_integer("warmup", 30, "Steps (or calls) dropped at the start of each section.")

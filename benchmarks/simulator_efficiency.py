@@ -29,7 +29,7 @@ def main(argv):
     del argv
     import numpy as np
 
-    from keras_fda.simulation import Simulation
+    from keras_fda.drivers.simulation import Simulation
 
     model_name = (FLAGS.models or ["cnn"])[0]
     task = (FLAGS.tasks or ["femnist62"])[0]

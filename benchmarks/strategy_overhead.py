@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import models  # noqa: E402
 
-from keras_fda.strategy import FDAStrategy  # noqa: E402
+from keras_fda.drivers.strategy import FDAStrategy  # noqa: E402
 
 
 class StepTimer(keras.callbacks.Callback):

@@ -228,7 +228,7 @@ def rendered_charts(driver, url, expected_charts, timeout=30):
 
 def screenshot(log_dir, path, last_step=None, width=1400, height=1250):
     """Serves `log_dir`, renders the FDA charts in Chromium, saves a PNG; returns the charts."""
-    from keras_fda import tensorboard as fda_tensorboard
+    from keras_fda.drivers import tensorboard as fda_tensorboard
 
     with serve_tensorboard(log_dir, last_step) as url, chromium(width, height) as driver:
         charts = rendered_charts(driver, url, len(fda_tensorboard.CHARTS))

@@ -12,32 +12,39 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Cluster": "keras_fda.cluster",
-    "connect": "keras_fda.cluster",
-    "PeerFailureError": "keras_fda.cluster",
-    "CommunicationStats": "keras_fda.accounting",
-    "FDACallback": "keras_fda.callback",
-    "FDAStrategy": "keras_fda.strategy",
-    "VarianceEstimator": "keras_fda.estimators",
-    "NaiveEstimator": "keras_fda.estimators",
-    "LinearEstimator": "keras_fda.estimators",
-    "SketchEstimator": "keras_fda.estimators",
-    "ExactEstimator": "keras_fda.estimators",
-    "SyncTrigger": "keras_fda.triggers",
-    "FDA": "keras_fda.triggers",
-    "AutoFDA": "keras_fda.triggers",
-    "Synchronous": "keras_fda.triggers",
-    "Periodic": "keras_fda.triggers",
-    "Kamp": "keras_fda.triggers",
-    "SyncRule": "keras_fda.outer",
-    "Simulation": "keras_fda.simulation",
-    "SimulationHistory": "keras_fda.simulation",
-    "simulate": "keras_fda.simulation",
-    "Dashboard": "keras_fda.tensorboard",
+    "Cluster": "keras_fda.runtime.cluster",
+    "connect": "keras_fda.runtime.cluster",
+    "PeerFailureError": "keras_fda.runtime.cluster",
+    "CommunicationStats": "keras_fda.engine.accounting",
+    "FDACallback": "keras_fda.drivers.callback",
+    "FDAStrategy": "keras_fda.drivers.strategy",
+    "VarianceEstimator": "keras_fda.policies.estimators",
+    "NaiveEstimator": "keras_fda.policies.estimators",
+    "LinearEstimator": "keras_fda.policies.estimators",
+    "SketchEstimator": "keras_fda.policies.estimators",
+    "ExactEstimator": "keras_fda.policies.estimators",
+    "SyncTrigger": "keras_fda.policies.triggers",
+    "FDA": "keras_fda.policies.triggers",
+    "AutoFDA": "keras_fda.policies.triggers",
+    "Synchronous": "keras_fda.policies.triggers",
+    "Periodic": "keras_fda.policies.triggers",
+    "Kamp": "keras_fda.policies.triggers",
+    "SyncRule": "keras_fda.policies.outer",
+    "Simulation": "keras_fda.drivers.simulation",
+    "SimulationHistory": "keras_fda.drivers.simulation",
+    "simulate": "keras_fda.drivers.simulation",
+    "Dashboard": "keras_fda.drivers.tensorboard",
 }
 
 # Submodules reachable as attributes, e.g. `keras_fda.partition.iid(...)`.
-_SUBMODULES = ("accounting", "estimators", "outer", "partition", "tensorboard", "triggers")
+_SUBMODULES = {
+    "accounting": "keras_fda.engine.accounting",
+    "estimators": "keras_fda.policies.estimators",
+    "outer": "keras_fda.policies.outer",
+    "partition": "keras_fda.partition",
+    "tensorboard": "keras_fda.drivers.tensorboard",
+    "triggers": "keras_fda.policies.triggers",
+}
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 
@@ -47,7 +54,7 @@ def __getattr__(name):
         raise AttributeError(f"module 'keras_fda' has no attribute {name!r}")
     try:
         if name in _SUBMODULES:
-            module = importlib.import_module(f"keras_fda.{name}")
+            module = importlib.import_module(_SUBMODULES[name])
             globals()[name] = module
             return module
         module = importlib.import_module(_EXPORTS[name])

@@ -93,7 +93,7 @@ def read_dashboard(run_dir):
     Checks the split on the way: the threshold and the synchronous bytes are in
     the reference run only (so TensorBoard draws them in another colour).
     """
-    from keras_fda.tensorboard import REFERENCE_RUN_SUFFIX, REFERENCE_TAGS
+    from keras_fda.drivers.tensorboard import REFERENCE_RUN_SUFFIX, REFERENCE_TAGS
 
     events = read_run(run_dir)
     reference = read_run(os.fspath(run_dir) + REFERENCE_RUN_SUFFIX)

@@ -1,6 +1,6 @@
 """What the communication summary tells a user."""
 
-from keras_fda.accounting import CommunicationStats
+from keras_fda.engine.accounting import CommunicationStats
 
 
 def test_one_worker_says_nothing_was_sent():

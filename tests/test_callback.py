@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 import keras_fda
-from keras_fda import cluster as cluster_lib
+from keras_fda.runtime import cluster as cluster_lib
 from conftest import launch
 
 
@@ -104,13 +104,13 @@ def test_bad_arguments_say_what_to_do(kwargs, message):
     "ratio, period", [(0.0, 1), (0.8, 1), (1.0, 2), (8.0, 10), (1e6, 100), (float("nan"), 100)]
 )
 def test_exchange_period_hides_the_measured_round_trip(ratio, period):
-    from keras_fda.cadence import exchange_period
+    from keras_fda.policies.cadence import exchange_period
 
     assert exchange_period(ratio) == period
 
 
 def test_auto_wants_the_lag_that_hides_the_round_trip_and_bounds_the_cost():
-    from keras_fda.cadence import StepTiming, agreed_lag
+    from keras_fda.policies.cadence import StepTiming, agreed_lag
 
     def step(timing, exchange_s=0.0, fda_s=0.0, in_graph=True):
         timing.measured({"train_s": 0.010, "exchange_s": exchange_s, "fda_s": fda_s,

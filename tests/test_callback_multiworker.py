@@ -130,7 +130,7 @@ def exact_variance(drifts, w0, w_prev):
 
 def linear_statistic(shapes):
     """Linear FDA's estimate in numpy, with its direction from the last round's step."""
-    from keras_fda.estimators import LinearEstimator
+    from keras_fda.policies.estimators import LinearEstimator
 
     est = LinearEstimator(seed=0)
     est.build(shapes)

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 import keras_fda
-from keras_fda import cluster as cluster_lib
+from keras_fda.runtime import cluster as cluster_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_fda import estimators
-from keras_fda.sketch import AMSSketch
+from keras_fda.policies import estimators
+from keras_fda.policies.sketch import AMSSketch
 
 SHAPES = [(7, 5), (5,), (3, 2, 4)]
 K = 4

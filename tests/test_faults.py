@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, launch
-from keras_fda import launch as launch_lib
+from keras_fda.runtime import launch as launch_lib
 
 WORKER = "tests/workers/fit_worker.py"
 

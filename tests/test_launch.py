@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from keras_fda import launch as launch_lib
+from keras_fda.runtime import launch as launch_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "keras_fda" / "launch.py"

@@ -1,4 +1,4 @@
-"""keras_fda.outer: what a sync sends (payload dtype) and does (outer optimizer, moments)."""
+"""keras_fda.policies.outer: what a sync sends (payload dtype) and does (outer optimizer, moments)."""
 
 import pathlib
 import sys
@@ -10,8 +10,8 @@ import pytest
 import tensorflow as tf
 
 import keras_fda
-from keras_fda.outer import SyncRule, moment_variables
-from keras_fda.simulation import Simulation, batch_schedule
+from keras_fda.policies.outer import SyncRule, moment_variables
+from keras_fda.drivers.simulation import Simulation, batch_schedule
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import sim_vs_real_worker as setup  # noqa: E402

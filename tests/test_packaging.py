@@ -21,7 +21,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 VERSION = re.search(
     r'^__version__ = "([^"]+)"', (REPO / "keras_fda" / "__init__.py").read_text(), re.M
 ).group(1)
-MODULES = sorted(p.name for p in (REPO / "keras_fda").glob("*.py"))
+MODULES = sorted(p.relative_to(REPO / "keras_fda").as_posix() for p in (REPO / "keras_fda").rglob("*.py"))
 DATA_SUFFIXES = (".npz", ".npy", ".h5", ".keras", ".csv", ".png", ".json", ".pyc", ".so")
 _IGNORE_NAMES = shutil.ignore_patterns(
     ".git", "bazel-*", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "logs", "tmp"
@@ -135,7 +135,7 @@ def test_wheel_installs_into_a_fresh_venv_and_imports(wheel_path, tmp_path):
     version, location, callback_module = result.stdout.split()
     assert version == VERSION
     assert pathlib.Path(location).is_relative_to(env_dir)
-    assert callback_module == "keras_fda.callback"
+    assert callback_module == "keras_fda.drivers.callback"
     assert (env_dir / "bin" / "keras-fda-launch").exists()
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_fda.strategy import FDAStrategy
+from keras_fda.drivers.strategy import FDAStrategy
 from conftest import SCALAR_TAGS, check_layout, launch, read_dashboard, read_run
 
 HERE = os.path.dirname(os.path.abspath(__file__))

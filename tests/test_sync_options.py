@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 
 import keras_fda
-from keras_fda.outer import moment_variables
+from keras_fda.policies.outer import moment_variables
 
 
 def data(rows=128, scale=1.0, seed=0):

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from conftest import SCALAR_TAGS, check_layout, launch, read_dashboard, read_layout, read_run
 
-from keras_fda import tensorboard as fda_tensorboard
-from keras_fda.accounting import CommunicationStats
-from keras_fda.tensorboard import Dashboard
+from keras_fda.drivers import tensorboard as fda_tensorboard
+from keras_fda.engine.accounting import CommunicationStats
+from keras_fda.drivers.tensorboard import Dashboard
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_fda import triggers
-from keras_fda.accounting import CommunicationStats
-from keras_fda.averager import WorkerAverager
-from keras_fda.transport import LocalTransport
+from keras_fda.policies import triggers
+from keras_fda.engine.accounting import CommunicationStats
+from keras_fda.engine.averager import WorkerAverager
+from keras_fda.runtime.transport import LocalTransport
 
 
 def test_fda_boundary_equal_does_not_sync_just_above_does():

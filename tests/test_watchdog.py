@@ -10,7 +10,7 @@ import types
 
 import pytest
 
-from keras_fda import transport
+from keras_fda.runtime import transport
 
 WAIT = 30  # seconds any step of the stand-ins may take before the test fails
 

@@ -26,9 +26,9 @@ import tensorflow as tf  # noqa: E402
 
 import keras_fda  # noqa: E402
 import models  # noqa: E402
-from keras_fda import estimators as estimators_lib  # noqa: E402
-from keras_fda import triggers  # noqa: E402
-from keras_fda.simulation import Simulation  # noqa: E402
+from keras_fda.policies import estimators as estimators_lib  # noqa: E402
+from keras_fda.policies import triggers  # noqa: E402
+from keras_fda.drivers.simulation import Simulation  # noqa: E402
 from comm_to_accuracy import (  # noqa: E402
     REGIMES, learning_rate, load_task, make_partitions, repartition,
 )

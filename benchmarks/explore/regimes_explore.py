@@ -17,7 +17,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
 import numpy as np, keras, tensorflow as tf
 import keras_fda, models
 from keras_fda import partition, triggers
-from keras_fda.simulation import Simulation
+from keras_fda.drivers.simulation import Simulation
 from comm_to_accuracy import load_task
 
 def build(lr, steps, classes=10, seed=0, name="lenet5"):

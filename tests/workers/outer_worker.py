@@ -27,7 +27,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from keras_fda.outer import SyncRule, moment_variables  # noqa: E402
+from keras_fda.policies.outer import SyncRule, moment_variables  # noqa: E402
 
 transport = cluster.transport
 index = transport.worker_index

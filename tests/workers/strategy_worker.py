@@ -93,8 +93,8 @@ import numpy as np  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 from keras_fda import partition, triggers  # noqa: E402
-from keras_fda.simulation import Simulation, batch_schedule  # noqa: E402
-from keras_fda.strategy import FDAStrategy  # noqa: E402
+from keras_fda.drivers.simulation import Simulation, batch_schedule  # noqa: E402
+from keras_fda.drivers.strategy import FDAStrategy  # noqa: E402
 
 K, BATCH = base_strategy.num_replicas_in_sync, 16
 
@@ -118,7 +118,7 @@ def record_all_reduces():
         files = [frame.filename for frame in traceback.extract_stack()]
         if any(f.endswith("input_lib.py") for f in files):
             origin = "input"
-        elif any(f.endswith(os.path.join("keras_fda", "strategy.py")) for f in files):
+        elif any(f.endswith(os.path.join("keras_fda", "drivers", "strategy.py")) for f in files):
             origin = "fda"
         else:
             origin = "other"
@@ -410,7 +410,7 @@ SYNC_OPTIONS = {
 
 def moment_spread(model):
     """The largest difference between the replicas' copies of the optimizer's moments."""
-    from keras_fda.outer import moment_variables
+    from keras_fda.policies.outer import moment_variables
 
     return max(
         (
@@ -445,7 +445,7 @@ def sync_scenario():
             self.syncs.append(float(logs["fda/syncs"]))
             self.spread.append(spread(self.model))
             self.moments.append(moment_spread(self.model))
-            from keras_fda.outer import moment_variables
+            from keras_fda.policies.outer import moment_variables
 
             self.moment_norm.append(max(
                 (

@@ -13,8 +13,8 @@ It knows nothing of Keras: `FDACallback` feeds it a model's variables.
 
 import tensorflow as tf
 
-from keras_fda import outer as outer_lib
-from keras_fda.engine import Engine
+from keras_fda.policies import outer as outer_lib
+from keras_fda.engine.core import Engine
 
 
 def _flatten(tensors, dtype):
@@ -38,7 +38,7 @@ class WorkerAverager(Engine):
 
     Args:
         trigger: a built-in or custom `keras_fda.triggers.SyncTrigger`.
-        transport: the `keras_fda.transport.Transport` to the other workers.
+        transport: the `keras_fda.runtime.transport.Transport` to the other workers.
         variables: the tf.Variables whose drift is monitored and averaged
             (a model's trainable weights).
         extra_variables: tf.Variables averaged at each sync but not monitored

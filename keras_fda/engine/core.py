@@ -17,8 +17,8 @@ is one change there and reaches all three drivers through this class.
 
 import tensorflow as tf
 
-from keras_fda import outer as outer_lib
-from keras_fda.accounting import CommunicationStats
+from keras_fda.policies import outer as outer_lib
+from keras_fda.engine.accounting import CommunicationStats
 
 
 def averaging_dtype(variables):

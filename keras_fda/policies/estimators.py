@@ -21,7 +21,7 @@ explicitly so that every driver can hold it where it likes.
 import numpy as np
 import tensorflow as tf
 
-from keras_fda.sketch import AMSSketch
+from keras_fda.policies.sketch import AMSSketch
 
 
 def as_float32(tensors):

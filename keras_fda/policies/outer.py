@@ -100,7 +100,7 @@ class SyncRule:
             reference: the tf.Variables holding `w0` (one per monitored
                 weight, in the order of the payload's first entries).
             dtype: the dtype in which the driver averages the weights
-                (`keras_fda.engine.averaging_dtype`).
+                (`keras_fda.engine.core.averaging_dtype`).
 
         Returns:
             A `SyncState`.

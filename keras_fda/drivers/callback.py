@@ -11,12 +11,12 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from keras_fda import cluster as cluster_lib
-from keras_fda.cadence import StepTiming, agreed_lag
-from keras_fda import outer as outer_lib
-from keras_fda import triggers as triggers_lib
-from keras_fda.averager import WorkerAverager
-from keras_fda.tensorboard import Dashboard, standardize_update_freq
+from keras_fda.runtime import cluster as cluster_lib
+from keras_fda.policies.cadence import StepTiming, agreed_lag
+from keras_fda.policies import outer as outer_lib
+from keras_fda.policies import triggers as triggers_lib
+from keras_fda.engine.averager import WorkerAverager
+from keras_fda.drivers.tensorboard import Dashboard, standardize_update_freq
 
 # Model methods that give the model new weights from outside training.
 _WRITERS = ("set_weights", "load_weights")

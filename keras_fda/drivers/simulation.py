@@ -25,12 +25,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_fda import cluster as cluster_lib
-from keras_fda import outer as outer_lib
-from keras_fda import triggers as triggers_lib
-from keras_fda.accounting import CommunicationStats
-from keras_fda.engine import Engine
-from keras_fda.tensorboard import Dashboard
+from keras_fda.runtime import cluster as cluster_lib
+from keras_fda.policies import outer as outer_lib
+from keras_fda.policies import triggers as triggers_lib
+from keras_fda.engine.accounting import CommunicationStats
+from keras_fda.engine.core import Engine
+from keras_fda.drivers.tensorboard import Dashboard
 
 
 def batch_schedule(partitions, batch_size, num_steps, seed=0, repartition=None):
@@ -257,7 +257,7 @@ class Simulation:
 
     ```python
     from keras_fda import partition
-    from keras_fda.simulation import Simulation
+    from keras_fda.drivers.simulation import Simulation
 
     model = make_model()
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy",
@@ -728,7 +728,7 @@ def simulate(model, trigger, x, y, partitions, **kwargs):
     Example:
 
     ```python
-    from keras_fda.simulation import simulate
+    from keras_fda.drivers.simulation import simulate
 
     history = simulate(model, keras_fda.FDA("linear", threshold=2.5),
                        x, y, partition.iid(len(x), 10),

@@ -24,8 +24,8 @@ import math
 
 import tensorflow as tf
 
-from keras_fda import estimators as estimators_lib
-from keras_fda.estimators import squared_norm
+from keras_fda.policies import estimators as estimators_lib
+from keras_fda.policies.estimators import squared_norm
 
 
 def _check_threshold(threshold):

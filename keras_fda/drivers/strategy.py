@@ -10,7 +10,7 @@ the states are averaged with the strategy's collectives, and the replicas'
 weights are averaged (also with the strategy's collectives) only when the
 trigger fires. The trigger objects, estimators and accounting are the ones
 `FDACallback` and the simulator use; this module is only the in-graph driver
-(the analogue of `keras_fda.averager.WorkerAverager`).
+(the analogue of `keras_fda.engine.averager.WorkerAverager`).
 
 How it plugs into Keras (why it is built this way):
 
@@ -48,10 +48,10 @@ import keras
 import tensorflow as tf
 from tensorflow.python.distribute import values as distribute_values
 
-from keras_fda import outer as outer_lib
-from keras_fda import triggers as triggers_lib
-from keras_fda.engine import Engine
-from keras_fda.tensorboard import Dashboard, standardize_update_freq
+from keras_fda.policies import outer as outer_lib
+from keras_fda.policies import triggers as triggers_lib
+from keras_fda.engine.core import Engine
+from keras_fda.drivers.tensorboard import Dashboard, standardize_update_freq
 
 _MEAN = tf.distribute.ReduceOp.MEAN
 # Model methods that read the weights in cross-replica context (which silently

@@ -22,7 +22,7 @@ import tensorflow as tf
 from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
 from tensorflow.python.eager import context
 
-from keras_fda.transport import CollectiveTransport, LocalTransport
+from keras_fda.runtime.transport import CollectiveTransport, LocalTransport
 
 DEFAULT_TIMEOUT_SECONDS = 300.0
 
@@ -91,7 +91,7 @@ class Cluster:
     """The workers this process trains with.
 
     Attributes:
-        transport: the `keras_fda.transport.Transport` carrying collectives.
+        transport: the `keras_fda.runtime.transport.Transport` carrying collectives.
         num_workers: number of worker processes.
         worker_index: this process's index, 0 .. num_workers - 1.
         is_chief: True on worker 0, the one that writes logs and files.

@@ -1,0 +1,7 @@
+"""Drivers: how users run FDA, each a thin composition of the engine and a transport.
+
+`callback.FDACallback` (one Keras `fit` per worker process),
+`strategy.FDAStrategy` (a `tf.distribute` strategy), `simulation.Simulation`
+(K workers in one process), and `tensorboard.Dashboard`, the charts they all
+write.
+"""

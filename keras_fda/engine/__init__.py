@@ -1,0 +1,7 @@
+"""The sync engine: round state, the decision and the sync, shared by every driver.
+
+`core.Engine` owns the reference weights, the trigger's round state and the
+counters, parameterised by how a driver all-reduces and assigns;
+`averager.WorkerAverager` is the engine of one worker process over a
+transport; `accounting.CommunicationStats` counts what was sent.
+"""
