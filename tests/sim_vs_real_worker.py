@@ -80,6 +80,7 @@ def main():
     parser.add_argument("--trigger", choices=["linear", "auto"], default="linear")
     parser.add_argument("--lag", type=int, choices=[0, 1], default=1,
                         help="1: FDACallback's overlapped exchange; 0: overlap=False")
+    parser.add_argument("--sync_dtype", default=None)
     args = parser.parse_args()
     out = pathlib.Path(args.out)
 
@@ -107,6 +108,7 @@ def main():
                 overlap=args.lag == 1,
                 exchange_every=1,  # decisions that do not depend on timing
                 outer_optimizer=outer_optimizer(args.trigger),
+                sync_dtype=args.sync_dtype,
             ),
             Record(),
         ],

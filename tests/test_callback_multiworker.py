@@ -253,6 +253,57 @@ def test_sync_bytes_count_the_payload_and_the_moments(outer3):
     assert stats["paper_bytes"] == expected
 
 
+@pytest.fixture(scope="module")
+def int8_2(tmp_path_factory):
+    """A quantized drift: int8 blocks with error feedback, all-gathered."""
+    return run(
+        tmp_path_factory, 2, "--variant", "linear", "--threshold", LINEAR_THRESHOLD,
+        "--sync_dtype", "int8",
+    )
+
+
+def _dequantized(x, levels=127, block=64):
+    """numpy: x's int8 blocks as the workers dequantize them (absmax scales)."""
+    n = len(x)
+    blocks = np.pad(x, (0, -n % block)).reshape(-1, block)
+    scale = np.max(np.abs(blocks), axis=1) / np.float32(levels)
+    q = np.clip(np.round(blocks / np.where(scale > 0, scale, np.float32(1))[:, None]),
+                -levels, levels)  # fmt: skip
+    return (q * scale[:, None]).reshape(-1)[:n]
+
+
+def test_int8_sync_is_bit_identical_and_feeds_back_what_it_dropped(int8_2):
+    """Every worker adopts w0 + the in-order mean of the dequantized (drift + residual)."""
+    assert_sync_structure(int8_2)
+    sizes = [int(np.prod(s)) for s in int8_2[0]["trainable_shapes"]]
+    w0 = int8_2[0]["initial_trainable"].astype(np.float32)
+    residuals = [np.zeros_like(w0) for _ in int8_2]
+    for t in sync_steps(int8_2[0]):
+        sent = []
+        for k, r in enumerate(int8_2):
+            fed = r["before_trainable"][t].astype(np.float32) - w0 + residuals[k]
+            pieces = np.split(fed, np.cumsum(sizes)[:-1])
+            kept = np.concatenate([_dequantized(p) for p in pieces])
+            residuals[k] = fed - kept
+            sent.append(kept)
+        w0 = w0 + (sent[0] + sent[1]) / np.float32(2)
+        np.testing.assert_allclose(int8_2[0]["after_trainable"][t], w0, rtol=0, atol=1e-6)
+        w0 = int8_2[0]["after_trainable"][t].astype(np.float32)
+    assert np.abs(residuals[0]).max() > 0  # something was fed back
+    stats = int8_2[0]["stats"]
+    d, monitored = stats["num_params"], sum(sizes)
+    gathered = sum(-(-n // 64) * (64 + 4) for n in sizes)  # levels and a scale per block
+    # The BatchNorm statistics travel as float32 values, all-reduced.
+    sync_bytes = gathered + 4 * (d - monitored)
+    # Each of this 210-parameter model's tensors pads to a whole block: 0.72x of
+    # float32's bytes here; 68 / 256 = 0.27x for tensors of many blocks.
+    assert int(int8_2[0]["sync_bytes"]) == sync_bytes < 0.75 * 4 * d
+    k, syncs, steps = 2, stats["syncs"], stats["steps"]
+    assert stats["paper_bytes"] == 2 * k * (4 * d + syncs * sync_bytes) + (
+        stats["state_bytes"] * steps * k
+    )
+
+
 def test_two_workers_sketch_uses_same_hashes_and_tracks_variance(sketch2):
     assert sketch2[0]["sketch_digest"] == sketch2[1]["sketch_digest"]
     assert_sync_structure(sketch2)

@@ -253,8 +253,8 @@ def test_nan_on_one_worker_is_an_error_naming_the_step_on_every_worker(tmp_path)
 
 @pytest.mark.parametrize(
     "options",
-    [(), ("--outer", "nesterov", "--sync_dtype", "bfloat16")],
-    ids=["plain", "outer_nesterov_bfloat16"],
+    [(), ("--outer", "nesterov", "--sync_dtype", "int4")],
+    ids=["plain", "outer_nesterov_int4"],
 )
 def test_restart_with_backup_and_restore_resumes_the_same_run(tmp_path, options):
     """Kill all workers mid-epoch 3, restart: same syncs and final weights as no kill.
@@ -262,7 +262,8 @@ def test_restart_with_backup_and_restore_resumes_the_same_run(tmp_path, options)
     BackupAndRestore saves at epoch ends; with a dataset in fixed order the
     resumed run redoes epoch 3 on the same batches, from the saved weights,
     optimizer state and FDA state (reference weights, direction, counters,
-    the exchanged state awaiting its decision, the outer optimizer's state).
+    the exchanged state awaiting its decision, the outer optimizer's state,
+    each worker's error-feedback residuals of a quantized drift).
     """
     common = ["--threshold", 0.05, "--epochs", 4, *options]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"

@@ -298,7 +298,7 @@ def test_nesterov_names_diloco_outer_step():
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"sync_dtype": "int8"}, ValueError, "sync_dtype must be"),
+        ({"sync_dtype": "int2"}, ValueError, "sync_dtype must be"),
         ({"sync_dtype": "float8"}, ValueError, "sync_dtype must be"),
         ({"sync_dtype": "float64"}, ValueError, "sync_dtype must be"),
         ({"optimizer_state": "mean"}, ValueError, "optimizer_state must be"),
@@ -332,6 +332,104 @@ def test_half_precision_drift_of_float64_weights_is_refused():
     # float32 halves their bytes; None keeps float64.
     assert SyncRule(sync_dtype="float32").build(reference, tf.float64).sends_drift
     assert not SyncRule().build(reference, tf.float64).sends_drift
+
+
+# --- quantized syncs (int8, int4) ---
+
+
+def _quantized(x, levels, block=64):
+    """numpy: x's dequantized int8/int4 blocks (absmax scales, round half to even)."""
+    flat = np.asarray(x, np.float32).reshape(-1)
+    n = len(flat)
+    blocks = np.pad(flat, (0, -n % block)).reshape(-1, block)
+    scale = np.max(np.abs(blocks), axis=1) / np.float32(levels)
+    divisor = np.where(scale > 0, scale, np.float32(1))
+    q = np.clip(np.round(blocks / divisor[:, None]), -levels, levels)
+    return (q * scale[:, None]).reshape(-1)[:n].reshape(np.shape(x)).astype(np.float32)
+
+
+@pytest.mark.parametrize("sync_dtype, levels, bytes_per_block", [("int8", 127, 68), ("int4", 7, 36)])
+def test_quantized_payload_round_trips_within_half_a_level(sync_dtype, levels, bytes_per_block):
+    rng = np.random.default_rng(0)
+    w0 = [rng.normal(size=(50, 7)).astype(np.float32), np.zeros(3, np.float32)]
+    reference = [tf.Variable(w) for w in w0]
+    sync = SyncRule(sync_dtype=sync_dtype).build(reference, tf.float32)
+    assert sync.quantized and sync.sends_drift
+    # Drift of very different magnitudes in different blocks, and a zero drift.
+    drift = [rng.normal(size=(50, 7)).astype(np.float32) * np.logspace(-6, 0, 350).reshape(50, 7)
+             .astype(np.float32), np.zeros(3, np.float32)]  # fmt: skip
+    weights = [w + d for w, d in zip(w0, drift)]
+    drift = [w - r for w, r in zip(weights, w0)]  # as float32 rounds it
+    residuals = sync.new_residuals()
+    payload = sync.payload(weights, w0, [e.read_value() for e in residuals])
+    assert [p.dtype for p in payload] == [tf.int32, tf.int32]
+    # ceil(350 / 64) = 6 blocks and ceil(3 / 64) = 1: levels and a float32 scale each.
+    assert [4 * int(p.shape[0]) for p in payload] == [6 * bytes_per_block, bytes_per_block]
+    assert sync.gathered_bytes() == sync.sync_bytes(353) == 7 * bytes_per_block
+    # One worker alone: the average is w0 + its dequantized drift, per block within half a level.
+    mean = sync.mean_weights([tf.expand_dims(p, 0) for p in payload])
+    for got, w, d in zip(mean, w0, drift):
+        np.testing.assert_allclose(got.numpy(), w + _quantized(d, levels), rtol=0, atol=1e-6)
+        blocks = np.pad(d.reshape(-1), (0, -d.size % 64)).reshape(-1, 64)
+        bound = np.repeat(np.abs(blocks).max(axis=1) / (2 * levels), 64)[: d.size]
+        assert np.all(np.abs(got.numpy() - w - d).reshape(-1) <= bound * 1.0001 + 1e-7)
+    assert bool(sync.finite([tf.expand_dims(p, 0) for p in payload]))
+    poisoned = [weights[0] + np.float32("nan"), weights[1]]
+    assert not bool(sync.finite([tf.expand_dims(p, 0) for p in sync.payload(poisoned, w0)]))
+
+
+def test_error_feedback_sends_what_quantization_dropped_at_the_next_sync():
+    """A constant drift d every round: the workers' total moves by n * d within one level."""
+    w0 = np.zeros(64, np.float32)
+    reference = [tf.Variable(w0)]
+    sync = SyncRule(sync_dtype="int4").build(reference, tf.float32)
+    residuals = sync.new_residuals()
+    d = np.linspace(-1, 1, 64).astype(np.float32) ** 3  # far from int4's 15 levels
+    weights = tf.Variable(w0)
+    sent = np.zeros(64, np.float32)
+    for n in range(1, 9):
+        weights.assign(reference[0] + d)
+        payload = sync.payload([weights.read_value()], [reference[0].read_value()],
+                               [e.read_value() for e in residuals])  # fmt: skip
+        sync.feed_back([weights.read_value()], residuals)
+        (new,) = sync.mean_weights([tf.expand_dims(payload[0], 0)])
+        sent += new.numpy() - reference[0].numpy()
+        reference[0].assign(new)
+        # What was sent plus what is held back is exactly what the worker drifted.
+        np.testing.assert_allclose(sent + residuals[0].numpy(), n * d, atol=1e-5)
+        assert np.abs(residuals[0].numpy()).max() <= 1 / 14 + 1e-6  # half a level
+    without = _quantized(d, 7) * 8
+    assert np.abs(sent - 8 * d).max() < 0.2 * np.abs(without - 8 * d).max()
+
+
+def test_quantized_sync_of_float64_weights_is_refused():
+    with pytest.raises(ValueError, match="float64"):
+        SyncRule(sync_dtype="int8").build([tf.Variable(np.zeros(3))], tf.float64)
+
+
+@pytest.mark.parametrize("sync_dtype", ["int8", "int4"])
+def test_simulator_quantized_sync_is_the_mean_of_dequantized_drifts(data, sim, sync_dtype):
+    """One step and a sync of K workers: w0 + the in-order mean of their dequantized drifts."""
+    x, y = data
+    parts = _parts(x)
+    sim._reset()  # noqa: SLF001
+    w0 = _worker_weights(sim)[0]
+    sim._train_step(tf.constant(x), tf.constant(y), batch_schedule(parts, 8, 1)[0])  # noqa: SLF001
+    local = _worker_weights(sim)
+    history = sim.run(keras_fda.Synchronous(), x, y, parts, batch_size=8, steps=1,
+                      sync_dtype=sync_dtype)  # fmt: skip
+    levels = {"int8": 127, "int4": 7}[sync_dtype]
+    synced = _worker_weights(sim)
+    trainable = len(sim.model.trainable_weights)
+    for i, reference in enumerate(w0[:trainable]):
+        total = _quantized(local[0][i] - reference, levels)
+        for k in range(1, K):
+            total = total + _quantized(local[k][i] - reference, levels)
+        want = reference + total / np.float32(K)
+        for k in range(K):
+            np.testing.assert_allclose(synced[k][i], want, rtol=0, atol=1e-6)
+    stats = history.communication()
+    assert stats.gathered_bytes > 0 and stats.bytes_per_sync < 4 * sim.num_params
 
 
 def test_float16_payload_of_float16_weights():

@@ -25,8 +25,11 @@ def data():
     return setup.make_data()
 
 
-@pytest.mark.parametrize("trigger, lag", [("linear", 1), ("auto", 1), ("linear", 0)])
-def test_simulator_matches_two_real_worker_processes(tmp_path, data, trigger, lag):
+@pytest.mark.parametrize(
+    "trigger, lag, sync_dtype",
+    [("linear", 1, None), ("auto", 1, None), ("linear", 0, None), ("linear", 1, "int4")],
+)
+def test_simulator_matches_two_real_worker_processes(tmp_path, data, trigger, lag, sync_dtype):
     """Same data order, seeds and trigger: same sync steps, same final weights.
 
     lag 1 is FDACallback's default overlapped exchange, lag 0 its blocking one.
@@ -34,11 +37,14 @@ def test_simulator_matches_two_real_worker_processes(tmp_path, data, trigger, la
     final weights then also check that a run ends with the callback's final
     sync), and checks that FDACallback hands AutoFDA what the simulator does at
     each sync (the deciding state and the round length): without them its
-    rounds would all keep the first round's length.
+    rounds would all keep the first round's length. "int4" checks that the
+    all-gathered quantized drift and each worker's error-feedback residual
+    are the same in both.
     """
     result = launch(
         setup.NUM_WORKERS, "tests/sim_vs_real_worker.py", f"--out={tmp_path}",
-        f"--trigger={trigger}", f"--lag={lag}", timeout=REAL_RUN_TIMEOUT,
+        f"--trigger={trigger}", f"--lag={lag}", *([f"--sync_dtype={sync_dtype}"] * bool(sync_dtype)),
+        timeout=REAL_RUN_TIMEOUT,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
@@ -47,7 +53,7 @@ def test_simulator_matches_two_real_worker_processes(tmp_path, data, trigger, la
     history = sim.run(
         setup.make_trigger(trigger), x, y, setup.make_partitions(),
         batch_size=setup.BATCH_SIZE, steps=setup.STEPS, seed=setup.DATA_SEED, lag=lag,
-        outer_optimizer=setup.outer_optimizer(trigger),
+        outer_optimizer=setup.outer_optimizer(trigger), sync_dtype=sync_dtype,
     )  # fmt: skip
     sim_syncs = np.cumsum(history.synced)
     assert 0 < sim_syncs[-1] < setup.STEPS // 2  # the comparison exercises both branches

@@ -102,17 +102,26 @@ def sync_options(tmp_path_factory):
     return {f.stem[len("sync_"):]: dict(np.load(f)) for f in out.glob("sync_*.npz")}
 
 
-@pytest.fixture(scope="module")
-def multiworker_sync(tmp_path_factory):
-    """Periodic averaging with outer Nesterov and a bfloat16 payload on 2 worker processes."""
-    out = tmp_path_factory.mktemp("multiworker_sync")
+def _multiworker_sync(tmp_path_factory, sync):
+    """Periodic averaging with the `sync` option of strategy_worker.py on 2 worker processes."""
+    out = tmp_path_factory.mktemp(f"multiworker_{sync}")
     result = launch(
         2, "tests/workers/strategy_worker.py", "--scenario", "multiworker",
-        "--trigger", "periodic", "--tau", "5", "--steps", "40", "--sync", "nesterov_bfloat16",
+        "--trigger", "periodic", "--tau", "5", "--steps", "40", "--sync", sync,
         "--out", out, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return [dict(np.load(out / f"result_{i}.npz"), out=out) for i in range(2)]
+
+
+@pytest.fixture(scope="module")
+def multiworker_sync(tmp_path_factory):
+    return _multiworker_sync(tmp_path_factory, "nesterov_bfloat16")
+
+
+@pytest.fixture(scope="module")
+def multiworker_int8(tmp_path_factory):
+    return _multiworker_sync(tmp_path_factory, "nesterov_int8")
 
 
 @pytest.fixture(scope="module")
@@ -442,8 +451,7 @@ def test_sync_bytes_follow_the_payload_and_moments(sync_options):
         assert found["paper_bytes"] == 2 * 2 * (4 * num_params + syncs * sync_bytes), option
 
 
-def test_multiworker_outer_nesterov_with_bfloat16_keeps_workers_identical(multiworker_sync):
-    first, second = multiworker_sync
+def _assert_identical_after_each_sync(first, second):
     synced = _sync_steps(first)
     assert synced.tolist() == ([False] * 4 + [True]) * 8
     np.testing.assert_array_equal(synced, first["sim_synced"])
@@ -454,13 +462,31 @@ def test_multiworker_outer_nesterov_with_bfloat16_keeps_workers_identical(multiw
     assert abs(first["accuracy"] - first["sim_accuracy"]) < 0.03
     steps, syncs, paper_bytes, num_params = first["comm"]
     assert (steps, syncs) == (40, 8)  # no steps after the last sync: no sync at the end
-    assert paper_bytes == 2 * 2 * (4 * num_params + syncs * 2 * num_params)
+    return paper_bytes, num_params
+
+
+def test_multiworker_outer_nesterov_with_bfloat16_keeps_workers_identical(multiworker_sync):
+    paper_bytes, num_params = _assert_identical_after_each_sync(*multiworker_sync)
+    assert paper_bytes == 2 * 2 * (4 * num_params + 8 * 2 * num_params)
+
+
+def test_multiworker_outer_nesterov_with_int8_keeps_workers_identical(multiworker_int8):
+    """The quantized drifts are all-gathered through the strategy: same bits everywhere."""
+    paper_bytes, num_params = _assert_identical_after_each_sync(*multiworker_int8)
+    per_sync = (paper_bytes / (2 * 2) - 4 * num_params) / 8
+    assert num_params < per_sync < 2 * num_params  # int8 levels, scales and block padding
+
+
+def test_quantized_sync_with_several_replicas_per_worker_is_a_clear_error(sync_options):
+    """One error-feedback residual per worker: 2 replicas in one process are refused."""
+    error = str(sync_options["nesterov_int8"]["error"])
+    assert "sync_dtype='int8'" in error and "2 replicas per worker" in error
 
 
 def test_bad_sync_options_raise_clear_errors():
     base = tf.distribute.MirroredStrategy(["/cpu:0"])
     with pytest.raises(ValueError, match="sync_dtype must be None or one of"):
-        FDAStrategy(base, threshold=1.0, sync_dtype="int8")
+        FDAStrategy(base, threshold=1.0, sync_dtype="int2")
     with pytest.raises(TypeError, match='must be None, "nesterov" or a Keras optimizer'):
         FDAStrategy(base, threshold=1.0, outer_optimizer="sgd")
     with pytest.raises(ValueError, match="use_ema=False"):

@@ -142,6 +142,8 @@ class SimulationHistory:
             includes tracing).
         sync_bytes: bytes each worker all-reduces at one sync (see
             `keras_fda.outer.SyncState.sync_bytes`); None: the model's.
+        gathered_bytes: the part of `sync_bytes` that is all-gathered (a
+            quantized drift; `CommunicationStats.gathered_bytes`).
         final_syncs: syncs made after the last step (0 or 1), as a fit with
             `FDACallback` ends: the pending decision of `lag=1`, else one sync
             if the workers trained since the last. `communication().syncs`
@@ -160,6 +162,7 @@ class SimulationHistory:
     synced: np.ndarray
     step_seconds: np.ndarray
     sync_bytes: int = None
+    gathered_bytes: int = 0
     final_syncs: int = 0
 
     def communication(self, step=None):
@@ -180,6 +183,7 @@ class SimulationHistory:
             steps=step,
             syncs=syncs,
             sync_bytes=self.sync_bytes,
+            gathered_bytes=self.gathered_bytes,
         )
 
     def first_reaching(self, metric, target):
@@ -323,7 +327,9 @@ class Simulation:
         moments = [outer_lib.moment_variables(w.model.optimizer) for w in workers]
         # One engine for the K workers: worker 0's copy seeds w0 (all start equal).
         engine = Engine(trigger, [v[0] for v in monitored],
-                        [v[0] for v in averaged[len(monitored):]], rule, moments[0])
+                        [v[0] for v in averaged[len(monitored):]], rule, moments[0],
+                        copies=self.num_workers)
+        copies = [[v[k] for v in monitored] for k in range(self.num_workers)]
 
         def assign(values):
             for copies, value in zip(averaged, values):
@@ -333,7 +339,7 @@ class Simulation:
         def average(mean_state):
             sync = engine.sync_state
             payloads = [
-                engine.payload([v[k].read_value() for v in averaged])
+                engine.payload([v[k].read_value() for v in averaged], copy=k)
                 for k in range(self.num_workers)
             ]
             mean_payload = [_all_reduce(list(p), sync) for p in zip(*payloads)]
@@ -342,19 +348,15 @@ class Simulation:
                 for per_worker in zip(*[sync.moments_payload(m) for m in moments])
             ]
             # All checked before any is assigned: a NaN is never averaged in.
-            finite = tf.reduce_all(
-                [tf.reduce_all(tf.math.is_finite(m)) for m in mean_payload + mean_moments]
-            )
+            finite = sync.finite(mean_payload + mean_moments)
             with tf.control_dependencies([_assert_finite(finite, "the workers' average")]):
                 return engine.sync(
                     mean_payload, assign, mean_state=mean_state, mean_moments=mean_moments,
-                    moment_copies=moments,
+                    moment_copies=moments, copies=copies,
                 )
 
         def mean_local_state():
-            return engine.mean_local_state(
-                [[v[k] for v in monitored] for k in range(self.num_workers)]
-            )
+            return engine.mean_local_state(copies)
 
         steps_since_sync = engine.steps_since_sync
         lagged = lag and trigger.state_size
@@ -571,6 +573,7 @@ class Simulation:
             synced=np.zeros(num_steps, bool),
             step_seconds=np.zeros(num_steps),
             sync_bytes=sync.sync_bytes(self.num_params, moments[0], param_bytes=4),
+            gathered_bytes=sync.gathered_bytes(),
         )
         rows = []
         train_loss = math.nan
@@ -669,8 +672,10 @@ def _all_reduce(per_worker, sync):
 
     A drift travels in the payload dtype, added along the ring; values
     (the weights, or the not-monitored ones beside a drift) are averaged in
-    the averaging dtype.
+    the averaging dtype. A quantized drift is all-gathered: `[K, size]`.
     """
+    if per_worker[0].dtype.is_integer:
+        return tf.stack(per_worker)
     if sync.sends_drift and per_worker[0].dtype == sync.payload_dtype:
         return _ring_mean(per_worker)
     return _mean(per_worker)

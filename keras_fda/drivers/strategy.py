@@ -81,6 +81,12 @@ class _ModelState(Engine):
                 trigger, [w.value for w in trainable], [w.value for w in extra], sync_rule,
                 self._moments_of(model, sync_rule),
             )
+        if self.sync_state.quantized and len(strategy.extended.worker_devices) > 1:
+            raise ValueError(
+                f"sync_dtype={sync_rule.sync_dtype!r} keeps one error-feedback residual per "
+                f"worker; this FDAStrategy has {len(strategy.extended.worker_devices)} replicas "
+                "per worker. Use one device per worker, sync_dtype='bfloat16', or FDACallback."
+            )
         self.inner_optimizer = model.optimizer
         self.synchronize = tf.function(self._synchronize_if_drifted)
 
@@ -210,14 +216,18 @@ class _ModelState(Engine):
         # One batch per dtype: TensorFlow packs a batch into one tensor.
         mean = [None] * len(payload)
         local = [strategy.experimental_local_results(p)[0] for p in payload]
-        for indices in outer_lib.dtype_groups(local).values():
-            reduced = strategy.extended.batch_reduce_to(
+        reduced, gathered = outer_lib.gather_groups(local)
+        for indices in reduced.values():
+            means = strategy.extended.batch_reduce_to(
                 _MEAN, [(payload[i], payload[i]) for i in indices]
             )
             # Every device holds the same mean; this process's first one's is used.
-            for i, m in zip(indices, reduced):
+            for i, m in zip(indices, means):
                 mean[i] = strategy.experimental_local_results(m)[0]
-        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(m)) for m in mean])
+        for i in sum(gathered.values(), []):
+            rows = strategy.gather(payload[i], axis=0)
+            mean[i] = tf.reshape(rows, [strategy.num_replicas_in_sync, int(local[i].shape[0])])
+        finite = self.sync_state.finite(mean)
         # No apostrophes: TF's message would show them escaped.
         what = "the average of the weights of the replicas"
         with tf.control_dependencies([_assert_finite(finite, self.steps.read_value(), what)]):

@@ -15,7 +15,9 @@ Two figures are kept apart and always labelled:
   `2 (K - 1) / K * payload` per all-reduce. Totals are over all workers, and
   include the control float the real drivers add to every step's message
   (`control_bytes`: the "still training" flag that keeps a worker that stops
-  early from hanging the others).
+  early from hanging the others). A quantized sync's payload (int8, int4:
+  `gathered_bytes`) travels by a ring all-gather instead: each worker sends
+  `(K - 1) * payload`.
 """
 
 import dataclasses
@@ -41,6 +43,8 @@ class CommunicationStats:
         exchanges: state all-reduces made (None: one per step). Fewer with
             `FDACallback(exchange_every=...)`; state and control bytes are
             counted per exchange.
+        gathered_bytes: the part of `sync_bytes` that is all-gathered, not
+            all-reduced (a quantized drift and its scales).
     """
 
     num_workers: int
@@ -52,6 +56,7 @@ class CommunicationStats:
     param_bytes: int = 4
     sync_bytes: int = None
     exchanges: int = None
+    gathered_bytes: int = 0
 
     @property
     def state_exchanges(self):
@@ -81,18 +86,18 @@ class CommunicationStats:
 
     @property
     def wire_bytes_per_worker(self):
-        """Bytes one worker sends over a ring all-reduce, broadcast included."""
+        """Bytes one worker sends over ring collectives, broadcast included."""
         k = self.num_workers
         per_exchange = self.state_bytes + self.control_bytes
-        payload = (
-            self.model_bytes + self.syncs * self.bytes_per_sync
+        reduced = (
+            self.model_bytes + self.syncs * (self.bytes_per_sync - self.gathered_bytes)
             + self.state_exchanges * per_exchange
         )
-        return 2.0 * (k - 1) / k * payload
+        return 2.0 * (k - 1) / k * reduced + (k - 1) * self.syncs * self.gathered_bytes
 
     @property
     def wire_bytes(self):
-        """Bytes all workers together send over a ring all-reduce."""
+        """Bytes all workers together send over ring collectives."""
         return self.num_workers * self.wire_bytes_per_worker
 
     @property

@@ -18,7 +18,8 @@ from keras_fda.engine.core import Engine
 
 
 def _flatten(tensors, dtype):
-    return tf.concat([tf.reshape(tf.cast(t, dtype), [-1]) for t in tensors], 0)
+    # The empty head makes an empty list an empty tensor.
+    return tf.concat([tf.zeros([0], dtype)] + [tf.reshape(tf.cast(t, dtype), [-1]) for t in tensors], 0)
 
 
 class WorkerAverager(Engine):
@@ -124,7 +125,10 @@ class WorkerAverager(Engine):
         all of them refuse it together.
         """
         payload = self.payload([v.read_value() for v in self.averaged])
-        groups = list(outer_lib.dtype_groups(payload).items())
+        reduced, gathered = outer_lib.gather_groups(payload)
+        # The first collective carries the control floats: with a quantized
+        # drift and nothing else averaged, it carries only them.
+        groups = list(reduced.items()) or [(self.dtype, [])]
         flats = [_flatten([payload[i] for i in indices], dtype) for dtype, indices in groups]
         # What rides along goes with the first dtype's tensors (the drift's).
         control = [tf.reshape(tf.cast(self.replaced, flats[0].dtype), [1])]
@@ -149,13 +153,22 @@ class WorkerAverager(Engine):
             means = [mean[:size]] + [self.transport.all_reduce(f, "mean") for f in flats[1:]]
             parts = [None] * len(payload)
             for (_, indices), flat in zip(groups, means):
+                if not indices:  # the control floats' own collective
+                    continue
                 shapes = [payload[i].shape for i in indices]
                 pieces = tf.split(flat, [int(s.num_elements()) for s in shapes])
                 for i, shape, piece in zip(indices, shapes, pieces):
                     parts[i] = tf.reshape(piece, shape)
-            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(m)) for m in means])
+            for dtype, indices in gathered.items():
+                rows = tf.reshape(
+                    self.transport.all_gather(_flatten([payload[i] for i in indices], dtype)),
+                    [self.transport.num_workers, -1],
+                )
+                sizes = [int(payload[i].shape[0]) for i in indices]
+                for i, piece in zip(indices, tf.split(rows, sizes, axis=1)):
+                    parts[i] = piece
             return tf.cond(
-                finite,
+                self.sync_state.finite(parts),
                 lambda: self._adopt(parts, mean_state, replaced),
                 lambda: tf.constant(False),
             )
@@ -185,11 +198,15 @@ class WorkerAverager(Engine):
         flat = self.transport.all_reduce(_flatten(payload, tf.float32), "mean")
         return [tf.reshape(p, m.shape) for m, p in zip(payload, tf.split(flat, sizes))]
 
-    def _first_payload_size(self):
-        """Entries of the payload's first dtype (`_average`'s first collective)."""
-        if not self.sync_state.sends_drift:
-            return self.num_params
-        return sum(int(v.shape.num_elements()) for v in self.variables)
+    def _first_collective(self):
+        """`(entries, dtype)` of the payload in `_average`'s first collective."""
+        sync = self.sync_state
+        monitored = sum(int(v.shape.num_elements()) for v in self.variables)
+        if not sync.sends_drift:
+            return self.num_params, self.dtype
+        if sync.quantized:
+            return self.num_params - monitored, self.dtype
+        return monitored, sync.payload_dtype
 
     def _exchange(self, payload, active):
         """All-reduces `payload` with a trailing 'still training' flag.
@@ -398,7 +415,8 @@ class WorkerAverager(Engine):
         else:
             # The first collective of `_average`: the payload's first dtype
             # and the `replaced` flag.
-            size, dtype = self._first_payload_size() + 1, self.sync_state.payload_dtype
+            size, dtype = self._first_collective()
+            size += 1
             unsynced = tf.cast(self.steps_since_sync > 0, dtype)
             mean, active_fraction = self._exchange(
                 tf.one_hot(0, size, dtype=dtype) * unsynced, 0.0

@@ -46,12 +46,18 @@ class Engine:
             the average; default: the plain average of the weights).
         moments: one copy's optimizer moments (`keras_fda.outer.moment_variables`),
             for the rule's `optimizer_state` and its bytes.
+        copies: how many local copies of the model this engine averages
+            (`Simulation`'s K; 1 elsewhere): each keeps its own residuals of
+            a quantized sync (`sync_dtype="int8"` or `"int4"`).
 
     Attributes:
         sync_state: the `SyncRule` bound to `reference` (`keras_fda.outer.SyncState`).
+        residuals: per copy, the error-feedback residuals of a quantized
+            sync (empty lists otherwise).
     """
 
-    def __init__(self, trigger, variables, extra_variables=(), sync_rule=None, moments=()):
+    def __init__(self, trigger, variables, extra_variables=(), sync_rule=None, moments=(),
+                 copies=1):
         self.trigger = trigger
         self.variables = list(variables)
         self.averaged = self.variables + list(extra_variables)
@@ -73,12 +79,13 @@ class Engine:
         )
         self.sync_state = (sync_rule or outer_lib.SyncRule()).build(self.reference, self.dtype)
         self.moments = moments
+        self.residuals = [self.sync_state.new_residuals() for _ in range(copies)]
 
     def state_variables(self):
         """Every variable of the averaging state, for checkpoints (fixed order)."""
         return [
             *self.reference, *self.round_state, self.steps, self.syncs, self.steps_since_sync,
-            *self.sync_state.state_variables(),
+            *self.sync_state.state_variables(), *sum(self.residuals, []),
         ]
 
     # --- decide ------------------------------------------------------------
@@ -116,16 +123,18 @@ class Engine:
 
     # --- sync --------------------------------------------------------------
 
-    def payload(self, values):
+    def payload(self, values, copy=0):
         """What one copy all-reduces (MEAN) at a sync: the rule's payload of `values`.
 
         `values` are the copy's values of `averaged`; the tensors may have
-        several dtypes (`keras_fda.outer.dtype_groups`).
+        several dtypes, and a quantized drift's are all-gathered instead
+        (`keras_fda.outer.gather_groups`).
         """
-        return self.sync_state.payload(values, [r.read_value() for r in self.reference])
+        residuals = [e.read_value() for e in self.residuals[copy]]
+        return self.sync_state.payload(values, [r.read_value() for r in self.reference], residuals)
 
     def sync(self, mean_payload, assign, *, mean_state=None, mean_moments=(), moment_copies=None,
-             plain=False):
+             copies=None, plain=False):
         """Adopts the all-reduced `mean_payload` and starts a new round; returns True.
 
         The rule's average of the workers' weights (`w0 + mean drift`, or
@@ -141,11 +150,16 @@ class Engine:
                 averaged (None for a final or planned sync), for `end_round`.
             mean_moments: the mean of `moments_payload` (optimizer_state="average").
             moment_copies: the moments of every local copy (default: `moments`).
+            copies: the monitored variables of every local copy, in the
+                order of `residuals` (default: `variables`), still holding
+                the values their payloads were made from.
             plain: True (or a bool tensor) for a plain average with no outer
                 step: weights set from outside training are what the user
                 asked for, not a step from a `w0` they no longer continue.
         """
         means = [tf.cast(m, self.dtype) for m in self.sync_state.mean_weights(mean_payload)]
+        for variables, residuals in zip(copies or [self.variables], self.residuals):
+            self.sync_state.feed_back([v.read_value() for v in variables], residuals)
         # The round's progress, read before an outer optimizer moves w0.
         global_step = [tf.cast(m, r.dtype) - r for m, r in zip(means, self.reference)]
         if plain is False or self.sync_state.optimizer is None:
@@ -217,5 +231,6 @@ class Engine:
             sync_bytes=self.sync_state.sync_bytes(
                 self.num_params, self.moments, param_bytes=self.dtype.size
             ),
+            gathered_bytes=self.sync_state.gathered_bytes(),
             exchanges=exchanges,
         )

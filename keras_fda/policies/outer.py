@@ -17,7 +17,13 @@ Three levers, each off by default (today's plain average of float weights):
   drift is small, so its rounding error is small next to the weights), and
   the average is `w0 + mean drift` computed at full precision from a `w0`
   that is identical everywhere. TensorFlow's collectives all-reduce bfloat16
-  and float16 natively (the ring adds in the payload's dtype).
+  and float16 natively (the ring adds in the payload's dtype). "int8" and
+  "int4" quantize the drift in blocks of `BLOCK_SIZE` entries with one
+  float32 scale each; what a worker's quantization drops is kept locally
+  and added to its next sync's drift (error feedback). Integers cannot be
+  averaged in their own dtype without overflow or re-rounding, so the
+  drivers all-gather the quantized payloads and every worker dequantizes the
+  same numbers in the same order: the average is bit-identical everywhere.
 * `outer_optimizer`: a Keras optimizer applied to `w0` with the negative
   mean drift `-(average - w0)` as its gradient (DiLoCo's outer Nesterov,
   FedAvgM, FedAdam). Every worker applies it to the same `w0` with the same
@@ -31,8 +37,14 @@ Three levers, each off by default (today's plain average of float weights):
 import keras
 import tensorflow as tf
 
-_SYNC_DTYPES = ("float32", "bfloat16", "float16")
+_SYNC_DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")
 _HALF = (tf.float16, tf.bfloat16)
+# The largest quantization level of each integer payload (symmetric: -L..L).
+_LEVELS = {"int8": 127, "int4": 7}
+# Entries per quantization block, each with one float32 scale (4 bytes): the
+# scale costs 0.5 bits per entry, and a block's scale follows the drift's
+# magnitude within a tensor. Chosen by benchmarks/quantization.py.
+BLOCK_SIZE = 64
 _OPTIMIZER_STATES = ("local", "average", "reset")
 
 
@@ -48,7 +60,17 @@ class SyncRule:
             parameter for the half types), while `w0` and the average stay
             at full precision. float16 flushes drift entries below about
             6e-8 to zero and rounds those below 6e-5 coarsely; bfloat16 has
-            float32's range and 8 bits of precision. Not-monitored weights
+            float32's range and 8 bits of precision. "int8" (1 byte per
+            parameter) and "int4" (half a byte) quantize the drift in
+            blocks of `BLOCK_SIZE` entries, each with a float32 scale (its
+            largest magnitude / 127 or / 7), with error feedback: the part
+            of a worker's drift that its quantization dropped is added to
+            its next sync's drift. The payloads are all-gathered, not
+            all-reduced, so that the average is bit-identical on every
+            worker; a ring all-gather sends K - 1 payloads per worker where
+            an all-reduce sends 2 (K - 1) / K, so int8 sends fewer bytes on
+            the wire than float32 below K = 8 and int4 below K = 16
+            (the paper formula counts the payload once). Not-monitored weights
             (BatchNorm statistics) are values, not drift: they are sent in
             the averaging dtype, which holds any of them (a BatchNorm
             variance above float16's 65504 would overflow a float16 payload).
@@ -148,15 +170,28 @@ class SyncState:
         self.rule = rule
         self.reference = list(reference)
         self.dtype = tf.as_dtype(dtype)
-        wanted = self.dtype if rule.sync_dtype is None else tf.as_dtype(rule.sync_dtype)
+        self.levels = _LEVELS.get(rule.sync_dtype)
+        wanted = self.dtype if rule.sync_dtype is None or self.levels else tf.as_dtype(
+            rule.sync_dtype
+        )
         if wanted in _HALF and self.dtype == tf.float64:
             raise ValueError(
                 f"sync_dtype={rule.sync_dtype!r} would send the drift of float64 weights with "
                 "2 bytes per parameter, below the precision the float64 weights were chosen "
                 "for; use sync_dtype='float32' (4 bytes) or None (8 bytes), or float32 weights."
             )
-        self.sends_drift = wanted.size < self.dtype.size
-        self.payload_dtype = wanted if self.sends_drift else self.dtype
+        if self.levels is not None:
+            if self.dtype == tf.float64:
+                raise ValueError(
+                    f"sync_dtype={rule.sync_dtype!r} quantizes float32 weights; these are "
+                    "float64. Use sync_dtype=None or 'float32', or float32 weights."
+                )
+            # An int32 container of the packed bytes: TensorFlow's collectives
+            # gather no 8-bit dtype.
+            self.sends_drift, self.payload_dtype = True, tf.int32
+        else:
+            self.sends_drift = wanted.size < self.dtype.size
+            self.payload_dtype = wanted if self.sends_drift else self.dtype
         self.optimizer = None
         if rule.outer_optimizer is not None:
             outer = rule.outer_optimizer
@@ -164,11 +199,26 @@ class SyncState:
                 self.optimizer = type(outer).from_config(outer.get_config())
                 self.optimizer.build(self.reference)
 
+    @property
+    def quantized(self):
+        """True if the payload is an integer quantization of the drift (int8, int4)."""
+        return self.levels is not None
+
     def state_variables(self):
         """The variables to checkpoint with the averaging state (the outer optimizer's)."""
         return list(self.optimizer.variables) if self.optimizer is not None else []
 
-    def payload(self, values, reference_values):
+    def new_residuals(self):
+        """One worker's error-feedback residuals (zeros like `reference`), or [] if not quantized."""
+        if not self.quantized:
+            return []
+        with tf.init_scope():
+            return [
+                tf.Variable(tf.zeros(r.shape, self.dtype), trainable=False, name="fda_residual")
+                for r in self.reference
+            ]
+
+    def payload(self, values, reference_values, residuals=()):
         """What one worker all-reduces (MEAN) at a sync, one tensor per averaged weight.
 
         Args:
@@ -183,16 +233,84 @@ class SyncState:
             `payload_dtype`, then the others' values in `dtype`. The dtypes
             may then differ: a driver all-reduces each dtype's tensors
             together (`dtype_groups`), as TensorFlow packs one dtype per
-            collective.
+            collective. A quantized drift (int8, int4: `quantized`) is one
+            1-D int32 tensor per weight, the drift plus `residuals` (this
+            worker's values of `new_residuals()`) in blocks with their
+            scales; a driver all-gathers the integer tensors
+            (`gather_groups`) instead of averaging them.
         """
         if not self.sends_drift:
             return list(values)
         n = len(reference_values)
         drift = [
-            tf.cast(tf.cast(v, self.dtype) - tf.cast(r, self.dtype), self.payload_dtype)
+            tf.cast(v, self.dtype) - tf.cast(r, self.dtype)
             for v, r in zip(values[:n], reference_values)
         ]
-        return drift + [tf.cast(v, self.dtype) for v in values[n:]]
+        others = [tf.cast(v, self.dtype) for v in values[n:]]
+        if self.quantized:
+            fed_back = [d + tf.cast(e, self.dtype) for d, e in zip(drift, residuals)] or drift
+            return [self._quantize(d) for d in fed_back] + others
+        return [tf.cast(d, self.payload_dtype) for d in drift] + others
+
+    def feed_back(self, values, residuals):
+        """After a sync: what this worker's quantization dropped becomes its residuals.
+
+        `values` are the monitored weights' values the payload was made
+        from (before the average is assigned); the payload is recomputed
+        (it is deterministic), so that nothing must be held between the two.
+        """
+        if not self.quantized:
+            return
+        for v, r, e in zip(values, self.reference, residuals):
+            fed = tf.cast(v, self.dtype) - tf.cast(r, self.dtype) + e
+            kept = self._dequantize(self._quantize(fed)[None])[0, : e.shape.num_elements()]
+            e.assign(fed - tf.reshape(kept, e.shape))
+
+    def _quantize(self, tensor):
+        """A float tensor -> 1-D int32: the packed levels of its blocks, then their scales."""
+        flat = tf.reshape(tf.cast(tensor, tf.float32), [-1])
+        size = int(flat.shape[0])
+        blocks = -(-size // BLOCK_SIZE)
+        x = tf.reshape(tf.pad(flat, [[0, blocks * BLOCK_SIZE - size]]), [blocks, BLOCK_SIZE])
+        scale = tf.reduce_max(tf.abs(x), axis=1) / self.levels
+        # An all-zero block sends zeros; a NaN scale travels and fails the finite check.
+        divisor = tf.where(scale > 0, scale, tf.ones_like(scale))
+        q = tf.clip_by_value(tf.round(x / divisor[:, None]), -self.levels, self.levels)
+        if self.levels == _LEVELS["int8"]:
+            packed = tf.cast(q, tf.int8)
+        else:
+            nibbles = tf.reshape(tf.cast(q + 8.0, tf.uint8), [-1, 2])
+            packed = tf.bitcast(nibbles[:, 0] + nibbles[:, 1] * 16, tf.int8)
+        words = tf.bitcast(tf.reshape(packed, [-1, 4]), tf.int32)
+        return tf.concat([tf.reshape(words, [-1]), tf.bitcast(scale, tf.int32)], 0)
+
+    def _blocks(self, gathered):
+        """`(blocks, words of levels)` of `[K, words]` gathered payloads of one weight."""
+        per_block = BLOCK_SIZE * (8 if self.levels == _LEVELS["int8"] else 4) // 32
+        blocks = int(gathered.shape[1]) // (per_block + 1)
+        return blocks, blocks * per_block
+
+    def _dequantize(self, gathered):
+        """`[K, words]` int32 payloads of one weight -> `[K, padded size]` float32 drifts."""
+        blocks, levels = self._blocks(gathered)
+        packed = tf.bitcast(gathered[:, :levels], tf.int8)
+        if self.levels == _LEVELS["int8"]:
+            q = tf.cast(packed, tf.float32)
+        else:
+            byte = tf.cast(tf.bitcast(packed, tf.uint8), tf.int32)
+            q = tf.cast(tf.stack([byte % 16, byte // 16], -1), tf.float32) - 8.0
+        q = tf.reshape(q, [-1, blocks, BLOCK_SIZE])
+        scale = tf.bitcast(gathered[:, levels:], tf.float32)
+        return tf.reshape(q * scale[:, :, None], [-1, blocks * BLOCK_SIZE])
+
+    def finite(self, mean_payload):
+        """Whether the all-reduced (or all-gathered) payload is free of NaN and Inf."""
+        checks = []
+        for m in mean_payload:
+            if m.dtype.is_integer:
+                m = tf.bitcast(m[:, self._blocks(m)[1]:], tf.float32)  # the scales
+            checks.append(tf.reduce_all(tf.math.is_finite(m)))
+        return tf.reduce_all(checks)
 
     def mean_weights(self, mean_payload):
         """The workers' average model from the all-reduced payload.
@@ -203,6 +321,15 @@ class SyncState:
         if not self.sends_drift:
             return list(mean_payload)
         n = len(self.reference)
+        if self.quantized:
+            drifts = [
+                _mean_in_order(self._dequantize(g))[: r.shape.num_elements()]
+                for r, g in zip(self.reference, mean_payload[:n])
+            ]
+            return [
+                r + tf.cast(tf.reshape(d, r.shape), self.dtype)
+                for r, d in zip(self.reference, drifts)
+            ] + [tf.cast(m, self.dtype) for m in mean_payload[n:]]
         averaged = [
             tf.cast(r, self.dtype) + tf.cast(m, self.dtype)
             for r, m in zip(self.reference, mean_payload[:n])
@@ -255,12 +382,44 @@ class SyncState:
         if self.sends_drift:
             monitored = sum(int(r.shape.num_elements()) for r in self.reference)
             # The others travel as values, in the averaging dtype.
-            total = monitored * self.payload_dtype.size + (num_params - monitored) * self.dtype.size
+            total = self.gathered_bytes() + (num_params - monitored) * self.dtype.size
+            if not self.quantized:
+                total += monitored * self.payload_dtype.size
         else:
             total = num_params * (self.dtype.size if param_bytes is None else param_bytes)
         if self.rule.optimizer_state == "average":
             total += sum(int(m.shape.num_elements()) * m.dtype.size for m in moments)
         return total
+
+
+    def gathered_bytes(self):
+        """Bytes of one worker's payload that are all-gathered (quantized), per sync."""
+        if not self.quantized:
+            return 0
+        per_block = 4 + BLOCK_SIZE * (8 if self.levels == _LEVELS["int8"] else 4) // 8
+        return sum(-(-int(r.shape.num_elements()) // BLOCK_SIZE) * per_block
+                   for r in self.reference)
+
+
+def _mean_in_order(rows):
+    """The mean of `rows` ([K, n]) summed in worker order: the same bits on every worker."""
+    total = rows[0]
+    for k in range(1, int(rows.shape[0])):
+        total = total + rows[k]
+    return total / int(rows.shape[0])
+
+
+def gather_groups(payload):
+    """`(reduced, gathered)`: `dtype_groups` of `payload` split into float and integer.
+
+    Float tensors are averaged by an all-reduce; integer ones (a quantized
+    drift) are all-gathered, `[K, size]`, for `SyncState.mean_weights`.
+    """
+    groups = dtype_groups(payload)
+    return (
+        {d: i for d, i in groups.items() if not d.is_integer},
+        {d: i for d, i in groups.items() if d.is_integer},
+    )
 
 
 def describe_optimizer(optimizer, with_config=False):
@@ -379,8 +538,8 @@ def _slots(optimizer):
 
 
 def _check_sync_dtype(sync_dtype):
-    if sync_dtype is None:
-        return None
+    if sync_dtype is None or sync_dtype in _LEVELS:
+        return sync_dtype
     try:
         name = tf.as_dtype(sync_dtype).name
     except TypeError:
