@@ -177,17 +177,21 @@ def utilization(run, local_ms, point=None):
     return (steps - 1) * local_ms / 1e3 / clock if clock > 0 else math.nan
 
 
+def full_time(run, steps):
+    """The clock of all the steps: measured, or extrapolated from the mean step where capped."""
+    return run["mean_step_ms"] * (steps - 1) / 1e3 if run["capped"] else run["clock_s"]
+
+
 def run_rows(runs, targets, steps):
     """One dict per method with the report's figures."""
     local_ms = local_step_ms(runs)
     mwms = runs.get("mwms")
-    mwms_full = mwms and mwms["mean_step_ms"] * (steps - 1) / 1e3
+    mwms_full = mwms and full_time(mwms, steps)
     rows = []
     for name, r in runs.items():
         last = r["points"][-1]
         wire = r.get("tx_bytes_total", r["tx_bytes_worker0"])
-        # Steps-for-steps wall time of a run that ran every step (MWMS extrapolated if capped).
-        full = r["clock_s"] if not r["capped"] else r["mean_step_ms"] * (steps - 1) / 1e3
+        full = full_time(r, steps)
         hits = [first_at(r, t) for t in targets]
         rows.append({
             "method": name, "steps": r["steps"], "capped": r["capped"], "syncs": r["syncs"],
@@ -218,7 +222,7 @@ def fmt_hit(point, util):
 
 
 def link_table(runs, targets, steps):
-    head = ("| method | steps | syncs | clock s | mean step ms | final loss (ppl) | MB on wire "
+    head = ("| method | steps | syncs | clock s | step ms mean / median | final loss (ppl) | MB on wire "
             "(both) | paper MB | util | speedup vs MWMS | "
             + " | ".join(f"to {t:.3f} (w0 MB)" for t in targets) + " |")
     lines = [head, "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|" + "---|" * len(targets)]
@@ -227,7 +231,8 @@ def link_table(runs, targets, steps):
         paper = "" if row["paper_bytes"] is None else f"{row['paper_bytes'] / 1e6:.2f}"
         lines.append(
             f"| {row['method']}{mark} | {row['steps']} | {row['syncs'] if row['syncs'] is not None else 'every step'} | "
-            f"{row['clock_s']:.1f} | {row['mean_step_ms']:.1f} | {row['final_loss']:.4f} "
+            f"{row['clock_s']:.1f} | {row['mean_step_ms']:.1f} / {row['median_step_ms']:.1f} | "
+            f"{row['final_loss']:.4f} "
             f"({row['perplexity']:.2f}) | {row['tx_bytes_total'] / 1e6:.2f} | {paper} | "
             f"{row['utilization']:.0%} | {row['speedup_vs_mwms']:.2f}x | "
             + " | ".join(fmt_hit(h, u) for h, u in zip(row["hits"], row["hit_utilization"]))
@@ -236,36 +241,48 @@ def link_table(runs, targets, steps):
 
 
 def goal_lines(results, targets, steps):
-    """Issue 23's time goals, per link, for the recommended setting."""
+    """Issue 23's time goals, per link, for the recommended setting.
+
+    Met on a link where it reaches synchronous's final loss + 1% at >= 90%
+    utilization, with a speedup over MWMS (to that target where MWMS reached
+    it, else for the whole run) >= 80% of the largest any method could get,
+    and >= 5x where that largest is >= 5x.
+    """
     out = []
     for link, runs, _ in results:
         if RECOMMENDED not in runs or "mwms" not in runs:
             continue
         rows = {r["method"]: r for r in run_rows(runs, targets, steps)}
         rec, largest = rows[RECOMMENDED], bound(runs)
-        final_hit = rec["hits"][-1]
-        util = rec["hit_utilization"][-1]
+        hit, util = rec["hits"][-1], rec["hit_utilization"][-1]
+        to_target = rec["hit_speedup"][-1]
+        speedup = to_target if math.isfinite(to_target) else rec["speedup_vs_mwms"]
+        met = (hit is not None and util >= 0.9 and speedup >= 0.8 * largest
+               and (largest < 5 or speedup >= 5))
         reached = (f"reaches synchronous's final loss + 1% ({targets[-1]:.4f}) at "
-                   f"{final_hit['clock_s']:.1f} s, utilization {util:.0%}" if final_hit else
+                   f"{hit['clock_s']:.1f} s, utilization there {util:.0%}" if hit else
                    f"does not reach synchronous's final loss + 1% ({targets[-1]:.4f}; ends at "
                    f"{rec['final_loss']:.4f})")
-        measured = rec["speedup_vs_mwms"]
         out.append(
             f"* {link_label(link)}: largest speedup any method could get (MWMS step / local "
-            f"step) {largest:.2f}x; {RECOMMENDED} {reached}; its whole-run speedup over MWMS "
-            f"{measured:.2f}x = {measured / largest:.0%} of the largest (goal >= 80%"
+            f"step) {largest:.2f}x; {RECOMMENDED} {reached}; speedup over MWMS "
+            + (f"to that target {to_target:.2f}x, " if math.isfinite(to_target) else "")
+            + f"for the whole run {rec['speedup_vs_mwms']:.2f}x "
+            f"({speedup / largest:.0%} of the largest; goal >= 80%"
             + (", and >= 5x here" if largest >= 5 else "") + "); whole-run utilization "
-            f"{rec['utilization']:.0%} (goal >= 90%): "
-            + ("**met**" if final_hit and util >= 0.9 and measured >= 0.8 * largest
-               and (largest < 5 or measured >= 5) else "**missed**") + ".")
+            f"{rec['utilization']:.0%}: " + ("**met**" if met else "**missed**") + ".")
         diloco = [rows[m] for m in rows if m.startswith("diloco")]
+        mwms = rows["mwms"]
         for i, t in enumerate(targets):
             best = [(d["hits"][i]["clock_s"], d["method"]) for d in diloco if d["hits"][i]]
-            mine = rec["hits"][i]
+            mine, theirs = rec["hits"][i], mwms["hits"][i]
             out.append(
                 f"  * target {t:.4f}: {RECOMMENDED} "
-                + (f"{mine['clock_s']:.1f} s" if mine else "not reached") + "; best DiLoCo "
-                + (f"{min(best)[1]} {min(best)[0]:.1f} s" if best else "not reached"))
+                + (f"{mine['clock_s']:.1f} s ({mine['step']} steps)" if mine else "not reached")
+                + "; MWMS " + (f"{theirs['clock_s']:.1f} s" if theirs else "not reached")
+                + ("" if not (mine and theirs) else f" ({rec['hit_speedup'][i]:.2f}x)")
+                + "; best DiLoCo "
+                + (f"{min(best)[1]} {min(best)[0]:.1f} s" if best else "not reached") + ".")
     return out
 
 

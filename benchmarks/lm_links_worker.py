@@ -117,6 +117,7 @@ class LinkClock(keras.callbacks.Callback):
             evaluate, always_synced, stats, agree, budget)
         self.steps = self.syncs = 0
         self.durations, self.points = [], []
+        self.trace = []  # (step, ms, synced) of every timed step
         self.clock, self.final_sync_s = 0.0, 0.0
         self.capped = False
         self._prev, self._last_eval, self._tx0 = None, 0, link_tx_bytes()
@@ -124,13 +125,14 @@ class LinkClock(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         now = time.perf_counter()
         self.steps += 1
-        if self._prev is not None:
-            self.durations.append(now - self._prev)
-            self.clock += now - self._prev
-        self._prev = now
         syncs = int((logs or {}).get("fda/syncs", 0))
         synced = self.always_synced or syncs > self.syncs
         self.syncs = self.steps if self.always_synced else syncs
+        if self._prev is not None:
+            self.durations.append(now - self._prev)
+            self.trace.append((self.steps, 1e3 * (now - self._prev), synced))
+            self.clock += now - self._prev
+        self._prev = now
         if self.evaluate and synced and self.steps - self._last_eval >= SPEC["eval_every"]:
             self.record()
         if (IS_CHIEF and self.budget and self.clock > SPEC["budget_s"]
@@ -259,6 +261,9 @@ def run(method):
         "clock_s": clock.clock, "final_sync_s": clock.final_sync_s, "fit_wall_s": fit_wall,
         "mean_step_ms": 1e3 * float(durations.mean()) if durations.size else None,
         "median_step_ms": 1e3 * float(np.median(durations)) if durations.size else None,
+        # Where a mean far above the median comes from: load spikes, syncs, or FDA's work.
+        "slowest_steps": sorted(clock.trace, key=lambda t: -t[1])[:12],
+        "sync_steps_ms": sum(ms for _, ms, synced in clock.trace if synced),
         "paper_bytes": stats.paper_bytes if stats else None,
         "ring_wire_bytes": stats.wire_bytes if stats else None,
         "tx_bytes_worker0": tx, "points": clock.points, "load": os.getloadavg(),
