@@ -302,6 +302,7 @@ def test_nesterov_names_diloco_outer_step():
         ({"sync_dtype": "float8"}, ValueError, "sync_dtype must be"),
         ({"sync_dtype": "float64"}, ValueError, "sync_dtype must be"),
         ({"optimizer_state": "mean"}, ValueError, "optimizer_state must be"),
+        ({"error_feedback": 1}, TypeError, "error_feedback must be True or False"),
         ({"outer_optimizer": "sgd"}, TypeError, "Keras optimizer instance"),
         ({"outer_optimizer": tf.keras.optimizers.SGD}, TypeError, "Keras optimizer instance"),
         ({"outer_optimizer": keras.optimizers.SGD(0.7, use_ema=True)}, ValueError, "use_ema"),
@@ -400,6 +401,19 @@ def test_error_feedback_sends_what_quantization_dropped_at_the_next_sync():
         assert np.abs(residuals[0].numpy()).max() <= 1 / 14 + 1e-6  # half a level
     without = _quantized(d, 7) * 8
     assert np.abs(sent - 8 * d).max() < 0.2 * np.abs(without - 8 * d).max()
+
+
+def test_without_error_feedback_what_quantization_drops_is_lost(data, sim):
+    x, y = data
+    runs = {}
+    for feedback in (True, False):
+        history = sim.run(keras_fda.Periodic(2), x, y, _parts(x), batch_size=8, steps=8,
+                          sync_dtype="int4", error_feedback=feedback)  # fmt: skip
+        assert history.synced.sum() == 4
+        runs[feedback] = _worker_weights(sim)[0]
+    assert SyncRule(sync_dtype="int4", error_feedback=False).build(
+        [tf.Variable(np.zeros(3, np.float32))], tf.float32).new_residuals() == []
+    assert not all(np.array_equal(a, b) for a, b in zip(runs[True], runs[False]))
 
 
 def test_quantized_sync_of_float64_weights_is_refused():

@@ -459,6 +459,7 @@ class Simulation:
         sync_dtype=None,
         outer_optimizer=None,
         optimizer_state="local",
+        error_feedback=True,
         lag=0,
         csv_path=None,
         tensorboard_dir=None,
@@ -495,7 +496,9 @@ class Simulation:
                 are averaged), or "float32", "bfloat16", "float16": the
                 drift `w_k - w0` in that dtype when it is narrower (see
                 `keras_fda.outer.SyncRule`). The simulated all-reduce adds
-                in that dtype, as TensorFlow's collectives do.
+                in that dtype, as TensorFlow's collectives do. "int8" or
+                "int4": the drift quantized in blocks with error feedback,
+                gathered and averaged in worker order.
             outer_optimizer: None, "nesterov" (DiLoCo's
                 `keras.optimizers.SGD(0.7, momentum=0.9, nesterov=True)`),
                 or a Keras optimizer applied to `w0` at each sync with the
@@ -508,6 +511,9 @@ class Simulation:
             optimizer_state: "local" (each worker keeps its optimizer's
                 moments), "average" (averaged at each sync) or "reset"
                 (zeroed at each sync).
+            error_feedback: with sync_dtype "int8" or "int4", whether each
+                worker adds what its last quantization dropped to its next
+                sync's drift (default True; False only to measure what it buys).
             lag: 0 (default) decides on the state of the same step, as
                 `FDAStrategy` and `FDACallback(overlap=False)` do; 1 decides
                 on the previous step's state (composed after that step's
@@ -533,7 +539,8 @@ class Simulation:
                 f"FDACallback's overlapped exchange), got {lag!r}."
             )
         rule = outer_lib.SyncRule(
-            sync_dtype=sync_dtype, outer_optimizer=outer_optimizer, optimizer_state=optimizer_state
+            sync_dtype=sync_dtype, outer_optimizer=outer_optimizer, optimizer_state=optimizer_state,
+            error_feedback=error_feedback,
         )
         partitions = _check_partitions(partitions)
         if len(partitions) != self.num_workers:

@@ -359,6 +359,8 @@ class FDAStrategy(tf.distribute.Strategy):
             in float32 or float64), or "float32", "bfloat16", "float16": it
             sends its drift `w_k - w0` in that dtype (2 bytes per parameter
             for the half types); `w0` and the average stay full precision.
+            "int8" or "int4": the drift quantized in blocks with error
+            feedback, all-gathered (one replica per worker only).
         outer_optimizer: None (the plain average), "nesterov", or a Keras
             optimizer that steps `w0` at each sync with the gradient
             `-(mean drift)`: "nesterov" is DiLoCo's
@@ -371,6 +373,9 @@ class FDAStrategy(tf.distribute.Strategy):
             weights, counted in the bytes) or "reset" (zeroed); after a
             recompile, the new optimizer's. See `keras_fda.SyncRule` for all
             three options.
+        error_feedback: with sync_dtype "int8" or "int4", whether each
+            worker adds what its last quantization dropped to its next
+            sync's drift (default True; False only to measure what it buys).
 
     Attributes:
         communication: the `keras_fda.CommunicationStats` of the last model
@@ -415,10 +420,12 @@ class FDAStrategy(tf.distribute.Strategy):
         sync_dtype=None,
         outer_optimizer=None,
         optimizer_state="local",
+        error_feedback=True,
     ):
         self.trigger = triggers_lib.get(trigger, threshold=threshold, variant=variant, tau=tau)
         self.sync_rule = outer_lib.SyncRule(
-            sync_dtype=sync_dtype, outer_optimizer=outer_optimizer, optimizer_state=optimizer_state
+            sync_dtype=sync_dtype, outer_optimizer=outer_optimizer, optimizer_state=optimizer_state,
+            error_feedback=error_feedback,
         )
         self.average_non_trainable = bool(average_non_trainable)
         self.log_dir = log_dir

@@ -91,6 +91,9 @@ class SyncRule:
             (hence the learning-rate schedule and Adam's bias correction),
             learning rate, a `LossScaleOptimizer`'s loss scale, `use_ema`'s
             moving averages and accumulated gradients are never touched.
+        error_feedback: with sync_dtype "int8" or "int4", whether each
+            worker adds what its last quantization dropped to its next
+            sync's drift (default True; False only to measure what it buys).
 
     Example:
 
@@ -106,8 +109,12 @@ class SyncRule:
     `Simulation(model, 10).run(trigger, x, y, parts, sync_dtype="bfloat16")`.
     """
 
-    def __init__(self, *, sync_dtype=None, outer_optimizer=None, optimizer_state="local"):
+    def __init__(self, *, sync_dtype=None, outer_optimizer=None, optimizer_state="local",
+                 error_feedback=True):
         self.sync_dtype = _check_sync_dtype(sync_dtype)
+        if not isinstance(error_feedback, bool):
+            raise TypeError(f"error_feedback must be True or False, got {error_feedback!r}.")
+        self.error_feedback = error_feedback
         self.outer_optimizer = _check_outer_optimizer(outer_optimizer)
         if optimizer_state not in _OPTIMIZER_STATES:
             raise ValueError(
@@ -135,6 +142,7 @@ class SyncRule:
             ("sync_dtype", repr(self.sync_dtype)),
             ("outer_optimizer", describe_optimizer(self.outer_optimizer, with_config=True)),
             ("optimizer_state", repr(self.optimizer_state)),
+            ("error_feedback", repr(self.error_feedback)),
         ]
 
     def get_config(self):
@@ -142,6 +150,7 @@ class SyncRule:
             "sync_dtype": self.sync_dtype,
             "outer_optimizer": self.outer_optimizer,
             "optimizer_state": self.optimizer_state,
+            "error_feedback": self.error_feedback,
         }
 
     def __repr__(self):
@@ -210,7 +219,7 @@ class SyncState:
 
     def new_residuals(self):
         """One worker's error-feedback residuals (zeros like `reference`), or [] if not quantized."""
-        if not self.quantized:
+        if not (self.quantized and self.rule.error_feedback):
             return []
         with tf.init_scope():
             return [
@@ -259,8 +268,6 @@ class SyncState:
         from (before the average is assigned); the payload is recomputed
         (it is deterministic), so that nothing must be held between the two.
         """
-        if not self.quantized:
-            return
         for v, r, e in zip(values, self.reference, residuals):
             fed = tf.cast(v, self.dtype) - tf.cast(r, self.dtype) + e
             kept = self._dequantize(self._quantize(fed)[None])[0, : e.shape.num_elements()]
