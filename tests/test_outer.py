@@ -392,8 +392,9 @@ def test_error_feedback_sends_what_quantization_dropped_at_the_next_sync():
         weights.assign(reference[0] + d)
         payload = sync.payload([weights.read_value()], [reference[0].read_value()],
                                [e.read_value() for e in residuals])  # fmt: skip
-        sync.feed_back([weights.read_value()], residuals)
-        (new,) = sync.mean_weights([tf.expand_dims(payload[0], 0)])
+        gathered = [tf.expand_dims(payload[0], 0)]  # one worker
+        sync.feed_back([weights.read_value()], residuals, gathered, 0)
+        (new,) = sync.mean_weights(gathered)
         sent += new.numpy() - reference[0].numpy()
         reference[0].assign(new)
         # What was sent plus what is held back is exactly what the worker drifted.

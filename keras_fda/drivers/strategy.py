@@ -87,6 +87,9 @@ class _ModelState(Engine):
                 f"worker; this FDAStrategy has {len(strategy.extended.worker_devices)} replicas "
                 "per worker. Use one device per worker, sync_dtype='bfloat16', or FDACallback."
             )
+        # One replica per worker: a gather's rows are in task order.
+        resolver = getattr(strategy, "cluster_resolver", None)
+        self.rank = (resolver.task_id or 0) if resolver is not None else 0
         self.inner_optimizer = model.optimizer
         self.synchronize = tf.function(self._synchronize_if_drifted)
 

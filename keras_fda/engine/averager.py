@@ -56,6 +56,7 @@ class WorkerAverager(Engine):
     ):
         super().__init__(trigger, variables, extra_variables, sync_rule, moments)
         self.transport = transport
+        self.rank = transport.worker_index
         self.timed = bool(timed)
         # The all-reduced message (state and 'still training' fraction) that
         # awaits its decision, and the round length when it was computed

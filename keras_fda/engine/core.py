@@ -80,6 +80,9 @@ class Engine:
         self.sync_state = (sync_rule or outer_lib.SyncRule()).build(self.reference, self.dtype)
         self.moments = moments
         self.residuals = [self.sync_state.new_residuals() for _ in range(copies)]
+        # This process's row in an all-gathered payload; drivers of one copy
+        # among several processes set it.
+        self.rank = 0
 
     def state_variables(self):
         """Every variable of the averaging state, for checkpoints (fixed order)."""
@@ -151,15 +154,19 @@ class Engine:
             mean_moments: the mean of `moments_payload` (optimizer_state="average").
             moment_copies: the moments of every local copy (default: `moments`).
             copies: the monitored variables of every local copy, in the
-                order of `residuals` (default: `variables`), still holding
-                the values their payloads were made from.
+                order of `residuals` and of the rows of a gathered payload
+                (default: `variables`, row `rank`), still holding the values
+                their payloads were made from.
             plain: True (or a bool tensor) for a plain average with no outer
                 step: weights set from outside training are what the user
                 asked for, not a step from a `w0` they no longer continue.
         """
         means = [tf.cast(m, self.dtype) for m in self.sync_state.mean_weights(mean_payload)]
-        for variables, residuals in zip(copies or [self.variables], self.residuals):
-            self.sync_state.feed_back([v.read_value() for v in variables], residuals)
+        ranks = range(len(copies)) if copies else [self.rank]
+        for variables, residuals, rank in zip(copies or [self.variables], self.residuals, ranks):
+            self.sync_state.feed_back(
+                [v.read_value() for v in variables], residuals, mean_payload, rank
+            )
         # The round's progress, read before an outer optimizer moves w0.
         global_step = [tf.cast(m, r.dtype) - r for m, r in zip(means, self.reference)]
         if plain is False or self.sync_state.optimizer is None:

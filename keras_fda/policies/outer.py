@@ -261,17 +261,24 @@ class SyncState:
             return [self._quantize(d) for d in fed_back] + others
         return [tf.cast(d, self.payload_dtype) for d in drift] + others
 
-    def feed_back(self, values, residuals):
+    def feed_back(self, values, residuals, mean_payload, rank):
         """After a sync: what this worker's quantization dropped becomes its residuals.
 
-        `values` are the monitored weights' values the payload was made
-        from (before the average is assigned); the payload is recomputed
-        (it is deterministic), so that nothing must be held between the two.
+        Args:
+            values: this worker's monitored weights' values its payload was
+                made from (before the average is assigned).
+            residuals: its `new_residuals()` variables.
+            mean_payload: the all-gathered payloads of the sync.
+            rank: this worker's row in them.
         """
-        for v, r, e in zip(values, self.reference, residuals):
+        for v, r, e, gathered in zip(values, self.reference, residuals, mean_payload):
             fed = tf.cast(v, self.dtype) - tf.cast(r, self.dtype) + e
-            kept = self._dequantize(self._quantize(fed)[None])[0, : e.shape.num_elements()]
-            e.assign(fed - tf.reshape(kept, e.shape))
+            sent = self._dequantize(gathered[rank : rank + 1])[0, : e.shape.num_elements()]
+            e.assign(fed - tf.reshape(sent, e.shape))
+
+    @property
+    def _bits(self):
+        return 8 if self.levels == _LEVELS["int8"] else 4
 
     def _quantize(self, tensor):
         """A float tensor -> 1-D int32: the packed levels of its blocks, then their scales."""
@@ -283,29 +290,31 @@ class SyncState:
         # An all-zero block sends zeros; a NaN scale travels and fails the finite check.
         divisor = tf.where(scale > 0, scale, tf.ones_like(scale))
         q = tf.clip_by_value(tf.round(x / divisor[:, None]), -self.levels, self.levels)
-        if self.levels == _LEVELS["int8"]:
+        if self._bits == 8:
             packed = tf.cast(q, tf.int8)
-        else:
+        else:  # two levels (offset to 1..15) per byte
             nibbles = tf.reshape(tf.cast(q + 8.0, tf.uint8), [-1, 2])
-            packed = tf.bitcast(nibbles[:, 0] + nibbles[:, 1] * 16, tf.int8)
+            packed = tf.bitwise.bitwise_or(nibbles[:, 0], tf.bitwise.left_shift(nibbles[:, 1], 4))
         words = tf.bitcast(tf.reshape(packed, [-1, 4]), tf.int32)
         return tf.concat([tf.reshape(words, [-1]), tf.bitcast(scale, tf.int32)], 0)
 
     def _blocks(self, gathered):
         """`(blocks, words of levels)` of `[K, words]` gathered payloads of one weight."""
-        per_block = BLOCK_SIZE * (8 if self.levels == _LEVELS["int8"] else 4) // 32
+        per_block = BLOCK_SIZE * self._bits // 32
         blocks = int(gathered.shape[1]) // (per_block + 1)
         return blocks, blocks * per_block
 
     def _dequantize(self, gathered):
         """`[K, words]` int32 payloads of one weight -> `[K, padded size]` float32 drifts."""
         blocks, levels = self._blocks(gathered)
-        packed = tf.bitcast(gathered[:, :levels], tf.int8)
-        if self.levels == _LEVELS["int8"]:
-            q = tf.cast(packed, tf.float32)
+        if self._bits == 8:
+            q = tf.cast(tf.bitcast(gathered[:, :levels], tf.int8), tf.float32)
         else:
-            byte = tf.cast(tf.bitcast(packed, tf.uint8), tf.int32)
-            q = tf.cast(tf.stack([byte % 16, byte // 16], -1), tf.float32) - 8.0
+            byte = tf.bitcast(gathered[:, :levels], tf.uint8)
+            nibbles = tf.stack(
+                [tf.bitwise.bitwise_and(byte, 15), tf.bitwise.right_shift(byte, 4)], -1
+            )
+            q = tf.cast(nibbles, tf.float32) - 8.0
         q = tf.reshape(q, [-1, blocks, BLOCK_SIZE])
         scale = tf.bitcast(gathered[:, levels:], tf.float32)
         return tf.reshape(q * scale[:, :, None], [-1, blocks * BLOCK_SIZE])
@@ -403,7 +412,7 @@ class SyncState:
         """Bytes of one worker's payload that are all-gathered (quantized), per sync."""
         if not self.quantized:
             return 0
-        per_block = 4 + BLOCK_SIZE * (8 if self.levels == _LEVELS["int8"] else 4) // 8
+        per_block = 4 + BLOCK_SIZE * self._bits // 8
         return sum(-(-int(r.shape.num_elements()) // BLOCK_SIZE) * per_block
                    for r in self.reference)
 
