@@ -29,6 +29,7 @@ _EXPORTS = {
     "Synchronous": "keras_fda.policies.triggers",
     "Periodic": "keras_fda.policies.triggers",
     "Kamp": "keras_fda.policies.triggers",
+    "QSR": "keras_fda.policies.triggers",
     "SyncRule": "keras_fda.policies.outer",
     "Simulation": "keras_fda.drivers.simulation",
     "SimulationHistory": "keras_fda.drivers.simulation",

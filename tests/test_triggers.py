@@ -241,3 +241,92 @@ def test_a_stopped_peer_is_seen_and_nothing_is_averaged():
     averager = WorkerAverager(triggers.Synchronous(), LocalTransport(), [tf.Variable([1.0])])
     assert bool(averager.step()["peers_active"])
     assert not bool(averager.stop()["others_active"])
+
+
+# --- QSR: the period from the optimizer's learning rate ---
+
+
+def _qsr_model():
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    # Rates 0.1, 0.05, 0.02 from iterations 0, 10, 20: QSR(0.2) periods 4, 16, 100.
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay([10, 20], [0.1, 0.05, 0.02])
+    model.compile(keras.optimizers.SGD(schedule), "mse")
+    return model
+
+
+# The period of each round is set by the rate at its first step: rounds start at
+# steps 0, 4, 8 (rate 0.1: 4 steps), 12 (rate 0.05: 16 steps) and 28 (rate 0.02: 100).
+QSR_SYNC_STEPS = [3, 7, 11, 27]
+
+
+def test_qsr_periods_follow_the_learning_rate_at_each_rounds_start_in_every_driver():
+    import keras
+    import keras_fda
+
+    x = np.random.default_rng(0).normal(size=(40 * 8, 4)).astype(np.float32)
+    y = x[:, :2]
+    found = {}
+    sim = keras_fda.Simulation(_qsr_model(), 2)
+    history = sim.run(keras_fda.QSR(alpha=0.2, base_period=2), x, y,
+                      keras_fda.partition.iid(len(x), 2), batch_size=8, steps=40)  # fmt: skip
+    found["simulation"] = np.flatnonzero(history.synced).tolist()
+
+    class Syncs(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.syncs = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.syncs.append(int(logs["fda/syncs"]))
+
+    for name in ("callback", "strategy"):
+        syncs = Syncs()
+        if name == "callback":
+            model = _qsr_model()
+            callbacks = [keras_fda.FDACallback(trigger="qsr", threshold=0.2, tau=2), syncs]
+        else:
+            strategy = keras_fda.FDAStrategy(
+                tf.distribute.MirroredStrategy(["/cpu:0"]), trigger="qsr", threshold=0.2, tau=2
+            )
+            with strategy.scope():
+                model = _qsr_model()
+            callbacks = [syncs]
+        model.fit(x, y, batch_size=8, epochs=1, steps_per_epoch=40, shuffle=False, verbose=0,
+                  callbacks=callbacks)  # fmt: skip
+        found[name] = np.flatnonzero(np.diff([0] + syncs.syncs)).tolist()
+    assert found == {name: QSR_SYNC_STEPS for name in found}
+
+
+def test_qsr_with_a_constant_rate_is_periodic_and_never_shorter_than_its_base():
+    import keras
+
+    for rate, alpha, base, period in [(0.1, 0.2, 2, 4), (0.1, 0.05, 3, 3), (0.01, 0.1, 1, 100)]:
+        trigger = triggers.QSR(alpha=alpha, base_period=base)
+        trigger.watch(keras.optimizers.SGD(rate))
+        assert float(trigger.period(0)) == period
+        assert not bool(trigger.should_sync(None, period - 1)) and bool(
+            trigger.should_sync(None, period)
+        )
+        assert float(trigger.statistic(None, period)) == 1.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(trigger="qsr", tau=2), "needs threshold= \\(its alpha\\) and tau="),
+        (dict(trigger="qsr", threshold=0.1), "needs threshold= \\(its alpha\\) and tau="),
+        (dict(trigger="qsr", threshold=-1.0, tau=2), "threshold must be a positive"),
+        (dict(trigger="qsr", threshold=0.1, tau=0), "base_period must be an integer >= 1"),
+        (dict(trigger="qsr", threshold=0.1, tau=2, variant="linear"), "does not use variant"),
+    ],
+)
+def test_qsr_bad_arguments_say_what_to_pass(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        triggers.get(**kwargs)
+
+
+def test_qsr_without_an_optimizer_says_to_compile():
+    with pytest.raises(ValueError, match="compile the model with an optimizer"):
+        triggers.QSR(alpha=0.1, base_period=2).period(0)

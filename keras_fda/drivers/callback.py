@@ -419,6 +419,7 @@ class FDACallback(keras.callbacks.Callback):
             return
         trainable, extra = outer_lib.synchronized_weights(model, self.average_non_trainable)
         trainable, extra = [w.value for w in trainable], [w.value for w in extra]
+        self.trigger.watch(model.optimizer)
         moments = []
         if self.sync_rule.optimizer_state != "local" and model.optimizer is not None:
             if not model.optimizer.built:

@@ -91,6 +91,7 @@ class _ModelState(Engine):
         resolver = getattr(strategy, "cluster_resolver", None)
         self.rank = (resolver.task_id or 0) if resolver is not None else 0
         self.inner_optimizer = model.optimizer
+        trigger.watch(model.optimizer)
         self.synchronize = tf.function(self._synchronize_if_drifted)
 
     def _moments_of(self, model, rule):
@@ -107,6 +108,7 @@ class _ModelState(Engine):
         if model.optimizer is not self.inner_optimizer:
             self.moments = self._moments_of(model, self.sync_state.rule)
             self.inner_optimizer = model.optimizer
+            self.trigger.watch(model.optimizer)
 
     # --- replica context -------------------------------------------------
 

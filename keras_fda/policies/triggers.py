@@ -22,6 +22,7 @@ the shared step count, so all workers decide alike.
 
 import math
 
+import keras
 import tensorflow as tf
 
 from keras_fda.policies import estimators as estimators_lib
@@ -55,6 +56,14 @@ class SyncTrigger:
     name = None
     threshold = 0.0
     state_size = 0
+
+    def watch(self, optimizer):
+        """Called by the drivers with the Keras optimizer of the model being trained.
+
+        A trigger that depends on the learning rate (`QSR`) keeps it; every
+        worker's rate is the same function of the shared step count.
+        """
+        del optimizer
 
     def build(self, shapes):
         """Prepares for drifts made of tensors of `shapes` (the trainable weights)."""
@@ -373,6 +382,72 @@ class Kamp(SyncTrigger):
         return f"Kamp(threshold={self.threshold})"
 
 
+class QSR(SyncTrigger):
+    """Gu et al.'s Quadratic Synchronization Rule (ICLR 2024): sync every H steps.
+
+    `H = max(base_period, floor((alpha / lr) ** 2))`, with `lr` the
+    optimizer's learning rate at the first step of the round: frequent syncs
+    while the rate is high, longer rounds as it decays. With a Keras learning
+    rate schedule that is the schedule at the round's first step; a rate
+    changed by hand (a variable) is read as it is now. Nothing is exchanged
+    between syncs. The statistic is the round's progress, steps since the
+    last sync / H: a sync comes when it reaches `threshold` = 1.
+
+    Args:
+        alpha: the rule's coefficient: the period at a rate `lr` is
+            `(alpha / lr)^2` (e.g. alpha 0.01 with Adam at 1e-3: 100 steps).
+        base_period: the shortest period, an integer >= 1.
+
+    Example:
+
+    ```python
+    trigger = keras_fda.QSR(alpha=0.01, base_period=4)
+    callback = keras_fda.FDACallback(trigger=trigger)
+    ```
+    """
+
+    name = "qsr"
+    threshold = 1.0
+
+    def __init__(self, alpha, base_period):
+        self.alpha = _check_threshold(alpha)
+        if isinstance(base_period, bool) or not isinstance(base_period, int) or base_period < 1:
+            raise ValueError(f"base_period must be an integer >= 1, got {base_period!r}.")
+        self.base_period = base_period
+        self._optimizer = None
+
+    def watch(self, optimizer):
+        # A LossScaleOptimizer's rate and step count are its inner optimizer's.
+        while hasattr(optimizer, "inner_optimizer"):
+            optimizer = optimizer.inner_optimizer
+        self._optimizer = optimizer
+
+    def period(self, steps_since_sync):
+        """H (float32) of the round that has run `steps_since_sync` steps."""
+        if self._optimizer is None:
+            raise ValueError(
+                "QSR reads the learning rate of the model's optimizer: compile the model with "
+                "an optimizer before training (drivers call trigger.watch(optimizer))."
+            )
+        schedule = getattr(self._optimizer, "_learning_rate", None)
+        if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
+            first = self._optimizer.iterations - tf.cast(steps_since_sync, tf.int64)
+            rate = schedule(first)
+        else:
+            rate = self._optimizer.learning_rate
+        rate = tf.cast(rate, tf.float32)
+        return tf.maximum(float(self.base_period), tf.floor(tf.square(self.alpha / rate)))
+
+    def statistic(self, mean_state, steps_since_sync):
+        return tf.cast(steps_since_sync, tf.float32) / self.period(steps_since_sync)
+
+    def should_sync(self, statistic, steps_since_sync):
+        return tf.cast(steps_since_sync, tf.float32) >= self.period(steps_since_sync)
+
+    def __repr__(self):
+        return f"QSR(alpha={self.alpha:g}, base_period={self.base_period})"
+
+
 def describe(trigger):
     """The trigger's settings as text, equal across processes for equal settings.
 
@@ -390,11 +465,11 @@ def get(trigger=None, *, threshold=None, variant=None, tau=None):
 
     Args:
         trigger: a `SyncTrigger`, or one of "fda" (default), "synchronous",
-            "periodic", "kamp".
+            "periodic", "kamp", "qsr".
         threshold: Theta for "fda" and "kamp"; for "fda" also "auto" (an
-            `AutoFDA`: the threshold sets and adapts itself).
+            `AutoFDA`: the threshold sets and adapts itself); alpha for "qsr".
         variant: estimator name or instance for "fda" (default "linear").
-        tau: period for "periodic".
+        tau: period for "periodic"; the shortest period for "qsr".
 
     Raises:
         ValueError: for an unknown trigger, a missing argument, or an argument
@@ -403,15 +478,15 @@ def get(trigger=None, *, threshold=None, variant=None, tau=None):
     given = {"threshold": threshold, "variant": variant, "tau": tau}
     name = "fda" if trigger is None else trigger
     uses = {"fda": ("threshold", "variant"), "kamp": ("threshold",),
-            "periodic": ("tau",), "synchronous": ()}
+            "periodic": ("tau",), "synchronous": (), "qsr": ("threshold", "tau")}
     if isinstance(trigger, SyncTrigger):
         name, used = repr(trigger), ()
     elif name in uses:
         used = uses[name]
     else:
         raise ValueError(
-            f"Unknown trigger {trigger!r}. Use 'fda', 'synchronous', 'periodic', 'kamp' "
-            "or a keras_fda.triggers.SyncTrigger instance."
+            f"Unknown trigger {trigger!r}. Use 'fda', 'synchronous', 'periodic', 'kamp', "
+            "'qsr' or a keras_fda.triggers.SyncTrigger instance."
         )
     unused = sorted(k for k, v in given.items() if v is not None and k not in used)
     if unused:
@@ -438,4 +513,11 @@ def get(trigger=None, *, threshold=None, variant=None, tau=None):
         if tau is None:
             raise ValueError("The 'periodic' trigger needs tau (steps between syncs).")
         return Periodic(tau)
+    if name == "qsr":
+        if threshold is None or tau is None:
+            raise ValueError(
+                "The 'qsr' trigger needs threshold= (its alpha) and tau= (the shortest period), "
+                "e.g. trigger='qsr', threshold=0.05, tau=4."
+            )
+        return QSR(threshold, tau)
     return Synchronous()
