@@ -54,6 +54,21 @@ MATTERS = 0.03  # no sync loses at least this much final accuracy: communication
 VARIANTS = ("plain", "nesterov", "bf16")
 
 
+def report_header(title, command):
+    """A report's first lines: title, command, date, machine and load (no timing claims)."""
+    return [
+        f"# {title}",
+        "",
+        f"Command (from the repo root): `{command}`",
+        "",
+        f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared), load "
+        f"average at the start {os.getloadavg()[0]:.1f}. Bytes, steps and accuracy only (no "
+        "timing claims).",
+        "",
+    ]
+
+
 def nesterov(lr=0.7):
     import keras
 
@@ -271,16 +286,9 @@ def main():
     num_steps = int(preset["epochs"] * (len(y) // (c2a.BATCH_SIZE * workers)))
     started = time.time()
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
-    header = [
-        "# What a sync sends and does: bfloat16 payload, outer Nesterov (issue 15)",
-        "",
-        f"Command (from the repo root): `{command}`",
-        "",
-        f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared), load "
-        f"average at the start {os.getloadavg()[0]:.1f}. Bytes, steps and accuracy only (no "
-        "timing claims).",
-        "",
+    header = report_header(
+        "What a sync sends and does: bfloat16 payload, outer Nesterov (issue 15)", command
+    ) + [
         f"`keras_fda.Simulation`, FEMNIST digits ({preset['writers']} writers), LeNet-5, K = "
         f"{workers}, Adam, batch {c2a.BATCH_SIZE} per worker, {num_steps} steps, seed "
         f"{args.seed}, accuracy of the averaged model on the test set evaluated "

@@ -26,10 +26,8 @@ quantization.csv (every evaluation).
 
 import argparse
 import csv
-import datetime
 import os
 import pathlib
-import platform
 import shlex
 import sys
 import time
@@ -78,20 +76,6 @@ def payload_bytes(sizes, bits, block):
     return total
 
 
-def header(title, command):
-    return [
-        f"# {title}",
-        "",
-        f"Command (from the repo root): `{command}`",
-        "",
-        f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared), load "
-        f"average at the start {os.getloadavg()[0]:.1f}. Bytes, steps and accuracy only (no "
-        "timing claims).",
-        "",
-    ]
-
-
 def blocks_part(args, out, command):
     import models
 
@@ -112,7 +96,8 @@ def blocks_part(args, out, command):
     drifts = {"first 32 steps": drift(32)}
     drift(300 - 32)
     drifts["steps 300-332"] = drift(32)
-    lines = header("Quantized syncs: the block size (issue 24)", command) + [
+    title = "Quantized syncs: the block size (issue 24)"
+    lines = outer_optimizer.report_header(title, command) + [
         f"LeNet-5 (d = {d:,}, {len(sizes)} tensors, the smallest {min(sizes)} entries), Adam "
         f"(lr 1e-3), batch {c2a.BATCH_SIZE}, FEMNIST digits; the drift "
         "of 32 local steps. Relative error = ||dequantized - drift|| / ||drift||, one "
@@ -193,7 +178,9 @@ def regime_lines(regime, runs, targets):
                     goals.append((name, abs(steps - 1) <= tolerance,
                                   f"{regime} {label} {outer} {t:.3f}: {steps:.2f}x"))  # fmt: skip
             if payload in dict((g[0], 0) for g in GOALS) and ref is None:
-                goals.append((payload, True, f"{regime} {label} {outer} {t:.3f}: float32 missed it"))
+                goals.append(
+                    (payload, True, f"{regime} {label} {outer} {t:.3f}: float32 missed it")
+                )
         for name, _, _ in GOALS:
             if payload == name:
                 missed = [t for t in targets if history.first_reaching("accuracy", t) is None
@@ -235,7 +222,8 @@ def accuracy_part(args, out, command):
     workers = 10
     num_steps = int(args.epochs * (len(y) // (c2a.BATCH_SIZE * workers)))
     started = time.time()
-    top = header("Quantized syncs: steps to accuracy of each payload (issue 24)", command) + [
+    title = "Quantized syncs: steps to accuracy of each payload (issue 24)"
+    top = outer_optimizer.report_header(title, command) + [
         f"`keras_fda.Simulation`, FEMNIST digits (400 writers), LeNet-5, K = {workers}, Adam, "
         f"batch {c2a.BATCH_SIZE} per worker, {num_steps} steps, seed {args.seed}, one seed. "
         "Payloads: the drift in bfloat16, int8 or int4 (blocks of 64 with a float32 scale; "
@@ -265,11 +253,12 @@ def accuracy_part(args, out, command):
                   f"{ev['accuracy'][-1]:.4f}, {ev['syncs'][-1]} syncs, load "
                   f"{os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
             for i in range(len(ev["step"])):
-                rows.append({"regime": regime, "trigger": label, "payload": payload,
-                             "outer": outer, **{k: v[i].item() for k, v in ev.items()}})  # fmt: skip
+                rows.append({"regime": regime, "trigger": label, "payload": payload, "outer": outer,
+                             **{k: v[i].item() for k, v in ev.items()}})  # fmt: skip
         float32 = runs[("periodic-32", "float32", "plain")].communication().bytes_per_sync
         for name, _, _ in GOALS:
-            ratios[name] = runs[("periodic-32", name, "plain")].communication().bytes_per_sync / float32
+            quantized = runs[("periodic-32", name, "plain")].communication().bytes_per_sync
+            ratios[name] = quantized / float32
         targets = c2a.targets_from(runs[("synchronous", "float32", "plain")], FRACTIONS)
         lines, regime_goals = regime_lines(regime, runs, targets)
         body += lines

@@ -18,8 +18,9 @@ from keras_fda.engine.core import Engine
 
 
 def _flatten(tensors, dtype):
+    flat = [tf.reshape(tf.cast(t, dtype), [-1]) for t in tensors]
     # The empty head makes an empty list an empty tensor.
-    return tf.concat([tf.zeros([0], dtype)] + [tf.reshape(tf.cast(t, dtype), [-1]) for t in tensors], 0)
+    return tf.concat([tf.zeros([0], dtype)] + flat, 0)
 
 
 class WorkerAverager(Engine):

@@ -218,7 +218,7 @@ class SyncState:
         return list(self.optimizer.variables) if self.optimizer is not None else []
 
     def new_residuals(self):
-        """One worker's error-feedback residuals (zeros like `reference`), or [] if not quantized."""
+        """One worker's error-feedback residuals (zeros like `reference`); [] without them."""
         if not (self.quantized and self.rule.error_feedback):
             return []
         with tf.init_scope():
