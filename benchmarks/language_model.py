@@ -60,6 +60,11 @@ flags.DEFINE_list(
     "Extra AutoFDA settings, HORIZON:FIRST_ROUND each (library default 128:32), run with and "
     "without the outer step as auto-HORIZON-FIRST_ROUND[+nesterov].",
 )
+flags.DEFINE_list(
+    "payloads", [],
+    "Extra runs of DiLoCo with the first of --taus and another sync payload: int8, int4, "
+    "bfloat16, or int8-noEF / int4-noEF (without error feedback), as diloco-H<tau>-<payload>.",
+)
 flags.DEFINE_integer("seq_len", 64, "Bytes per example.", lower_bound=2)
 flags.DEFINE_integer("dim", 64, "Model width.", lower_bound=1)
 flags.DEFINE_integer("layers", 2, "Transformer blocks.", lower_bound=1)
@@ -96,12 +101,13 @@ def load_example():
     return module
 
 
-def strategies(steps, taus, auto_variants=(), only=None):
+def strategies(steps, taus, auto_variants=(), only=None, payloads=()):
     """`[(label, trigger factory, run kwargs)]`: a fresh trigger per run (triggers hold state).
 
     `auto_variants`: `(horizon, first_round)` pairs of extra AutoFDA runs;
     `only`: labels of the standard runs to keep (synchronous always is;
-    the variants always run).
+    the variants always run); `payloads`: sync_dtype names (a "-noEF"
+    suffix turns error feedback off) of extra DiLoCo runs with the first tau.
     """
     import keras_fda
 
@@ -127,6 +133,13 @@ def strategies(steps, taus, auto_variants=(), only=None):
             (f"auto-{horizon}-{first}", make, {"lag": 1}),
             (f"auto-{horizon}-{first}+nesterov", make, {"lag": 1, "outer_optimizer": "nesterov"}),
         ]
+    for payload in payloads:
+        dtype = payload.removesuffix("-noEF")
+        runs.append((
+            f"diloco-H{taus[0]}-{payload}", lambda tau=taus[0]: keras_fda.Periodic(tau),
+            {"outer_optimizer": "nesterov", "sync_dtype": dtype,
+             **({"error_feedback": False} if payload.endswith("-noEF") else {})},
+        ))  # fmt: skip
     return runs
 
 
@@ -352,7 +365,7 @@ def main(argv):
         print(f"K={k}: {len(data[0]) * FLAGS.seq_len} training bytes, validation "
               f"{x_val.size} bytes from {len(held_out)} held-out modules", flush=True)  # fmt: skip
         results, num_params = run_workers(
-            lm, k, data, (x_val, y_val), strategies(FLAGS.steps, taus, variants, FLAGS.only)
+            lm, k, data, (x_val, y_val), strategies(FLAGS.steps, taus, variants, FLAGS.only, FLAGS.payloads)
         )
         all_results[k] = results
         lines, verdict, _ = report(k, results, num_params, fractions)
