@@ -64,7 +64,8 @@ def _parser():
     p.add_argument("--steps", type=int, default=384, help="steps per run (at most)")
     p.add_argument("--taus", default="32,128", help="DiLoCo periods H (outer Nesterov)")
     p.add_argument("--methods", default=None,
-                   help="a subset of the methods, comma-separated (default: all)")
+                   help="a subset of the methods, comma-separated (default: all); also "
+                   "auto-every1 and auto+nesterov-every1 (exchange_every=1), run only when named")
     p.add_argument("--budget_s", type=float, default=90.0,
                    help="a run stops once its training clock passes this (marked capped)")
     p.add_argument("--budget_methods", default="mwms,synchronous",
@@ -104,6 +105,10 @@ def methods(steps, taus, only=None):
              "kwargs": {"threshold": "auto", "outer_optimizer": "nesterov"}},
             {"name": "local-again", **local}]
     if only:
+        # Run only when named: auto with the exchange every step (no lag to agree on).
+        out[-1:-1] = [{"name": f"{m['name']}-every1", "kind": "fda",
+                       "kwargs": {**m["kwargs"], "exchange_every": 1}}
+                      for m in out if m["name"].startswith("auto")]
         out = [m for m in out if m["name"] in only]
     return out
 
@@ -245,6 +250,23 @@ def link_table(runs, targets, steps):
     return lines
 
 
+def slowest_lines(runs):
+    """Where a run's mean step exceeds its median: its slowest steps (runs that recorded them)."""
+    out = []
+    for name, r in runs.items():
+        if not r.get("slowest_steps"):
+            continue
+        excess = sum(ms - r["median_step_ms"] for _, ms, _ in r["slowest_steps"]) / 1e3
+        out.append(
+            f"* {name}: clock {r['clock_s']:.1f} s = {r['steps'] - 1} steps x median "
+            f"{r['median_step_ms']:.1f} ms ({(r['steps'] - 1) * r['median_step_ms'] / 1e3:.1f} s) "
+            f"+ {r['clock_s'] - (r['steps'] - 1) * r['median_step_ms'] / 1e3:.1f} s; its 12 slowest "
+            f"steps hold {excess:.1f} s above the median: "
+            + ", ".join(f"step {s} {ms:.0f} ms" + (" (sync)" if synced else "")
+                        for s, ms, synced in r["slowest_steps"]))
+    return ["", "Slowest steps:", ""] + out if out else []
+
+
 def goal_lines(results, targets, steps):
     """Issue 23's time goals, per link, for the recommended setting.
 
@@ -255,7 +277,7 @@ def goal_lines(results, targets, steps):
     """
     out = []
     for link, runs, _ in results:
-        if RECOMMENDED not in runs or "mwms" not in runs:
+        if RECOMMENDED not in runs or "mwms" not in runs or not targets:
             continue
         rows = {r["method"]: r for r in run_rows(runs, targets, steps)}
         rec, largest = rows[RECOMMENDED], bound(runs)
@@ -319,17 +341,23 @@ def plot(results, targets, stem):
     fig.savefig(f"{stem}.png", dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    markers = "osD^v<>p"
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    markers, colors = "osD^v<>p", {}
     for i, (link, runs, _) in enumerate(results):
+        ax.scatter([], [], marker=markers[i % 8], color="grey", label=link_label(link))
         for row in run_rows(runs, targets, 10**9):
             if row["method"] == "local-again":
                 continue
-            ax.scatter(max(row["tx_bytes_total"], 1), row["final_loss"], marker=markers[i % 8],
-                       s=22, label=link_label(link) if row["method"] == "mwms" else None)
-            ax.annotate(row["method"], (max(row["tx_bytes_total"], 1), row["final_loss"]),
-                        fontsize=5)
-    ax.axhline(targets[-1], color="grey", lw=0.5)
+            first = row["method"] not in colors
+            color = colors.setdefault(row["method"], f"C{len(colors) % 10}")
+            x = max(row["tx_bytes_total"], 1)
+            ax.scatter(x, row["final_loss"], marker=markers[i % 8], s=24, color=color,
+                       alpha=0.5 if row["capped"] else 1.0)
+            if first:
+                ax.annotate(row["method"], (x, row["final_loss"]), fontsize=6,
+                            xytext=(4, 4), textcoords="offset points", color=color)
+    for t in targets[-1:]:
+        ax.axhline(t, color="grey", lw=0.5)
     ax.set_xscale("log")
     ax.set_xlabel("bytes on the wire, both workers (measured, eth0)")
     ax.set_ylabel("final validation loss")
@@ -342,7 +370,7 @@ def plot(results, targets, stem):
 def write_report(args, out, command, started, results):
     stem = out / args.name
     first = results[0][1]
-    targets = targets_of(first["synchronous"], args.steps)
+    targets = targets_of(first["synchronous"], args.steps) if "synchronous" in first else []
     loads = [info for _, _, info in results]
     some = next(iter(first.values()))
     md = [
@@ -373,7 +401,8 @@ def write_report(args, out, command, started, results):
         "its mean step where capped) / the method's (likewise).", "",
         "Targets (validation loss, from synchronous on the first link): "
         + ", ".join(f"{t:.4f}" for t in targets)
-        + " (its loss after 25% and 50% of the run, its final loss + 1%).", "",
+        + " (its loss after 25% and 50% of the run, its final loss + 1%; none without a "
+        "synchronous run).", "",
         "Load (`uptime` before -> after each harness run):", "",
     ]
     md += [f"* {link_label(i['link'])} ({i['wall_s']:.0f} s): `{i['uptime'][0]}` -> "
@@ -387,6 +416,7 @@ def write_report(args, out, command, started, results):
                f"speedup any method could get over MWMS: {bound(runs):.2f}x (with mean steps: "
                f"{bound(runs, 'mean_step_ms'):.2f}x)." if "mwms" in runs else "", ""]
         md += link_table(runs, targets, args.steps)
+        md += slowest_lines(runs)
     goals = goal_lines(results, targets, args.steps)
     if goals:
         md += ["", "## Issue 23's time goals (recommended setting)", ""] + goals
