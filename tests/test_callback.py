@@ -158,6 +158,27 @@ def test_overlapped_exchange_decides_one_exchange_later(exchange_every):
     assert fda.communication.steps == 8
 
 
+def test_a_lag_that_grows_past_one_does_not_retrace_the_step():
+    """exchange_every="auto" on a slow link moves from the in-graph exchange to the
+    background one mid-fit; that switch retraced the step (15-28 s for a language model)."""
+    x, y = data(rows=160)
+    traces = {}
+    for grow in (False, True):
+        # Lag 1 throughout, or grown to 2 at step 3 as "auto" grows it on a slow link.
+        fda = keras_fda.FDACallback(threshold=1e9, variant="naive", exchange_every=1)
+
+        def lag_two(batch, logs, fda=fda, grow=grow):
+            if grow and batch == 3:
+                fda._every = 2
+
+        model = compiled_model()
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[
+            fda, keras.callbacks.LambdaCallback(on_train_batch_end=lag_two)])  # fmt: skip
+        traces[grow] = fda._step_function.experimental_get_tracing_count()
+        assert fda.communication.steps == 10
+    assert traces[True] == traces[False]
+
+
 def _trained(fda=None, **compile_kwargs):
     keras.utils.set_random_seed(3)
     model = compiled_model(**compile_kwargs)

@@ -627,13 +627,21 @@ class FDACallback(keras.callbacks.Callback):
             data = iterator.get_next() if hasattr(iterator, "get_next") else next(iterator)
             # After the data arrived: a worker whose data ran out sends nothing.
             with tf.control_dependencies(tf.nest.flatten(data)):
-                began = exchanged = tf.timestamp()
-            if in_graph:
+                began = tf.timestamp()
+
+            def send():
                 with tf.control_dependencies([began]):
-                    mean_message, received = averager.send_outbox()
-                    since = averager.outbox_since.read_value()
-                with tf.control_dependencies([mean_message]):
-                    exchanged = tf.timestamp()
+                    sent, arrived = averager.send_outbox()
+                    sent_since = averager.outbox_since.read_value()
+                with tf.control_dependencies([sent]):
+                    return sent, arrived, sent_since, tf.timestamp()
+
+            # A tensor, not a Python bool: a lag that grows past 1 (exchange_every
+            # "auto" on a slow link) must not retrace the step (seconds for a
+            # large model).
+            mean_message, received, since, exchanged = tf.cond(
+                in_graph, send, lambda: (mean_message, received, since, began)
+            )
             logs = train_step(data)
             # The logs come before the optimizer's update; reading the weights
             # waits for it (reads follow earlier writes), so `trained` is the
@@ -684,7 +692,7 @@ class FDACallback(keras.callbacks.Callback):
             logs, packed, message = self._step_function(
                 iterator, arrived, since, constants[received],
                 constants[in_graph or self._in_flight is None], constants[in_graph],
-                tf.constant(wanted, tf.float32), in_graph,
+                tf.constant(wanted, tf.float32), constants[in_graph],
             )
             result = dict(zip(_RESULT_NAMES, packed.numpy().tolist()))
             for name in ("synced", "peers_active", "healthy", "exchanged", "composed", "received"):
