@@ -325,8 +325,8 @@ class Simulation:
         monitored = list(zip(*[w.monitored for w in workers]))
         averaged = list(zip(*[w.monitored + w.extra for w in workers]))
         moments = [outer_lib.moment_variables(w.model.optimizer) for w in workers]
-        # The K optimizers share one schedule and step count.
-        trigger.watch(workers[0].model.optimizer)
+        # In the order of the drifts the engine gives the trigger.
+        trigger.watch(*[w.model.optimizer for w in workers])
         # One engine for the K workers: worker 0's copy seeds w0 (all start equal).
         engine = Engine(trigger, [v[0] for v in monitored],
                         [v[0] for v in averaged[len(monitored):]], rule, moments[0],

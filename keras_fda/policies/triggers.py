@@ -43,6 +43,36 @@ def _check_threshold(threshold):
     return float(threshold)
 
 
+def _inner(optimizer):
+    """The optimizer that holds the rate, step count and moments (a LossScaleOptimizer's inner)."""
+    while hasattr(optimizer, "inner_optimizer"):
+        optimizer = optimizer.inner_optimizer
+    return optimizer
+
+
+def _watched(optimizer, trigger_name):
+    if optimizer is None:
+        raise ValueError(
+            f"{trigger_name} reads the model's optimizer: compile the model with an optimizer "
+            "before training (drivers call trigger.watch(optimizer))."
+        )
+    return optimizer
+
+
+def learning_rate(optimizer, steps_back=0):
+    """The optimizer's learning rate `steps_back` steps before its current step (float32).
+
+    With a Keras learning rate schedule that is the schedule there; a rate
+    changed by hand (a variable) is read as it is now.
+    """
+    schedule = getattr(optimizer, "_learning_rate", None)
+    if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
+        rate = schedule(optimizer.iterations - tf.cast(steps_back, tf.int64))
+    else:
+        rate = optimizer.learning_rate
+    return tf.cast(rate, tf.float32)
+
+
 class SyncTrigger:
     """Base class of synchronization triggers.
 
@@ -57,13 +87,16 @@ class SyncTrigger:
     threshold = 0.0
     state_size = 0
 
-    def watch(self, optimizer):
-        """Called by the drivers with the Keras optimizer of the model being trained.
+    def watch(self, *optimizers):
+        """Called by the drivers with the Keras optimizer of each local copy of the model.
 
-        A trigger that depends on the learning rate (`QSR`) keeps it; every
-        worker's rate is the same function of the shared step count.
+        One optimizer, except in `Simulation`: its K workers', in the order
+        of the drifts it gives `mean_local_state`. A trigger that depends on
+        the learning rate (`QSR`) keeps the first (every worker's rate is
+        the same function of the shared step count); one that reads the
+        optimizer's moments (`CurvatureFDA`) keeps each copy's.
         """
-        del optimizer
+        del optimizers
 
     def build(self, shapes):
         """Prepares for drifts made of tensors of `shapes` (the trainable weights)."""
@@ -416,26 +449,12 @@ class QSR(SyncTrigger):
         self.base_period = base_period
         self._optimizer = None
 
-    def watch(self, optimizer):
-        # A LossScaleOptimizer's rate and step count are its inner optimizer's.
-        while hasattr(optimizer, "inner_optimizer"):
-            optimizer = optimizer.inner_optimizer
-        self._optimizer = optimizer
+    def watch(self, *optimizers):
+        self._optimizer = _inner(optimizers[0])
 
     def period(self, steps_since_sync):
         """H (float32) of the round that has run `steps_since_sync` steps."""
-        if self._optimizer is None:
-            raise ValueError(
-                "QSR reads the learning rate of the model's optimizer: compile the model with "
-                "an optimizer before training (drivers call trigger.watch(optimizer))."
-            )
-        schedule = getattr(self._optimizer, "_learning_rate", None)
-        if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
-            first = self._optimizer.iterations - tf.cast(steps_since_sync, tf.int64)
-            rate = schedule(first)
-        else:
-            rate = self._optimizer.learning_rate
-        rate = tf.cast(rate, tf.float32)
+        rate = learning_rate(_watched(self._optimizer, "QSR"), steps_since_sync)
         return tf.maximum(float(self.base_period), tf.floor(tf.square(self.alpha / rate)))
 
     def statistic(self, mean_state, steps_since_sync):
@@ -446,6 +465,203 @@ class QSR(SyncTrigger):
 
     def __repr__(self):
         return f"QSR(alpha={self.alpha:g}, base_period={self.base_period})"
+
+
+class CurvatureFDA(SyncTrigger):
+    """FDA in Adam's own metric: sync when averaging is predicted to gain `threshold` in loss.
+
+    Adam steps each weight as if the loss had the diagonal curvature
+    `H = (sqrt(v_hat) + epsilon) / lr` (`v_hat`: its bias-corrected second
+    moments). To second order, the workers' models then lose `1/2 sum_j H_j
+    Var_j` more than their average does (`Var_j`: the variance of weight j
+    across workers; the first-order terms cancel in the mean), so that gap
+    is what a sync is worth now. The statistic is that gap, estimated by
+    `estimator` on each worker's drift scaled by `sqrt(H)`: drift along
+    flat directions (small second moments) costs little, drift where the
+    loss is steep costs much, and a lower learning rate makes the same
+    drift worth more. Each worker scales by its own optimizer's moments:
+    where those differ the estimator's bound holds only approximately.
+
+    Reads the second moments of Adam, AdamW, Nadam or RMSprop (any Keras
+    optimizer with `velocity` slots); the drivers pass the optimizer via
+    `watch`.
+
+    Args:
+        threshold: the predicted loss gap of averaging, in the loss's units
+            (nats for a cross-entropy); sync when the estimate exceeds it.
+        estimator: a `VarianceEstimator` or one of "naive", "linear",
+            "sketch", "exact", run on the scaled drifts.
+
+    Example:
+
+    >>> trigger = CurvatureFDA(threshold=0.05)
+    """
+
+    name = "fda-curvature"
+
+    def __init__(self, threshold, estimator="linear"):
+        self.threshold = _check_threshold(threshold)
+        self.estimator = estimators_lib.get(estimator)
+        self._optimizers = ()
+
+    def build(self, shapes):
+        self._shapes = [tf.TensorShape(s) for s in shapes]
+        self.estimator.build(shapes)
+
+    def watch(self, *optimizers):
+        self._optimizers = [_inner(o) for o in optimizers]
+
+    @property
+    def state_size(self):
+        return self.estimator.state_size
+
+    def initial_round_state(self):
+        return self.estimator.initial_round_state()
+
+    def next_round_state(self, round_state, global_step):
+        # The direction of the plain averaged step: shared by every worker.
+        return self.estimator.next_round_state(round_state, global_step)
+
+    def scaled(self, drift, optimizer):
+        """`drift * sqrt(H)` per tensor, H the curvature `optimizer` assumes now."""
+        velocities = getattr(optimizer, "_velocities", None)
+        if not velocities:
+            raise ValueError(
+                f"CurvatureFDA reads the optimizer's second moments; {type(optimizer).__name__} "
+                "has none. Compile the model with Adam, AdamW, Nadam or RMSprop."
+            )
+        if [v.shape for v in velocities] != [d.shape for d in drift]:
+            raise ValueError(
+                "CurvatureFDA needs the optimizer's second moments of exactly the monitored "
+                "(trainable) weights, in order; build the optimizer on "
+                "model.trainable_variables."
+            )
+        rate = tf.maximum(learning_rate(optimizer, 1), 1e-12)
+        correction = 1.0
+        if getattr(optimizer, "beta_2", None) is not None:
+            steps = tf.maximum(tf.cast(optimizer.iterations, tf.float32), 1.0)
+            correction = 1.0 - tf.pow(tf.cast(optimizer.beta_2, tf.float32), steps)
+        epsilon = float(getattr(optimizer, "epsilon", 1e-7))
+        scaled = []
+        for d, v in zip(drift, velocities):
+            v_hat = tf.cast(v, tf.float32) / correction
+            scale = tf.sqrt((tf.sqrt(v_hat) + epsilon) / rate)
+            scaled.append(tf.cast(d, tf.float32) * scale)
+        return scaled
+
+    def local_state(self, drift, round_state):
+        optimizer = _watched(self._optimizers[0] if self._optimizers else None, "CurvatureFDA")
+        return self.estimator.local_state(self.scaled(drift, optimizer), round_state)
+
+    def mean_local_state(self, drifts, round_state):
+        if len(self._optimizers) != len(drifts):
+            raise ValueError(
+                f"CurvatureFDA was given {len(drifts)} drifts and {len(self._optimizers)} "
+                "optimizers: the driver must watch one optimizer per local copy."
+            )
+        return tf.reduce_mean(tf.stack([
+            self.estimator.local_state(self.scaled(d, o), round_state)
+            for d, o in zip(drifts, self._optimizers)
+        ]), axis=0)  # fmt: skip
+
+    def statistic(self, mean_state, steps_since_sync):
+        return 0.5 * self.estimator.estimate(mean_state)
+
+    def should_sync(self, statistic, steps_since_sync):
+        return statistic > self.threshold
+
+    def __repr__(self):
+        return f"CurvatureFDA(threshold={self.threshold:g}, estimator={self.estimator!r})"
+
+
+class RatePeriod(SyncTrigger):
+    """A period proportional to the learning rate: more syncs as the rate decays.
+
+    `H = max(1, floor(period * lr / rate))`, `lr` the optimizer's rate at
+    the round's first step: `period` steps at the rate `rate`, shorter
+    rounds below it. QSR's mirror image: it spends syncs late in a decaying
+    schedule, where a unit of the workers' disagreement costs the final
+    accuracy most (BENCHMARKS.md, section 4's diagnosis). Nothing is
+    exchanged between syncs.
+
+    Args:
+        period: the period, in steps, at the learning rate `rate`.
+        rate: the learning rate at which rounds last `period` steps (e.g.
+            the schedule's peak).
+
+    Example:
+
+    >>> trigger = RatePeriod(period=64, rate=3e-3)
+    """
+
+    name = "rate-period"
+    threshold = 1.0
+
+    def __init__(self, period, rate):
+        if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+            raise ValueError(f"period must be an integer >= 1, got {period!r}.")
+        self.period_at_rate = period
+        self.rate = _check_threshold(rate)
+        self._optimizer = None
+
+    def watch(self, *optimizers):
+        self._optimizer = _inner(optimizers[0])
+
+    def period(self, steps_since_sync):
+        """H (float32) of the round that has run `steps_since_sync` steps."""
+        rate = learning_rate(_watched(self._optimizer, "RatePeriod"), steps_since_sync)
+        return tf.maximum(1.0, tf.floor(self.period_at_rate * rate / self.rate))
+
+    def statistic(self, mean_state, steps_since_sync):
+        return tf.cast(steps_since_sync, tf.float32) / self.period(steps_since_sync)
+
+    def should_sync(self, statistic, steps_since_sync):
+        return tf.cast(steps_since_sync, tf.float32) >= self.period(steps_since_sync)
+
+    def __repr__(self):
+        return f"RatePeriod(period={self.period_at_rate}, rate={self.rate:g})"
+
+
+class PostLocal(SyncTrigger):
+    """Post-local SGD (Lin et al., ICLR 2020): synchronous first, then every `tau` steps.
+
+    Syncs after every step until the optimizer has taken `switch_step`
+    steps (Lin et al. switch at the first learning-rate decay), then every
+    `tau` local steps.
+
+    Args:
+        tau: the period after the switch, an integer >= 1.
+        switch_step: the optimizer step at which periods begin, >= 0.
+
+    Example:
+
+    >>> trigger = PostLocal(tau=32, switch_step=500)
+    """
+
+    name = "post-local"
+
+    def __init__(self, tau, switch_step):
+        for arg, value in (("tau", tau), ("switch_step", switch_step)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (arg == "tau"):
+                raise ValueError(f"{arg} must be an integer >= {int(arg == 'tau')}, got {value!r}.")
+        self.tau = tau
+        self.threshold = float(tau)
+        self.switch_step = switch_step
+        self._optimizer = None
+
+    def watch(self, *optimizers):
+        self._optimizer = _inner(optimizers[0])
+
+    def statistic(self, mean_state, steps_since_sync):
+        return tf.cast(steps_since_sync, tf.float32)
+
+    def should_sync(self, statistic, steps_since_sync):
+        # The optimizer has counted the step just taken.
+        early = _watched(self._optimizer, "PostLocal").iterations <= self.switch_step
+        return early | (steps_since_sync >= self.tau)
+
+    def __repr__(self):
+        return f"PostLocal(tau={self.tau}, switch_step={self.switch_step})"
 
 
 def describe(trigger):
