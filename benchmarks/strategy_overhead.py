@@ -9,6 +9,9 @@ third section adds the dashboard written at every step (`log_dir`,
 
     python benchmarks/strategy_overhead.py --devices 2 --model lenet5 --steps 200 --rounds 3
 
+`--sync_dtype int8` (one device: a quantized sync allows one replica per
+worker) checks that the steps that do not sync do not pay for the payload.
+
 Sections are interleaved (round 1: mirrored, fda, fda + dashboard; round 2: ...); each step is
 timed between consecutive `on_train_batch_end` calls; the first `--warmup`
 steps of each section are dropped. Prints a markdown table.
@@ -29,6 +32,7 @@ parser.add_argument("--steps", type=int, default=200)
 parser.add_argument("--warmup", type=int, default=20)
 parser.add_argument("--rounds", type=int, default=3)
 parser.add_argument("--variant", default="linear")
+parser.add_argument("--sync_dtype", default=None, help="FDAStrategy's sync_dtype (e.g. int8)")
 args = parser.parse_args()
 
 import tensorflow as tf  # noqa: E402
@@ -87,15 +91,19 @@ dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(global_batch).repeat(
 sections = {
     "MirroredStrategy (gradient all-reduce every step)": setup(tf.distribute.MirroredStrategy()),
 }
-fda = FDAStrategy(tf.distribute.MirroredStrategy(), threshold=1e30, variant=args.variant)
-sections[f"FDAStrategy {args.variant}, no sync"] = setup(fda)
+fda_name = f"FDAStrategy {args.variant}" + (f" {args.sync_dtype}" if args.sync_dtype else "")
+fda = FDAStrategy(
+    tf.distribute.MirroredStrategy(), threshold=1e30, variant=args.variant,
+    sync_dtype=args.sync_dtype,
+)
+sections[f"{fda_name}, no sync"] = setup(fda)
 # The same, writing the dashboard every step (a host callback per step).
 dashboard_dir = tempfile.mkdtemp()
 fda_dashboard = FDAStrategy(
     tf.distribute.MirroredStrategy(), threshold=1e30, variant=args.variant,
-    log_dir=dashboard_dir, update_freq=1,
+    sync_dtype=args.sync_dtype, log_dir=dashboard_dir, update_freq=1,
 )
-sections[f"FDAStrategy {args.variant}, no sync, dashboard every step"] = setup(fda_dashboard)
+sections[f"{fda_name}, no sync, dashboard every step"] = setup(fda_dashboard)
 samples = {name: [] for name in sections}
 for _ in range(args.rounds):
     for name, model in sections.items():
@@ -109,6 +117,7 @@ shutil.rmtree(dashboard_dir)
 
 d = sum(int(np.prod(w.shape)) for w in sections[name].trainable_weights)
 print(f"devices={args.devices} model={args.model} d={d} batch/replica={args.batch} "
+      f"sync_dtype={args.sync_dtype} "
       f"steps={args.rounds}x{args.steps - 1} (warmup {args.warmup} dropped per section)\n")
 print("| section | median ms | p10 ms | p90 ms |")
 print("|---|---|---|---|")

@@ -18,6 +18,8 @@ import pytest
 import tensorflow as tf
 
 from keras_fda.drivers.strategy import FDAStrategy
+from keras_fda.engine.core import Engine
+from keras_fda.policies.outer import SyncState
 from conftest import SCALAR_TAGS, check_layout, launch, read_dashboard, read_run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -481,6 +483,37 @@ def test_quantized_sync_with_several_replicas_per_worker_is_a_clear_error(sync_o
     """One error-feedback residual per worker: 2 replicas in one process are refused."""
     error = str(sync_options["nesterov_int8"]["error"])
     assert "sync_dtype='int8'" in error and "2 replicas per worker" in error
+
+
+@pytest.mark.parametrize(
+    "sync", [{"sync_dtype": "int8"}, {"sync_dtype": "bfloat16", "optimizer_state": "average"}]
+)
+def test_the_payload_is_built_only_when_a_sync_happens(monkeypatch, sync):
+    """Issue 25: every train (and test) step quantized the drift that only a sync sends."""
+    built = {"weights": tf.Variable(0, dtype=tf.int64), "moments": tf.Variable(0, dtype=tf.int64)}
+
+    def counted(method, key):
+        def wrapper(*args, **kwargs):
+            # In the graph: counts the runs, not the traces.
+            built[key].assign_add(1)
+            return method(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(Engine, "payload", counted(Engine.payload, "weights"))
+    monkeypatch.setattr(SyncState, "moments_payload", counted(SyncState.moments_payload, "moments"))
+    strategy = FDAStrategy(
+        tf.distribute.MirroredStrategy(["/cpu:0"]), trigger="periodic", tau=3, **sync
+    )
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        model.compile(optimizer="adam", loss="mse", jit_compile=False)
+    x = np.random.default_rng(0).normal(size=(56, 3)).astype("float32")
+    y = x[:, :2]
+    model.fit(x, y, batch_size=4, verbose=0)  # 14 steps: syncs after 3, 6, 9, 12 and at the end
+    model.evaluate(x, y, batch_size=4, verbose=0)  # nothing drifted: no sync
+    assert strategy.communication.syncs == 5
+    assert int(built["weights"].numpy()) == int(built["moments"].numpy()) == 5
 
 
 def test_bad_sync_options_raise_clear_errors():

@@ -115,36 +115,29 @@ class _ModelState(Engine):
     def replica_step(self, train_step, *args, **kwargs):
         """The model's train step followed by the FDA check (per replica)."""
         logs = train_step(*args, **kwargs)
-        reads = self._reads()
-        payload = self._payload(reads)
-        local = self.local_state(reads) if self.trigger.state_size else tf.zeros([0])
-        fda_logs = tf.distribute.get_replica_context().merge_call(
-            self._decide, args=(local, payload)
-        )
+        if self.trigger.state_size:
+            local = self.local_state(self._reads(self.variables))
+        else:
+            local = tf.zeros([0])
+        fda_logs = tf.distribute.get_replica_context().merge_call(self._decide, args=(local,))
         logs = dict(logs)
         logs.update(fda_logs)
         return logs
 
-    def _reads(self):
-        """This replica's copy of the averaged weights, in the averaging dtype.
+    def _reads(self, variables):
+        """The values of `variables` (one replica's copies) in the averaging dtype.
 
         float32 or float64: exact for every float weight, and the collectives
         need not support half precision.
         """
-        return [tf.cast(v.read_value(), self.dtype) for v in self.averaged]
-
-    def _payload(self, reads):
-        """What this replica all-reduces at a sync: the rule's payload, then its moments."""
-        return self.payload(reads) + self.moments_payload()
+        return [tf.cast(v.read_value(), self.dtype) for v in variables]
 
     def _replica_sync(self):
-        return tf.distribute.get_replica_context().merge_call(
-            self._sync_if_drifted, args=(self._payload(self._reads()),)
-        )
+        return tf.distribute.get_replica_context().merge_call(self._sync_if_drifted)
 
     # --- cross-replica context -------------------------------------------
 
-    def _decide(self, strategy, local, payload):
+    def _decide(self, strategy, local):
         """Averages the states, asks the trigger, maybe averages the weights."""
         self.steps.assign_add(1)
         self.steps_since_sync.assign_add(1)
@@ -161,7 +154,7 @@ class _ModelState(Engine):
         # One tf.cond in one graph: every replica is averaged or none is.
         synced = tf.cond(
             decided,
-            lambda: self._average(strategy, payload, mean_state),
+            lambda: self._average(strategy, mean_state),
             lambda: tf.constant(False),
         )
         if self.dashboard is not None:
@@ -199,23 +192,45 @@ class _ModelState(Engine):
             stats=stats,
         )
 
-    def _sync_if_drifted(self, strategy, payload):
+    def _sync_if_drifted(self, strategy):
         return tf.cond(
             self.steps_since_sync.read_value() > 0,
-            lambda: self._average(strategy, payload),
+            lambda: self._average(strategy),
             lambda: tf.constant(False),
         )
 
-    def _average(self, strategy, payload, mean_state=None):
-        """Gives every replica the sync rule's step from the mean `payload`; returns True.
+    def _payload(self, strategy):
+        """What each replica all-reduces at a sync: the rule's payload, then its moments.
 
-        `payload`: each replica's `_payload` (weights or drift, then moments).
+        A list of PerReplica values, each replica's made on its device from
+        its own copies. Built in cross-replica context, inside the sync's
+        branch, so that only the steps that sync pay for it (a quantized
+        payload costs milliseconds per million weights): built in replica
+        context it would run at every step, since a replica cannot
+        `merge_call` from inside a `tf.cond`.
+        """
+        replicas = []
+        for index, device in enumerate(strategy.extended.worker_devices):
+            weights, moments = (
+                [strategy.experimental_local_results(v)[index] for v in variables]
+                for variables in (self.averaged, self.moments)
+            )
+            with tf.device(device):
+                replicas.append(
+                    self.payload(self._reads(weights)) + self.sync_state.moments_payload(moments)
+                )
+        return [distribute_values.PerReplica(values) for values in zip(*replicas)]
+
+    def _average(self, strategy, mean_state=None):
+        """Gives every replica the sync rule's step from the mean payload; returns True.
+
         `mean_state`: the all-reduced trigger state that decided the sync, for
         `trigger.end_round` (None for the final sync).
 
         Fails (on every worker: the mean is all-reduced) before assigning
         anything if the mean is NaN or Inf.
         """
+        payload = self._payload(strategy)
         # The per-replica values, not variables: given a MirroredVariable the
         # strategy assumes its copies are equal and returns it unchanged.
         # One batch per dtype: TensorFlow packs a batch into one tensor.
