@@ -19,6 +19,7 @@ DATA_SEED = 3
 # Calibrated so that the linear trigger fires a few times in STEPS steps,
 # neither never nor every step.
 THRESHOLD = 0.02
+CURVATURE_THRESHOLD = 0.5
 
 
 def make_data():
@@ -46,11 +47,14 @@ def make_model():
 
 
 def make_trigger(name="linear"):
-    """The trigger under test: linear FDA, or the self-adapting one (short rounds here)."""
+    """The trigger under test: linear FDA, the self-adapting one (short rounds here), or
+    linear FDA in Adam's metric (each worker scales its drift by its own moments)."""
     import keras_fda
 
     if name == "auto":
         return keras_fda.AutoFDA("linear", horizon=6, first_round=4)
+    if name == "curvature":
+        return keras_fda.CurvatureFDA(threshold=CURVATURE_THRESHOLD)
     return keras_fda.FDA("linear", threshold=THRESHOLD)
 
 
@@ -77,7 +81,7 @@ def main():
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--trigger", choices=["linear", "auto"], default="linear")
+    parser.add_argument("--trigger", choices=["linear", "auto", "curvature"], default="linear")
     parser.add_argument("--lag", type=int, choices=[0, 1], default=1,
                         help="1: FDACallback's overlapped exchange; 0: overlap=False")
     parser.add_argument("--sync_dtype", default=None)

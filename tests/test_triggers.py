@@ -243,35 +243,45 @@ def test_a_stopped_peer_is_seen_and_nothing_is_averaged():
     assert not bool(averager.stop()["others_active"])
 
 
-# --- QSR: the period from the optimizer's learning rate ---
+# --- Triggers that follow the optimizer's learning rate or step count ---
 
 
-def _qsr_model():
+def _scheduled_model():
     import keras
 
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    # Rates 0.1, 0.05, 0.02 from iterations 0, 10, 20: QSR(0.2) periods 4, 16, 100.
     schedule = keras.optimizers.schedules.PiecewiseConstantDecay([10, 20], [0.1, 0.05, 0.02])
     model.compile(keras.optimizers.SGD(schedule), "mse")
     return model
 
 
-# The period of each round is set by the rate at its first step: rounds start at
-# steps 0, 4, 8 (rate 0.1: 4 steps), 12 (rate 0.05: 16 steps) and 28 (rate 0.02: 100).
-QSR_SYNC_STEPS = [3, 7, 11, 27]
+# Schedule-driven triggers and the steps (0-based) after which they sync. A
+# round's period is set by the rate at its first step (iteration s; the
+# schedule gives 0.1 up to iteration 10, 0.05 up to 20, then 0.02).
+SCHEDULED = {
+    # QSR(0.2): rounds from 0, 4, 8 (rate 0.1: 4 steps), 12 (0.05: 16), 28 (0.02: 100).
+    "qsr": (lambda: triggers.QSR(alpha=0.2, base_period=2), [3, 7, 11, 27]),
+    # 8 steps at rate 0.1: rounds from 0, 8 (8 steps), 16, 20 (0.05: 4), then 1 step.
+    "rate": (lambda: triggers.RatePeriod(period=8, rate=0.1),
+             [7, 15, 19, 23, *range(24, 40)]),
+    # Every step while the optimizer has taken <= 5 steps, then every 8.
+    "post-local": (lambda: triggers.PostLocal(tau=8, switch_step=5),
+                   [0, 1, 2, 3, 4, 12, 20, 28, 36]),
+}
 
 
-def test_qsr_periods_follow_the_learning_rate_at_each_rounds_start_in_every_driver():
+@pytest.mark.parametrize("name", sorted(SCHEDULED))
+def test_scheduled_triggers_sync_at_the_same_steps_in_every_driver(name):
     import keras
     import keras_fda
 
+    make, expected = SCHEDULED[name]
     x = np.random.default_rng(0).normal(size=(40 * 8, 4)).astype(np.float32)
     y = x[:, :2]
     found = {}
-    sim = keras_fda.Simulation(_qsr_model(), 2)
-    history = sim.run(keras_fda.QSR(alpha=0.2, base_period=2), x, y,
-                      keras_fda.partition.iid(len(x), 2), batch_size=8, steps=40)  # fmt: skip
+    sim = keras_fda.Simulation(_scheduled_model(), 2)
+    history = sim.run(make(), x, y, keras_fda.partition.iid(len(x), 2), batch_size=8, steps=40)
     found["simulation"] = np.flatnonzero(history.synced).tolist()
 
     class Syncs(keras.callbacks.Callback):
@@ -281,22 +291,28 @@ def test_qsr_periods_follow_the_learning_rate_at_each_rounds_start_in_every_driv
         def on_train_batch_end(self, batch, logs=None):
             self.syncs.append(int(logs["fda/syncs"]))
 
-    for name in ("callback", "strategy"):
+    for driver in ("callback", "strategy"):
         syncs = Syncs()
-        if name == "callback":
-            model = _qsr_model()
-            callbacks = [keras_fda.FDACallback(trigger="qsr", threshold=0.2, tau=2), syncs]
+        if driver == "callback":
+            model = _scheduled_model()
+            callbacks = [keras_fda.FDACallback(trigger=make()), syncs]
         else:
             strategy = keras_fda.FDAStrategy(
-                tf.distribute.MirroredStrategy(["/cpu:0"]), trigger="qsr", threshold=0.2, tau=2
+                tf.distribute.MirroredStrategy(["/cpu:0"]), trigger=make()
             )
             with strategy.scope():
-                model = _qsr_model()
+                model = _scheduled_model()
             callbacks = [syncs]
         model.fit(x, y, batch_size=8, epochs=1, steps_per_epoch=40, shuffle=False, verbose=0,
                   callbacks=callbacks)  # fmt: skip
-        found[name] = np.flatnonzero(np.diff([0] + syncs.syncs)).tolist()
-    assert found == {name: QSR_SYNC_STEPS for name in found}
+        found[driver] = np.flatnonzero(np.diff([0] + syncs.syncs)).tolist()
+    assert found == {driver: expected for driver in found}
+
+
+def test_qsr_by_name_is_the_built_in_trigger():
+    trigger = triggers.get("qsr", threshold=0.2, tau=2)
+    assert isinstance(trigger, triggers.QSR) and trigger.alpha == 0.2
+    assert trigger.base_period == 2
 
 
 def test_qsr_with_a_constant_rate_is_periodic_and_never_shorter_than_its_base():
@@ -330,3 +346,77 @@ def test_qsr_bad_arguments_say_what_to_pass(kwargs, match):
 def test_qsr_without_an_optimizer_says_to_compile():
     with pytest.raises(ValueError, match="compile the model with an optimizer"):
         triggers.QSR(alpha=0.1, base_period=2).period(0)
+
+
+# --- CurvatureFDA: the variance in Adam's metric ---
+
+
+def _adam_copies(rates, steps, seed=0):
+    """One Adam per copy over the same two variables, each stepped with its own gradients."""
+    import keras
+
+    rng = np.random.default_rng(seed)
+    copies = []
+    for rate in rates:
+        variables = [keras.Variable(np.zeros((3, 2), np.float32)), keras.Variable(np.zeros(5, np.float32))]
+        optimizer = keras.optimizers.Adam(rate)
+        optimizer.build(variables)
+        for _ in range(steps):
+            grads = [rng.normal(size=v.shape).astype(np.float32) for v in variables]
+            optimizer.apply_gradients(zip(grads, variables))
+        copies.append((variables, optimizer))
+    return copies
+
+
+def test_curvature_statistic_is_half_the_variance_of_drifts_scaled_by_adams_curvature():
+    copies = _adam_copies([0.01, 0.01, 0.01], steps=4)
+    trigger = triggers.CurvatureFDA(threshold=1.0, estimator="exact")
+    trigger.build([v.shape for v in copies[0][0]])
+    trigger.watch(*[optimizer for _, optimizer in copies])
+    drifts = [[v.value for v in variables] for variables, _ in copies]
+    state = trigger.mean_local_state(drifts, trigger.initial_round_state())
+    statistic = float(trigger.statistic(state, 4))
+
+    scaled = []
+    for variables, optimizer in copies:
+        flat = []
+        for variable, velocity in zip(variables, optimizer._velocities):
+            v_hat = velocity.numpy() / (1 - 0.999**4)
+            curvature = (np.sqrt(v_hat) + optimizer.epsilon) / 0.01
+            flat.append((variable.numpy() * np.sqrt(curvature)).ravel())
+        scaled.append(np.concatenate(flat))
+    scaled = np.array(scaled, np.float64)
+    variance = np.mean(np.sum((scaled - scaled.mean(axis=0)) ** 2, axis=1))
+    np.testing.assert_allclose(statistic, 0.5 * variance, rtol=1e-4)
+    # One copy's state (FDACallback, FDAStrategy) reads the first optimizer watched.
+    trigger.watch(copies[1][1])
+    one = trigger.local_state(drifts[1], trigger.initial_round_state())
+    np.testing.assert_allclose(float(one[0]), np.sum(scaled[1] ** 2), rtol=1e-4)
+    # The same drifts and moments at a 10x lower learning rate are worth 10x more.
+    trigger.watch(*[optimizer for _, optimizer in _adam_copies([0.001] * 3, steps=4)])
+    state = trigger.mean_local_state(drifts, trigger.initial_round_state())
+    np.testing.assert_allclose(float(trigger.statistic(state, 4)), 10 * statistic, rtol=1e-4)
+
+
+def test_curvature_errors_say_what_to_do():
+    import keras
+
+    trigger = triggers.CurvatureFDA(threshold=1.0)
+    drift = [tf.zeros((3, 2)), tf.zeros(5)]
+    trigger.build([d.shape for d in drift])
+    with pytest.raises(ValueError, match="compile the model with an optimizer"):
+        trigger.local_state(drift, trigger.initial_round_state())
+    sgd = keras.optimizers.SGD(0.1)
+    sgd.build([keras.Variable(np.zeros((3, 2), np.float32))])
+    trigger.watch(sgd)
+    with pytest.raises(ValueError, match="has none. Compile the model with Adam"):
+        trigger.local_state(drift, trigger.initial_round_state())
+    (_, adam), = _adam_copies([0.01], steps=1)
+    trigger.watch(adam, adam)
+    with pytest.raises(ValueError, match="given 3 drifts and 2 optimizers"):
+        trigger.mean_local_state([drift] * 3, trigger.initial_round_state())
+    trigger.watch(adam)
+    with pytest.raises(ValueError, match="exactly the monitored"):
+        trigger.local_state([tf.zeros(4)], trigger.initial_round_state())
+    with pytest.raises(ValueError, match="threshold must be a positive"):
+        triggers.CurvatureFDA(threshold=0)
