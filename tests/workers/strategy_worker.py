@@ -45,7 +45,7 @@ parser.add_argument(
     choices=["simulator", "mirrored", "multiworker", "keras_user", "callbacks", "sync", "settings"],
     default="simulator",
 )
-parser.add_argument("--trigger", default="fda", help="fda, auto, periodic or synchronous")
+parser.add_argument("--trigger", default="fda", help="fda, auto, periodic, synchronous or curvature")
 parser.add_argument("--threshold", type=float, default=1.5)
 parser.add_argument("--tau", type=int, default=5)
 parser.add_argument("--steps", type=int, default=60)
@@ -192,6 +192,8 @@ def make_trigger():
         return triggers.get("periodic", tau=args.tau)
     if args.trigger == "synchronous":
         return triggers.get("synchronous")
+    if args.trigger == "curvature":
+        return triggers.CurvatureFDA(args.threshold)
     return triggers.get(args.trigger, threshold=args.threshold)
 
 
