@@ -309,6 +309,29 @@ def test_scheduled_triggers_sync_at_the_same_steps_in_every_driver(name):
     assert found == {driver: expected for driver in found}
 
 
+def test_a_round_that_starts_in_a_warmup_keeps_the_base_period():
+    """Under a warmup the rate is low because it has not risen yet: QSR's period would be
+    (nearly) endless and RatePeriod's 1 step; both keep their base period there."""
+    import keras
+
+    schedule = keras.optimizers.schedules.CosineDecay(
+        0.0, 100, warmup_target=0.1, warmup_steps=10
+    )
+    optimizer = keras.optimizers.SGD(schedule)
+    optimizer.build([keras.Variable(np.zeros(2, np.float32))])
+    qsr, rate = triggers.QSR(alpha=0.2, base_period=2), triggers.RatePeriod(period=8, rate=0.1)
+    qsr.watch(optimizer)
+    rate.watch(optimizer)
+    for iteration, since in [(1, 1), (4, 2), (10, 1)]:  # rounds from iterations 0, 2, 9
+        optimizer.iterations.assign(iteration)
+        assert (float(qsr.period(since)), float(rate.period(since))) == (2.0, 8.0)
+    optimizer.iterations.assign(61)  # a round from iteration 60, after the peak
+    lr = float(schedule(60))
+    assert 0 < lr < 0.1
+    assert float(qsr.period(1)) == max(2, math.floor((0.2 / np.float32(lr)) ** 2))
+    assert float(rate.period(1)) == max(1, math.floor(8 * np.float32(lr) / np.float32(0.1)))
+
+
 def test_qsr_by_name_is_the_built_in_trigger():
     trigger = triggers.get("qsr", threshold=0.2, tau=2)
     assert isinstance(trigger, triggers.QSR) and trigger.alpha == 0.2

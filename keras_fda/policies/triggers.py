@@ -73,6 +73,11 @@ def learning_rate(optimizer, steps_back=0):
     return tf.cast(rate, tf.float32)
 
 
+def rising(optimizer, steps_back=0):
+    """Whether the schedule's rate rises after the step `steps_back` steps ago (a warmup)."""
+    return learning_rate(optimizer, steps_back - 1) > learning_rate(optimizer, steps_back)
+
+
 class SyncTrigger:
     """Base class of synchronization triggers.
 
@@ -421,8 +426,9 @@ class QSR(SyncTrigger):
     `H = max(base_period, floor((alpha / lr) ** 2))`, with `lr` the
     optimizer's learning rate at the first step of the round: frequent syncs
     while the rate is high, longer rounds as it decays. With a Keras learning
-    rate schedule that is the schedule at the round's first step; a rate
-    changed by hand (a variable) is read as it is now. Nothing is exchanged
+    rate schedule that is the schedule at the round's first step (a round
+    that starts while the rate still rises, in a warmup, lasts `base_period`);
+    a rate changed by hand (a variable) is read as it is now. Nothing is exchanged
     between syncs. The statistic is the round's progress, steps since the
     last sync / H: a sync comes when it reaches `threshold` = 1.
 
@@ -454,8 +460,11 @@ class QSR(SyncTrigger):
 
     def period(self, steps_since_sync):
         """H (float32) of the round that has run `steps_since_sync` steps."""
-        rate = learning_rate(_watched(self._optimizer, "QSR"), steps_since_sync)
-        return tf.maximum(float(self.base_period), tf.floor(tf.square(self.alpha / rate)))
+        optimizer = _watched(self._optimizer, "QSR")
+        rate = learning_rate(optimizer, steps_since_sync)
+        # A warmup's low rates would make the first rounds (nearly) endless.
+        period = tf.where(rising(optimizer, steps_since_sync), 0.0, tf.square(self.alpha / rate))
+        return tf.maximum(float(self.base_period), tf.floor(period))
 
     def statistic(self, mean_state, steps_since_sync):
         return tf.cast(steps_since_sync, tf.float32) / self.period(steps_since_sync)
@@ -579,7 +588,7 @@ class RatePeriod(SyncTrigger):
 
     `H = max(1, floor(period * lr / rate))`, `lr` the optimizer's rate at
     the round's first step: `period` steps at the rate `rate`, shorter
-    rounds below it. QSR's mirror image: it spends syncs late in a decaying
+    rounds below it (but `period` while the rate still rises, in a warmup). QSR's mirror image: it spends syncs late in a decaying
     schedule, where a unit of the workers' disagreement costs the final
     accuracy most (BENCHMARKS.md, section 4's diagnosis). Nothing is
     exchanged between syncs.
@@ -609,8 +618,11 @@ class RatePeriod(SyncTrigger):
 
     def period(self, steps_since_sync):
         """H (float32) of the round that has run `steps_since_sync` steps."""
-        rate = learning_rate(_watched(self._optimizer, "RatePeriod"), steps_since_sync)
-        return tf.maximum(1.0, tf.floor(self.period_at_rate * rate / self.rate))
+        optimizer = _watched(self._optimizer, "RatePeriod")
+        rate = learning_rate(optimizer, steps_since_sync)
+        # Under a warmup the rate is low but not decayed: rounds keep `period`.
+        ratio = tf.where(rising(optimizer, steps_since_sync), 1.0, rate / self.rate)
+        return tf.maximum(1.0, tf.floor(self.period_at_rate * ratio))
 
     def statistic(self, mean_state, steps_since_sync):
         return tf.cast(steps_since_sync, tf.float32) / self.period(steps_since_sync)
