@@ -30,8 +30,6 @@ _EXPORTS = {
     "Periodic": "keras_fda.policies.triggers",
     "Kamp": "keras_fda.policies.triggers",
     "QSR": "keras_fda.policies.triggers",
-    "CurvatureFDA": "keras_fda.policies.triggers",
-    "RatePeriod": "keras_fda.policies.triggers",
     "PostLocal": "keras_fda.policies.triggers",
     "SyncRule": "keras_fda.policies.outer",
     "Simulation": "keras_fda.drivers.simulation",

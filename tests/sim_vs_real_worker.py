@@ -19,7 +19,7 @@ DATA_SEED = 3
 # Calibrated so that the linear trigger fires a few times in STEPS steps,
 # neither never nor every step.
 THRESHOLD = 0.02
-CURVATURE_THRESHOLD = 0.5
+MOMENT_THRESHOLD = 3e-5
 
 
 def make_data():
@@ -46,15 +46,53 @@ def make_model():
     return model
 
 
+def moment_weighted(threshold):
+    """A custom trigger that reads each local copy's optimizer, as `SyncTrigger.watch` allows:
+    sync when the workers' mean of `sum(v * u^2)` (drift u, the worker's own Adam second
+    moments v) exceeds `threshold`."""
+    import tensorflow as tf
+
+    import keras_fda
+
+    class MomentWeighted(keras_fda.SyncTrigger):
+        name = "moment-weighted"
+        state_size = 1
+        threshold = 1.0  # the statistic is in units of `threshold`, so tolerances are relative
+
+        def watch(self, *optimizers):
+            self.optimizers = optimizers
+
+        @staticmethod
+        def _state(drift, optimizer):
+            total = tf.add_n([tf.reduce_sum(v * tf.square(u))
+                              for u, v in zip(drift, optimizer._velocities)])  # fmt: skip
+            return tf.reshape(total, [1])
+
+        def local_state(self, drift, round_state):
+            return self._state(drift, self.optimizers[0])
+
+        def mean_local_state(self, drifts, round_state):
+            states = [self._state(d, o) for d, o in zip(drifts, self.optimizers, strict=True)]
+            return tf.reduce_mean(tf.stack(states), axis=0)
+
+        def statistic(self, mean_state, steps_since_sync):
+            return mean_state[0] / threshold
+
+        def should_sync(self, statistic, steps_since_sync):
+            return statistic > 1.0
+
+    return MomentWeighted()
+
+
 def make_trigger(name="linear"):
-    """The trigger under test: linear FDA, the self-adapting one (short rounds here), or
-    linear FDA in Adam's metric (each worker scales its drift by its own moments)."""
+    """The trigger under test: linear FDA, the self-adapting one (short rounds here), or one
+    that reads each worker's own optimizer moments."""
     import keras_fda
 
     if name == "auto":
         return keras_fda.AutoFDA("linear", horizon=6, first_round=4)
-    if name == "curvature":
-        return keras_fda.CurvatureFDA(threshold=CURVATURE_THRESHOLD)
+    if name == "moments":
+        return moment_weighted(MOMENT_THRESHOLD)
     return keras_fda.FDA("linear", threshold=THRESHOLD)
 
 
@@ -81,7 +119,7 @@ def main():
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--trigger", choices=["linear", "auto", "curvature"], default="linear")
+    parser.add_argument("--trigger", choices=["linear", "auto", "moments"], default="linear")
     parser.add_argument("--lag", type=int, choices=[0, 1], default=1,
                         help="1: FDACallback's overlapped exchange; 0: overlap=False")
     parser.add_argument("--sync_dtype", default=None)

@@ -28,7 +28,7 @@ def data():
 @pytest.mark.parametrize(
     "trigger, lag, sync_dtype",
     [("linear", 1, None), ("auto", 1, None), ("linear", 0, None), ("linear", 1, "int4"),
-     ("curvature", 1, None)],
+     ("moments", 1, None)],
 )
 def test_simulator_matches_two_real_worker_processes(tmp_path, data, trigger, lag, sync_dtype):
     """Same data order, seeds and trigger: same sync steps, same final weights.
@@ -40,8 +40,8 @@ def test_simulator_matches_two_real_worker_processes(tmp_path, data, trigger, la
     each sync (the deciding state and the round length): without them its
     rounds would all keep the first round's length. "int4" checks that the
     all-gathered quantized drift and each worker's error-feedback residual
-    are the same in both. "curvature" checks that each worker's drift is
-    scaled by its own optimizer's moments, as the simulator scales each copy's.
+    are the same in both. "moments" checks that a trigger reading the
+    optimizer sees each worker's own moments, as the simulator hands it each copy's.
     """
     result = launch(
         setup.NUM_WORKERS, "tests/sim_vs_real_worker.py", f"--out={tmp_path}",

@@ -34,9 +34,9 @@ SCENARIOS = {
     ],
     # 2 replicas, threshold="auto" (AutoFDA, short rounds), against the simulator.
     "auto2": ["--devices", "2", "--trigger", "auto", "--steps", "100"],
-    # 2 replicas, CurvatureFDA: each replica's drift scaled by its own Adam moments.
-    "curvature2": [
-        "--devices", "2", "--trigger", "curvature", "--threshold", "3", "--steps", "100",
+    # 2 replicas, a custom trigger that reads each replica's own optimizer moments.
+    "moments2": [
+        "--devices", "2", "--trigger", "moments", "--threshold", "1.5e-5", "--steps", "100",
     ],
     # 4 replicas, periodic averaging every 5 steps.
     "periodic4": ["--devices", "4", "--trigger", "periodic", "--tau", "5", "--steps", "30"],
@@ -53,7 +53,7 @@ SCENARIOS = {
     ],
 }
 # Compared with keras_fda.Simulation on the same batches and initial weights.
-AGAINST_SIMULATOR = ["fda2", "functional2", "subclassed2", "auto2", "curvature2"]
+AGAINST_SIMULATOR = ["fda2", "functional2", "subclassed2", "auto2", "moments2"]
 
 
 @pytest.fixture(scope="module")

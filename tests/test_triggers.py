@@ -262,9 +262,6 @@ def _scheduled_model():
 SCHEDULED = {
     # QSR(0.2): rounds from 0, 4, 8 (rate 0.1: 4 steps), 12 (0.05: 16), 28 (0.02: 100).
     "qsr": (lambda: triggers.QSR(alpha=0.2, base_period=2), [3, 7, 11, 27]),
-    # 8 steps at rate 0.1: rounds from 0, 8 (8 steps), 16, 20 (0.05: 4), then 1 step.
-    "rate": (lambda: triggers.RatePeriod(period=8, rate=0.1),
-             [7, 15, 19, 23, *range(24, 40)]),
     # Every step while the optimizer has taken <= 5 steps, then every 8.
     "post-local": (lambda: triggers.PostLocal(tau=8, switch_step=5),
                    [0, 1, 2, 3, 4, 12, 20, 28, 36]),
@@ -311,7 +308,7 @@ def test_scheduled_triggers_sync_at_the_same_steps_in_every_driver(name):
 
 def test_a_round_that_starts_in_a_warmup_keeps_the_base_period():
     """Under a warmup the rate is low because it has not risen yet: QSR's period would be
-    (nearly) endless and RatePeriod's 1 step; both keep their base period there."""
+    (nearly) endless; it keeps its base period there."""
     import keras
 
     schedule = keras.optimizers.schedules.CosineDecay(
@@ -319,17 +316,15 @@ def test_a_round_that_starts_in_a_warmup_keeps_the_base_period():
     )
     optimizer = keras.optimizers.SGD(schedule)
     optimizer.build([keras.Variable(np.zeros(2, np.float32))])
-    qsr, rate = triggers.QSR(alpha=0.2, base_period=2), triggers.RatePeriod(period=8, rate=0.1)
+    qsr = triggers.QSR(alpha=0.2, base_period=2)
     qsr.watch(optimizer)
-    rate.watch(optimizer)
     for iteration, since in [(1, 1), (4, 2), (10, 1)]:  # rounds from iterations 0, 2, 9
         optimizer.iterations.assign(iteration)
-        assert (float(qsr.period(since)), float(rate.period(since))) == (2.0, 8.0)
+        assert float(qsr.period(since)) == 2.0
     optimizer.iterations.assign(61)  # a round from iteration 60, after the peak
     lr = float(schedule(60))
     assert 0 < lr < 0.1
-    assert float(qsr.period(1)) == max(2, math.floor((0.2 / np.float32(lr)) ** 2))
-    assert float(rate.period(1)) == max(1, math.floor(8 * np.float32(lr) / np.float32(0.1)))
+    assert float(qsr.period(1)) == max(2, math.floor((0.2 / np.float32(lr)) ** 2)) > 2
 
 
 def test_qsr_by_name_is_the_built_in_trigger():
@@ -369,77 +364,3 @@ def test_qsr_bad_arguments_say_what_to_pass(kwargs, match):
 def test_qsr_without_an_optimizer_says_to_compile():
     with pytest.raises(ValueError, match="compile the model with an optimizer"):
         triggers.QSR(alpha=0.1, base_period=2).period(0)
-
-
-# --- CurvatureFDA: the variance in Adam's metric ---
-
-
-def _adam_copies(rates, steps, seed=0):
-    """One Adam per copy over the same two variables, each stepped with its own gradients."""
-    import keras
-
-    rng = np.random.default_rng(seed)
-    copies = []
-    for rate in rates:
-        variables = [keras.Variable(np.zeros((3, 2), np.float32)), keras.Variable(np.zeros(5, np.float32))]
-        optimizer = keras.optimizers.Adam(rate)
-        optimizer.build(variables)
-        for _ in range(steps):
-            grads = [rng.normal(size=v.shape).astype(np.float32) for v in variables]
-            optimizer.apply_gradients(zip(grads, variables))
-        copies.append((variables, optimizer))
-    return copies
-
-
-def test_curvature_statistic_is_half_the_variance_of_drifts_scaled_by_adams_curvature():
-    copies = _adam_copies([0.01, 0.01, 0.01], steps=4)
-    trigger = triggers.CurvatureFDA(threshold=1.0, estimator="exact")
-    trigger.build([v.shape for v in copies[0][0]])
-    trigger.watch(*[optimizer for _, optimizer in copies])
-    drifts = [[v.value for v in variables] for variables, _ in copies]
-    state = trigger.mean_local_state(drifts, trigger.initial_round_state())
-    statistic = float(trigger.statistic(state, 4))
-
-    scaled = []
-    for variables, optimizer in copies:
-        flat = []
-        for variable, velocity in zip(variables, optimizer._velocities):
-            v_hat = velocity.numpy() / (1 - 0.999**4)
-            curvature = (np.sqrt(v_hat) + optimizer.epsilon) / 0.01
-            flat.append((variable.numpy() * np.sqrt(curvature)).ravel())
-        scaled.append(np.concatenate(flat))
-    scaled = np.array(scaled, np.float64)
-    variance = np.mean(np.sum((scaled - scaled.mean(axis=0)) ** 2, axis=1))
-    np.testing.assert_allclose(statistic, 0.5 * variance, rtol=1e-4)
-    # One copy's state (FDACallback, FDAStrategy) reads the first optimizer watched.
-    trigger.watch(copies[1][1])
-    one = trigger.local_state(drifts[1], trigger.initial_round_state())
-    np.testing.assert_allclose(float(one[0]), np.sum(scaled[1] ** 2), rtol=1e-4)
-    # The same drifts and moments at a 10x lower learning rate are worth 10x more.
-    trigger.watch(*[optimizer for _, optimizer in _adam_copies([0.001] * 3, steps=4)])
-    state = trigger.mean_local_state(drifts, trigger.initial_round_state())
-    np.testing.assert_allclose(float(trigger.statistic(state, 4)), 10 * statistic, rtol=1e-4)
-
-
-def test_curvature_errors_say_what_to_do():
-    import keras
-
-    trigger = triggers.CurvatureFDA(threshold=1.0)
-    drift = [tf.zeros((3, 2)), tf.zeros(5)]
-    trigger.build([d.shape for d in drift])
-    with pytest.raises(ValueError, match="compile the model with an optimizer"):
-        trigger.local_state(drift, trigger.initial_round_state())
-    sgd = keras.optimizers.SGD(0.1)
-    sgd.build([keras.Variable(np.zeros((3, 2), np.float32))])
-    trigger.watch(sgd)
-    with pytest.raises(ValueError, match="has none. Compile the model with Adam"):
-        trigger.local_state(drift, trigger.initial_round_state())
-    (_, adam), = _adam_copies([0.01], steps=1)
-    trigger.watch(adam, adam)
-    with pytest.raises(ValueError, match="given 3 drifts and 2 optimizers"):
-        trigger.mean_local_state([drift] * 3, trigger.initial_round_state())
-    trigger.watch(adam)
-    with pytest.raises(ValueError, match="exactly the monitored"):
-        trigger.local_state([tf.zeros(4)], trigger.initial_round_state())
-    with pytest.raises(ValueError, match="threshold must be a positive"):
-        triggers.CurvatureFDA(threshold=0)

@@ -37,6 +37,7 @@ Scenarios (results in DIR/result.npz):
 
 import argparse
 import os
+import sys
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--devices", type=int, default=2)
@@ -45,7 +46,7 @@ parser.add_argument(
     choices=["simulator", "mirrored", "multiworker", "keras_user", "callbacks", "sync", "settings"],
     default="simulator",
 )
-parser.add_argument("--trigger", default="fda", help="fda, auto, periodic, synchronous or curvature")
+parser.add_argument("--trigger", default="fda", help="fda, auto, periodic, synchronous or moments")
 parser.add_argument("--threshold", type=float, default=1.5)
 parser.add_argument("--tau", type=int, default=5)
 parser.add_argument("--steps", type=int, default=60)
@@ -192,8 +193,12 @@ def make_trigger():
         return triggers.get("periodic", tau=args.tau)
     if args.trigger == "synchronous":
         return triggers.get("synchronous")
-    if args.trigger == "curvature":
-        return triggers.CurvatureFDA(args.threshold)
+    if args.trigger == "moments":
+        # A custom trigger that reads each replica's own optimizer moments.
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from sim_vs_real_worker import moment_weighted
+
+        return moment_weighted(args.threshold)
     return triggers.get(args.trigger, threshold=args.threshold)
 
 
