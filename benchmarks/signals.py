@@ -10,7 +10,6 @@ much each lost and why.
 
 import tensorflow as tf
 
-from keras_fda.policies import estimators as estimators_lib
 from keras_fda.policies import triggers
 
 
@@ -20,7 +19,7 @@ def _inner(optimizer):
     return optimizer
 
 
-class CurvatureFDA(triggers.SyncTrigger):
+class CurvatureFDA(triggers.FDA):
     """FDA in Adam's own metric: sync when averaging is predicted to gain `threshold` in loss.
 
     Adam steps each weight as if the loss had the diagonal curvature
@@ -50,30 +49,13 @@ class CurvatureFDA(triggers.SyncTrigger):
     >>> trigger = CurvatureFDA(threshold=0.05)
     """
 
-    name = "fda-curvature"
-
     def __init__(self, threshold, estimator="linear"):
-        self.threshold = float(threshold)
-        self.estimator = estimators_lib.get(estimator)
+        super().__init__(estimator, threshold)
+        self.name = "fda-curvature"
         self._optimizers = ()
-
-    def build(self, shapes):
-        self._shapes = [tf.TensorShape(s) for s in shapes]
-        self.estimator.build(shapes)
 
     def watch(self, *optimizers):
         self._optimizers = [_inner(o) for o in optimizers]
-
-    @property
-    def state_size(self):
-        return self.estimator.state_size
-
-    def initial_round_state(self):
-        return self.estimator.initial_round_state()
-
-    def next_round_state(self, round_state, global_step):
-        # The direction of the plain averaged step: shared by every worker.
-        return self.estimator.next_round_state(round_state, global_step)
 
     def scaled(self, drift, optimizer):
         """`drift * sqrt(H)` per tensor, H the curvature `optimizer` assumes now."""
@@ -119,9 +101,6 @@ class CurvatureFDA(triggers.SyncTrigger):
 
     def statistic(self, mean_state, steps_since_sync):
         return 0.5 * self.estimator.estimate(mean_state)
-
-    def should_sync(self, statistic, steps_since_sync):
-        return statistic > self.threshold
 
     def __repr__(self):
         return f"CurvatureFDA(threshold={self.threshold:g}, estimator={self.estimator!r})"
