@@ -114,6 +114,8 @@ def run_job(args):
             sim = Simulation(model, args.workers)
             parts = c2a.make_partitions(partition_spec, writers, y, args.workers, seed)
             for policy, knob, make, outer in policies(lr_spec, num_steps, args.policies):
+                if args.plain and outer:  # the check of what the outer step does to a policy
+                    policy, outer = f"{policy}-plain", False
                 key = (regime, str(seed), policy, str(knob))
                 if key in done:
                     continue
@@ -213,9 +215,7 @@ def summarize(args):
     summary = collections.defaultdict(list)
     for regime in regimes:
         seeds = sorted(s for r, s in scored if r == regime)
-        keys = sorted({k for s in seeds for k in scored[(regime, s)]},
-                      key=lambda k: (list(dict.fromkeys(
-                          ["synchronous", "no-sync", "periodic", *KNOBS])).index(k[0]), k[1]))
+        keys = sorted({k for s in seeds for k in scored[(regime, s)]}, key=_order)
         spec = c2a.regime_text(*c2a.REGIMES[regime])
         role = "development" if regime in DEVELOPMENT else "report"
         lines += [f"## {regime} ({role} set): {spec}", "",
@@ -245,6 +245,12 @@ def summarize(args):
     print("\n".join(lines))
 
 
+def _order(key):
+    """Table order: the baselines, the periods, the policies in KNOBS' order, then checks."""
+    order = ["synchronous", "no-sync", "periodic", *KNOBS]
+    return (order.index(key[0]) if key[0] in order else len(order), key[0], key[1])
+
+
 def matters(scored, regime):
     """Whether no sync until the end loses more than MATTERS points to synchronous (mean)."""
     cells = [v for (r, _), v in scored.items() if r == regime]
@@ -266,7 +272,7 @@ def goal_lines(scored, regimes):
              "does not matter |",
              "|---|---|---|---|---|"]
     keys = sorted({k for (r, _), v in scored.items() if r in report for k in v
-                   if k[0] not in ("periodic", "synchronous", "no-sync")})
+                   if k[0] not in ("periodic", "synchronous", "no-sync")}, key=_order)
     for key in keys:
         cells = {1: [], 2: [], 3: []}
         for regime in report:
@@ -320,7 +326,7 @@ def plot(scored, regimes, path):
 
     fig, axes = plt.subplots(1, len(regimes), figsize=(4.2 * len(regimes), 3.8), squeeze=False)
     markers = {"periodic": "o-", "auto": "s", "qsr": "^", "rate": "v", "curvature": "D",
-               "post-local": "P", "synchronous": "*", "no-sync": "x"}
+               "post-local": "P", "synchronous": "*", "no-sync": "x", "rate-plain": "1"}
     for ax, regime in zip(axes[0], regimes):
         seeds = sorted(s for r, s in scored if r == regime)
         by_key = collections.defaultdict(list)
@@ -357,6 +363,8 @@ def main():
     parser.add_argument("--data_path", default="../shared/data/femnist_subset.npz")
     parser.add_argument("--name", default="frontier")
     parser.add_argument("--summarize", default="", help="CSV stems to read; train nothing.")
+    parser.add_argument("--plain", action="store_true",
+                        help="Run the policies without the outer step (named POLICY-plain).")
     args = parser.parse_args()
     args.policies = [p for p in args.policies.split(",") if p]
     args.command = "python " + " ".join(
