@@ -684,14 +684,21 @@ class FDACallback(keras.callbacks.Callback):
             if self._lagged and self._every > 1:
                 # A collected round trip may shorten the lag to 1 (see `_collect`).
                 arrived, since = self._collect(due_only=True)
-            in_graph = self._lagged and self._every == 1
             received = arrived is not None
+            # At a lag of 1 this step's message waits in the outbox for the next graph.
+            outboxed = self._lagged and self._every == 1
+            # Not when a collected message has just shortened the lag to 1: it
+            # must be decided now, and the outbox is empty (a longer lag sends
+            # from here), so the graph's exchange would put nothing in its
+            # place. A stopped worker's flag was lost so: the others went on
+            # exchanging with a peer already in its final sync, and hung.
+            in_graph = outboxed and not received
             if not received:
                 arrived, since = constants["nothing"], constants["never"]
             wanted = self._timing.wanted() if self._timing is not None else 0.0
             logs, packed, message = self._step_function(
                 iterator, arrived, since, constants[received],
-                constants[in_graph or self._in_flight is None], constants[in_graph],
+                constants[outboxed or self._in_flight is None], constants[outboxed],
                 tf.constant(wanted, tf.float32), constants[in_graph],
             )
             result = dict(zip(_RESULT_NAMES, packed.numpy().tolist()))
@@ -702,7 +709,7 @@ class FDACallback(keras.callbacks.Callback):
                 if not math.isnan(result["mean_wanted"]):
                     self._every = agreed_lag(result["mean_wanted"], self._every)
             if result["composed"] and self._every > 1:
-                if in_graph:  # the lag grew: the message waits in the outbox
+                if outboxed:  # the lag grew: the message waits in the outbox
                     averager.outbox_full.assign(False)
                 self._in_flight = self.cluster.transport.all_reduce_async(message)
                 self._in_flight_steps = 0

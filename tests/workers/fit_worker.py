@@ -53,6 +53,9 @@ parser.add_argument("--pause_only_last", action="store_true",
 parser.add_argument("--unknown_length", action="store_true",
                     help="hide the dataset's length from Keras (as a generator would)")
 parser.add_argument("--collective_timeout", type=float, default=60)
+parser.add_argument("--wanted_lag", type=float, default=None,
+                    help='with --exchange_every auto: the lag every worker asks for, in place '
+                    "of the one its timings give (a slow link's cadence, deterministic)")
 parser.add_argument("--early_stopping_after_fda", action="store_true",
                     help="EarlyStopping(restore_best_weights=True) listed after FDACallback")
 parser.add_argument("--fits", type=int, default=1, help="call fit this many times")
@@ -70,6 +73,10 @@ cluster = keras_fda.connect(timeout_seconds=args.collective_timeout)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from keras_fda.policies import cadence  # noqa: E402
+
+if args.wanted_lag is not None:
+    cadence.StepTiming.wanted = lambda self: args.wanted_lag
 
 
 def flat_weights(model, trainable_only=False):
