@@ -69,8 +69,9 @@ def _parser():
     p.add_argument("--budget_s", type=float, default=90.0,
                    help="a run stops once its training clock passes this (marked capped)")
     p.add_argument("--budget_methods", default="mwms,synchronous",
-                   help="the methods the budget applies to (the others always run all steps: "
-                   "a chief that stops early under threshold='auto' hung the final sync)")
+                   help="the methods the budget applies to (the others always run all steps; "
+                   "the results ran so because a chief that stopped early under "
+                   "threshold='auto' hung the final sync, fixed since: BENCHMARKS.md 7)")
     p.add_argument("--eval_every", type=int, default=24, help="must divide --steps")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
