@@ -200,7 +200,7 @@ def summarize(args):
         "Above the fixed-period frontier? (issue 25)", args.command) + [
         "`keras_fda.Simulation`, LeNet-5 on the FEMNIST digits (400 writers), K = "
         f"{args.workers}, Adam, batch {c2a.BATCH_SIZE} per worker. Outer step: DiLoCo's "
-        "`SGD(0.7, momentum=0.9, nesterov=True)` for every policy but synchronous and no-sync. "
+        "`SGD(0.7, momentum=0.9, nesterov=True)` for every policy but synchronous, no-sync, post-local and the `-plain` checks. "
         "Bytes: the paper's formula, total over the run (syncs + the initial broadcast, plus "
         "each step's trigger state). **Gain**: final accuracy minus the periods' frontier "
         "(their best accuracy for at most those bytes, linear in log bytes) at the policy's "
@@ -346,7 +346,12 @@ def plot(scored, regimes, path):
         ax.set_xlabel("total MB")
         ax.set_ylabel("final accuracy")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    # One legend for every panel: a policy may appear in some regimes only.
+    labels = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            labels.setdefault(label, handle)
+    axes[0][0].legend(labels.values(), labels.keys(), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
