@@ -200,7 +200,8 @@ def summarize(args):
         "Above the fixed-period frontier? (issue 25)", args.command) + [
         "`keras_fda.Simulation`, LeNet-5 on the FEMNIST digits (400 writers), K = "
         f"{args.workers}, Adam, batch {c2a.BATCH_SIZE} per worker. Outer step: DiLoCo's "
-        "`SGD(0.7, momentum=0.9, nesterov=True)` for every policy but synchronous, no-sync, post-local and the `-plain` checks. "
+        "`SGD(0.7, momentum=0.9, nesterov=True)` for every policy but synchronous, no-sync, "
+        "post-local and the `-plain` checks. "
         "Bytes: the paper's formula, total over the run (syncs + the initial broadcast, plus "
         "each step's trigger state). **Gain**: final accuracy minus the periods' frontier "
         "(their best accuracy for at most those bytes, linear in log bytes) at the policy's "
@@ -228,7 +229,8 @@ def summarize(args):
             acc = [c[1] for c in cells]
             gains = [c[3] for c in cells if c[3] is not None]
             ratios = [c[4] for c in cells]
-            gain = "-" if not gains else f"{np.mean(gains):+.1f} ({', '.join(f'{g:+.1f}' for g in gains)})"
+            per_seed = ", ".join(f"{g:+.1f}" for g in gains)
+            gain = f"{np.mean(gains):+.1f} ({per_seed})" if gains else "-"
             finite = [r for r in ratios if r is not None]
             ratio = (f"{np.mean(finite):.2f}" if finite else "") + (
                 f" ({len(ratios) - len(finite)} above)" if len(finite) < len(ratios) else "")

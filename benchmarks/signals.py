@@ -111,10 +111,11 @@ class RatePeriod(triggers.SyncTrigger):
 
     `H = max(1, floor(period * lr / rate))`, `lr` the optimizer's rate at
     the round's first step: `period` steps at the rate `rate`, shorter
-    rounds below it (but `period` while the rate still rises, in a warmup). QSR's mirror image: it spends syncs late in a decaying
-    schedule, where a unit of the workers' disagreement costs the final
-    accuracy most (BENCHMARKS.md, section 4's diagnosis). Nothing is
-    exchanged between syncs.
+    rounds below it (but `period` while the rate still rises, in a warmup).
+    QSR's mirror image: it spends syncs late in a decaying schedule, where
+    a unit of the workers' disagreement costs the final accuracy most
+    (BENCHMARKS.md, section 4's diagnosis). Nothing is exchanged between
+    syncs.
 
     Args:
         period: the period, in steps, at the learning rate `rate`.
