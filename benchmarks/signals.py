@@ -106,7 +106,7 @@ class CurvatureFDA(triggers.FDA):
         return f"CurvatureFDA(threshold={self.threshold:g}, estimator={self.estimator!r})"
 
 
-class RatePeriod(triggers.SyncTrigger):
+class RatePeriod(triggers.QSR):
     """A period proportional to the learning rate: more syncs as the rate decays.
 
     `H = max(1, floor(period * lr / rate))`, `lr` the optimizer's rate at
@@ -128,17 +128,12 @@ class RatePeriod(triggers.SyncTrigger):
     """
 
     name = "rate-period"
-    threshold = 1.0
 
     def __init__(self, period, rate):
-        if isinstance(period, bool) or not isinstance(period, int) or period < 1:
-            raise ValueError(f"period must be an integer >= 1, got {period!r}.")
+        # QSR's rounds (statistic, decision, watched optimizer) with another period.
+        super().__init__(alpha=1.0, base_period=period)
         self.period_at_rate = period
         self.rate = float(rate)
-        self._optimizer = None
-
-    def watch(self, *optimizers):
-        self._optimizer = _inner(optimizers[0])
 
     def period(self, steps_since_sync):
         """H (float32) of the round that has run `steps_since_sync` steps."""
@@ -147,12 +142,6 @@ class RatePeriod(triggers.SyncTrigger):
         # Under a warmup the rate is low but not decayed: rounds keep `period`.
         ratio = tf.where(triggers.rising(optimizer, steps_since_sync), 1.0, rate / self.rate)
         return tf.maximum(1.0, tf.floor(self.period_at_rate * ratio))
-
-    def statistic(self, mean_state, steps_since_sync):
-        return tf.cast(steps_since_sync, tf.float32) / self.period(steps_since_sync)
-
-    def should_sync(self, statistic, steps_since_sync):
-        return tf.cast(steps_since_sync, tf.float32) >= self.period(steps_since_sync)
 
     def __repr__(self):
         return f"RatePeriod(period={self.period_at_rate}, rate={self.rate:g})"

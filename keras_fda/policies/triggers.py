@@ -476,12 +476,12 @@ class QSR(SyncTrigger):
         return f"QSR(alpha={self.alpha:g}, base_period={self.base_period})"
 
 
-class PostLocal(SyncTrigger):
+class PostLocal(Periodic):
     """Post-local SGD (Lin et al., ICLR 2020): synchronous first, then every `tau` steps.
 
     Syncs after every step until the optimizer has taken `switch_step`
     steps (Lin et al. switch at the first learning-rate decay), then every
-    `tau` local steps.
+    `tau` local steps, as `Periodic`.
 
     Args:
         tau: the period after the switch, an integer >= 1.
@@ -492,27 +492,21 @@ class PostLocal(SyncTrigger):
     >>> trigger = PostLocal(tau=32, switch_step=500)
     """
 
-    name = "post-local"
-
     def __init__(self, tau, switch_step):
-        for arg, value in (("tau", tau), ("switch_step", switch_step)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < (arg == "tau"):
-                raise ValueError(f"{arg} must be an integer >= {int(arg == 'tau')}, got {value!r}.")
-        self.tau = tau
-        self.threshold = float(tau)
+        super().__init__(tau)
+        if isinstance(switch_step, bool) or not isinstance(switch_step, int) or switch_step < 0:
+            raise ValueError(f"switch_step must be an integer >= 0, got {switch_step!r}.")
         self.switch_step = switch_step
+        self.name = f"post-local-{tau}"
         self._optimizer = None
 
     def watch(self, *optimizers):
         self._optimizer = _inner(optimizers[0])
 
-    def statistic(self, mean_state, steps_since_sync):
-        return tf.cast(steps_since_sync, tf.float32)
-
     def should_sync(self, statistic, steps_since_sync):
         # The optimizer has counted the step just taken.
         early = _watched(self._optimizer, "PostLocal").iterations <= self.switch_step
-        return early | (steps_since_sync >= self.tau)
+        return early | super().should_sync(statistic, steps_since_sync)
 
     def __repr__(self):
         return f"PostLocal(tau={self.tau}, switch_step={self.switch_step})"
