@@ -179,6 +179,22 @@ def test_a_lag_that_grows_past_one_does_not_retrace_the_step():
     assert traces[True] == traces[False]
 
 
+def test_auto_lag_at_most_doubles_per_exchange(monkeypatch):
+    """A collected background message's wishes are agreed on once: the lag grew
+    4x per exchange (2, 8, 32) when the compiled step agreed on them again."""
+    from keras_fda.policies import cadence
+
+    monkeypatch.setattr(cadence.StepTiming, "wanted", lambda self: 64.0)  # a very slow link
+    fda = keras_fda.FDACallback(threshold=1e9, variant="naive", exchange_every="auto")
+    lags = []
+    compiled_model().fit(*data(rows=1600), batch_size=16, epochs=1, verbose=0, callbacks=[
+        fda, keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: lags.append(
+            fda._every))])  # fmt: skip
+    assert sorted(set(lags)) == [1, 2, 4, 8, 16, 32, 64]
+    # A lag of L holds until its message is collected, L steps later.
+    assert [lags.count(lag) for lag in (4, 8, 16, 32)] == [4, 8, 16, 32]
+
+
 def _trained(fda=None, **compile_kwargs):
     keras.utils.set_random_seed(3)
     model = compiled_model(**compile_kwargs)

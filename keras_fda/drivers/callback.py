@@ -706,7 +706,8 @@ class FDACallback(keras.callbacks.Callback):
                 result[name] = bool(result[name])
             if self._timing is not None:
                 self._timing.measured(result, in_graph)
-                if not math.isnan(result["mean_wanted"]):
+                # A collected message's wishes were agreed on in `_collect`.
+                if in_graph and not math.isnan(result["mean_wanted"]):
                     self._every = agreed_lag(result["mean_wanted"], self._every)
             if result["composed"] and self._every > 1:
                 if outboxed:  # the lag grew: the message waits in the outbox
