@@ -201,6 +201,31 @@ def test_auto_keeps_its_threshold_when_no_statistic_decided_the_sync():
     np.testing.assert_array_equal(kept[-1].numpy(), state[-1].numpy())
 
 
+def test_auto_learns_nothing_from_a_round_that_ends_in_a_warmup():
+    """In a warmup the workers still learn what they share: a round calibrated there
+    outlasted the run (the example language model synced once in 512 steps)."""
+    import keras
+
+    schedule = keras.optimizers.schedules.CosineDecay(0.0, 100, warmup_target=0.1,
+                                                      warmup_steps=10)
+    optimizer = keras.optimizers.SGD(schedule)
+    optimizer.build([keras.Variable(np.zeros(2, np.float32))])
+    trigger = triggers.AutoFDA("exact", horizon=100.0, first_round=4)
+    trigger.build([tf.TensorShape([2])])
+    trigger.watch(optimizer)
+    state = trigger.initial_round_state()
+    mean_state = tf.constant([75.0, 3.0, 4.0, *state[-1].numpy()])
+
+    def end_round_at(iteration):
+        optimizer.iterations.assign(iteration)
+        return trigger.end_round(state, [tf.constant([3.0, 4.0])], mean_state,
+                                 tf.constant(4, tf.int64))[-1].numpy()
+
+    np.testing.assert_array_equal(end_round_at(4), state[-1].numpy())  # rising: first_round again
+    _, unwatched = _auto_after_one_round(horizon=100.0, steps=4)
+    np.testing.assert_allclose(end_round_at(12), unwatched[-1].numpy(), rtol=1e-6)  # decaying
+
+
 def test_accounting_paper_formula_and_wire_bytes():
     stats = CommunicationStats(num_workers=10, num_params=61706, state_bytes=8, steps=3188, syncs=9)
     assert stats.paper_bytes == 10 * 2 * 10 * 4 * 61706 + 8 * 3188 * 10

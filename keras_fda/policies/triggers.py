@@ -249,7 +249,11 @@ class AutoFDA(SyncTrigger):
       L only if the variance grows faster than in the last round (the data
       changed, or the learning rate rose), and then the round ends early.
     * The first round, with nothing to learn from, lasts `first_round`
-      steps.
+      steps; so does every round that ends while the learning rate still
+      rises (a warmup of a Keras schedule). There the workers still learn
+      what they all share, so they agree far more than they will later, and
+      a round calibrated on them would outlast the run (one sync in 512
+      steps for the example language model).
 
     The state each worker all-reduces per step is the estimator's plus two
     floats (`1 / Theta` and `1 / L`, equal on all workers); the statistic
@@ -290,6 +294,10 @@ class AutoFDA(SyncTrigger):
         self.horizon = float(horizon)
         self.first_round = int(first_round)
         self.name = f"fda-auto-{self.estimator.name}"
+        self._optimizer = None
+
+    def watch(self, *optimizers):
+        self._optimizer = _inner(optimizers[0])
 
     def build(self, shapes):
         self.estimator.build(shapes)
@@ -340,7 +348,10 @@ class AutoFDA(SyncTrigger):
         # The estimator's own value at the sync, in the units of its checks.
         theta = self.estimator.estimate(mean_state[:-2]) * tf.square(length / steps)
         inverse = tf.where(theta > 0, 1.0 / tf.maximum(theta, 1e-30), control[0])
-        return [*next_rounds, tf.stack([inverse, 1.0 / length])]
+        learned = tf.stack([inverse, 1.0 / length])
+        if self._optimizer is not None:
+            learned = tf.where(rising(self._optimizer), control, learned)
+        return [*next_rounds, learned]
 
     def __repr__(self):
         return (
