@@ -203,7 +203,7 @@ def test_auto_keeps_its_threshold_when_no_statistic_decided_the_sync():
 
 def test_auto_learns_nothing_from_a_round_that_ends_in_a_warmup():
     """In a warmup the workers still learn what they share: a round calibrated there
-    outlasted the run (the example language model synced once in 512 steps)."""
+    outlasted the run (the example language model synced once before its final sync)."""
     import keras
 
     schedule = keras.optimizers.schedules.CosineDecay(0.0, 100, warmup_target=0.1,

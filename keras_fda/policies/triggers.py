@@ -252,8 +252,7 @@ class AutoFDA(SyncTrigger):
       steps; so does every round that ends while the learning rate still
       rises (a warmup of a Keras schedule). There the workers still learn
       what they all share, so they agree far more than they will later, and
-      a round calibrated on them would outlast the run (one sync in 512
-      steps for the example language model).
+      a round calibrated on them can outlast the run.
 
     The state each worker all-reduces per step is the estimator's plus two
     floats (`1 / Theta` and `1 / L`, equal on all workers); the statistic
