@@ -109,15 +109,17 @@ def test_outer_step_in_a_compiled_cond_equals_numpy(name):
 
 @pytest.mark.parametrize("name", ["diloco", "fedadam"])
 def test_simulator_outer_optimizer_equals_a_replay_by_hand(data, name):
-    """K models trained one by one; every tau steps w0 takes the numpy outer step."""
+    """K models trained one by one; every tau steps w0 takes the numpy outer step, and the
+    final sync after the last, partial round is the plain average."""
     make, replay = OUTER[name]
     x, y = data
-    tau, steps = 2, 6
+    tau, steps = 2, 7
     parts = _parts(x)
     sim = Simulation(setup.make_model(), K)
     history = sim.run(keras_fda.Periodic(tau), x, y, parts, batch_size=8, steps=steps,
                       outer_optimizer=make())  # fmt: skip
-    assert history.synced.tolist() == [False, True] * (steps // tau)
+    assert history.synced.tolist() == [False, True] * (steps // tau) + [False]
+    assert history.final_syncs == 1
 
     models = [setup.make_model() for _ in range(K)]
     w0 = [w.astype(np.float64) for w in models[0].get_weights()]
@@ -131,8 +133,8 @@ def test_simulator_outer_optimizer_equals_a_replay_by_hand(data, name):
             w0 = [replay(w, w - m, s, t // tau) for w, m, s in zip(w0, mean, slots)]
             for model in models:
                 model.set_weights([w.astype(np.float32) for w in w0])
-    # The last step synced: every worker holds w0, and so does the evaluated average.
-    for got, want in zip(sim.model.get_weights(), w0):
+    final = [np.mean(ws, axis=0) for ws in zip(*(m.get_weights() for m in models))]
+    for got, want in zip(sim.model.get_weights(), final):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 

@@ -163,7 +163,8 @@ class FDACallback(keras.callbacks.Callback):
             `threshold="auto"`, the recommended setting), `SGD(1.0,
             momentum=0.9)` is FedAvgM, `Adam(...)` FedAdam. Its state is
             identical on every worker, sends nothing, and is checkpointed
-            with the FDA state.
+            with the FDA state. It steps at the syncs the trigger decides;
+            the final sync at train end is a plain average.
         optimizer_state: the workers' optimizer moments at a sync: "local"
             (default, kept), "average" (averaged, counted in the bytes) or
             "reset" (zeroed). A recompile with a new optimizer then starts a

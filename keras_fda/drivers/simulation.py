@@ -249,8 +249,7 @@ class Simulation:
             the metrics to evaluate, e.g. "accuracy"). It must be clonable by
             `keras.models.clone_model` (Sequential or functional). Runs start
             from its weights as they are now; after a run it holds the
-            workers' model after the final sync (their average, with an
-            outer optimizer's step).
+            workers' model after the final sync (their plain average).
         num_workers: K, an integer >= 1.
         average_non_trainable: also average non-trainable float weights
             (BatchNorm statistics) of the layers that train at each
@@ -338,7 +337,7 @@ class Simulation:
                 for v in copies:
                     v.assign(tf.cast(value, v.dtype))
 
-        def average(mean_state):
+        def average(mean_state, plain=False):
             sync = engine.sync_state
             payloads = [
                 engine.payload([v[k].read_value() for v in averaged], copy=k)
@@ -354,7 +353,7 @@ class Simulation:
             with tf.control_dependencies([_assert_finite(finite, "the workers' average")]):
                 return engine.sync(
                     mean_payload, assign, mean_state=mean_state, mean_moments=mean_moments,
-                    moment_copies=moments, copies=copies,
+                    moment_copies=moments, copies=copies, plain=plain,
                 )
 
         def mean_local_state():
@@ -399,8 +398,7 @@ class Simulation:
         def finish():
             # A run ends as a fit with FDACallback does: the lagged decision
             # still pending (its `settle`), then one more sync if the workers
-            # trained since the last. With an outer optimizer those take the
-            # outer step, so the model left is the callback's.
+            # trained since the last, a plain average as the callback's.
             settled = tf.constant(False)
             if lagged:
                 decided_since = pending_since.read_value()
@@ -413,7 +411,7 @@ class Simulation:
             with tf.control_dependencies([settled]):
                 final = tf.cond(
                     steps_since_sync.read_value() > 0,
-                    lambda: average(None),
+                    lambda: average(None, plain=True),
                     lambda: tf.constant(False),
                 )
             return tf.cast(settled, tf.int32) + tf.cast(final, tf.int32)
@@ -507,9 +505,9 @@ class Simulation:
                 negative mean drift as its gradient; a fresh copy per run.
                 The evaluations are of the plain average of the workers'
                 models at that step; the model a run leaves has had the
-                final sync a fit with `FDACallback` ends with (the pending
-                decision, then a sync if the workers trained since the
-                last), which takes the outer step too.
+                final syncs a fit with `FDACallback` ends with: the pending
+                decision (with the outer step), then a plain average if the
+                workers trained since the last sync.
             optimizer_state: "local" (each worker keeps its optimizer's
                 moments), "average" (averaged at each sync) or "reset"
                 (zeroed at each sync).

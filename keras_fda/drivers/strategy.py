@@ -195,7 +195,7 @@ class _ModelState(Engine):
     def _sync_if_drifted(self, strategy):
         return tf.cond(
             self.steps_since_sync.read_value() > 0,
-            lambda: self._average(strategy),
+            lambda: self._average(strategy, plain=True),
             lambda: tf.constant(False),
         )
 
@@ -221,7 +221,7 @@ class _ModelState(Engine):
                 )
         return [distribute_values.PerReplica(values) for values in zip(*replicas)]
 
-    def _average(self, strategy, mean_state=None):
+    def _average(self, strategy, mean_state=None, plain=False):
         """Gives every replica the sync rule's step from the mean payload; returns True.
 
         `mean_state`: the all-reduced trigger state that decided the sync, for
@@ -262,7 +262,7 @@ class _ModelState(Engine):
             with _merged(strategy):
                 return self.sync(
                     mean[: len(self.averaged)], assign, mean_state=mean_state,
-                    mean_moments=mean[len(self.averaged):],
+                    mean_moments=mean[len(self.averaged):], plain=plain,
                 )
 
     def _logs(self, statistic):
@@ -388,6 +388,8 @@ class FDAStrategy(tf.distribute.Strategy):
             `SGD(1.0, momentum=0.9)` is FedAvgM, `Adam(...)` FedAdam. It
             runs alike on every replica, so it sends nothing;
             like the FDA counters, its state is not in Keras checkpoints.
+            It steps at the syncs the trigger decides; the sync before the
+            weights are read (evaluate, predict, save) is a plain average.
         optimizer_state: what each replica's optimizer moments become at a
             sync: "local" (default, kept), "average" (averaged with the
             weights, counted in the bytes) or "reset" (zeroed); after a

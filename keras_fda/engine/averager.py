@@ -117,14 +117,15 @@ class WorkerAverager(Engine):
         """
         self._broadcast(source, self.averaged + self.state_variables(), tf.float64)
 
-    def _average(self, active=None, mean_state=None):
+    def _average(self, active=None, mean_state=None, plain=False):
         """Averages the variables across workers; returns `(adopted, active_fraction)`.
 
         With `active`, the 'still training' flag rides in the same all-reduce,
         and so does `replaced` (weights set from outside training, which
         make this a plain average). Nothing is assigned if the mean is
         NaN/Inf or a worker has stopped; every worker sees the same mean, so
-        all of them refuse it together.
+        all of them refuse it together. `plain`: a plain average in any case
+        (a sync the trigger did not decide).
         """
         payload = self.payload([v.read_value() for v in self.averaged])
         reduced, gathered = outer_lib.gather_groups(payload)
@@ -171,7 +172,7 @@ class WorkerAverager(Engine):
                     parts[i] = piece
             return tf.cond(
                 self.sync_state.finite(parts),
-                lambda: self._adopt(parts, mean_state, replaced),
+                lambda: self._adopt(parts, mean_state, True if plain else replaced),
                 lambda: tf.constant(False),
             )
 
@@ -427,14 +428,16 @@ class WorkerAverager(Engine):
 
     @tf.function
     def finish(self, force):
-        """Averages once more if `force` or steps remain since the last sync.
+        """Averages once more if `force` or steps remain since the last sync, plainly.
 
         Returns:
             A dict: `synced`, and `healthy` (False if the average was NaN/Inf
             and nothing was assigned).
         """
         attempted = force | (self.steps_since_sync > 0)
-        synced = tf.cond(attempted, lambda: self._average()[0], lambda: tf.constant(False))
+        synced = tf.cond(
+            attempted, lambda: self._average(plain=True)[0], lambda: tf.constant(False)
+        )
         return {"synced": synced, "healthy": synced | ~attempted}
 
     def communication(self, control_bytes=4, *, steps=None, syncs=None, exchanges=None):

@@ -158,8 +158,13 @@ class Engine:
                 (default: `variables`, row `rank`), still holding the values
                 their payloads were made from.
             plain: True (or a bool tensor) for a plain average with no outer
-                step: weights set from outside training are what the user
-                asked for, not a step from a `w0` they no longer continue.
+                step. Drivers pass it for the syncs the trigger did not
+                decide: the final sync of a fit and a sync before the
+                weights are read (an outer step there, after a round of any
+                length with momentum from other rounds, left the language
+                model of BENCHMARKS.md section 7 worse than the average), and
+                for weights set from outside training, which are what the
+                user asked for, not a step from a `w0` they no longer continue.
         """
         means = [tf.cast(m, self.dtype) for m in self.sync_state.mean_weights(mean_payload)]
         ranks = range(len(copies)) if copies else [self.rank]
@@ -172,6 +177,8 @@ class Engine:
         if plain is False or self.sync_state.optimizer is None:
             # Without an outer optimizer the step is the plain average itself.
             new = self.sync_state.step(means)
+        elif plain is True:
+            new = means
         else:
             new = tf.cond(
                 plain, lambda: means,
