@@ -91,17 +91,18 @@ class SyncTrigger:
     name = None
     threshold = 0.0
     state_size = 0
+    _optimizer = None
 
     def watch(self, *optimizers):
         """Called by the drivers with the Keras optimizer of each local copy of the model.
 
         One optimizer, except in `Simulation`: its K workers', in the order
-        of the drifts it gives `mean_local_state`. A trigger that depends on
-        the learning rate (`QSR`) keeps the first (every worker's rate is
-        the same function of the shared step count); one that reads the
-        optimizer's moments keeps each copy's.
+        of the drifts it gives `mean_local_state`. The first is kept as
+        `_optimizer` (every worker's learning rate and step count are the
+        same: `QSR`, `AutoFDA` and `PostLocal` read them there); a trigger
+        that reads the optimizers' moments overrides this to keep each copy's.
         """
-        del optimizers
+        self._optimizer = _inner(optimizers[0])
 
     def build(self, shapes):
         """Prepares for drifts made of tensors of `shapes` (the trainable weights)."""
@@ -293,10 +294,6 @@ class AutoFDA(SyncTrigger):
         self.horizon = float(horizon)
         self.first_round = int(first_round)
         self.name = f"fda-auto-{self.estimator.name}"
-        self._optimizer = None
-
-    def watch(self, *optimizers):
-        self._optimizer = _inner(optimizers[0])
 
     def build(self, shapes):
         self.estimator.build(shapes)
@@ -463,10 +460,6 @@ class QSR(SyncTrigger):
         if isinstance(base_period, bool) or not isinstance(base_period, int) or base_period < 1:
             raise ValueError(f"base_period must be an integer >= 1, got {base_period!r}.")
         self.base_period = base_period
-        self._optimizer = None
-
-    def watch(self, *optimizers):
-        self._optimizer = _inner(optimizers[0])
 
     def period(self, steps_since_sync):
         """H (float32) of the round that has run `steps_since_sync` steps."""
@@ -508,10 +501,6 @@ class PostLocal(Periodic):
             raise ValueError(f"switch_step must be an integer >= 0, got {switch_step!r}.")
         self.switch_step = switch_step
         self.name = f"post-local-{tau}"
-        self._optimizer = None
-
-    def watch(self, *optimizers):
-        self._optimizer = _inner(optimizers[0])
 
     def should_sync(self, statistic, steps_since_sync):
         # The optimizer has counted the step just taken.
