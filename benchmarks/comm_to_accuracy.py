@@ -693,7 +693,7 @@ def plot(configs, path):
 
 def configs_from_csv(paths):
     """(title, runs, targets, scheduled_or_drift) per config of earlier runs' CSVs."""
-    from keras_fda.drivers.simulation import SimulationHistory
+    from keras_fda.drivers.history import SimulationHistory
 
     rows = []
     for path in paths:

@@ -33,7 +33,7 @@ _EXPORTS = {
     "PostLocal": "keras_fda.policies.triggers",
     "SyncRule": "keras_fda.policies.outer",
     "Simulation": "keras_fda.drivers.simulation",
-    "SimulationHistory": "keras_fda.drivers.simulation",
+    "SimulationHistory": "keras_fda.drivers.history",
     "simulate": "keras_fda.drivers.simulation",
     "Dashboard": "keras_fda.drivers.tensorboard",
 }

@@ -13,6 +13,9 @@ the same split.
 * `sorted_by_label`: the FDA paper's non-IID split; a fraction of the data
   is sorted by label and dealt out in contiguous blocks, the rest is IID.
 
+`batch_schedule` then gives the order in which each worker reads its
+partition, step by step: the simulator's, and replayable by real workers.
+
 Example:
 
 ```python
@@ -192,3 +195,85 @@ def sorted_by_label(labels, num_workers, fraction, seed=0):
     blocks = np.array_split(sorted_part, num_workers)
     rest = np.array_split(order[num_sorted:], num_workers)
     return _sorted_parts(np.concatenate([b, r]) for b, r in zip(blocks, rest))
+
+
+def batch_schedule(partitions, batch_size, num_steps, seed=0, repartition=None):
+    """The sample indices each worker trains on, step by step.
+
+    Worker k reads its partition in passes, each pass a fresh permutation
+    drawn from `np.random.default_rng([seed, k])`, and takes `batch_size`
+    consecutive samples per step (a pass may end inside a batch). Exposed so
+    that a real multi-process run can replay a simulation's exact data order.
+
+    Args:
+        partitions: K 1-D index arrays (e.g. from `iid` or `by_writer`).
+        batch_size: samples per worker per step.
+        num_steps: steps to schedule.
+        seed: seed of the shuffles.
+        repartition: optional `{step: partitions}`: from that step on, the
+            workers read these K index arrays instead (concept drift). The
+            i-th change starts fresh passes from `default_rng([seed, k, i])`.
+
+    Returns:
+        An int64 array of shape `[num_steps, K, batch_size]`.
+
+    Example:
+
+    >>> batch_schedule([np.arange(4), np.arange(4, 10)], 2, 3).shape
+    (3, 2, 2)
+    """
+    partitions = checked(partitions)
+    changes = _check_repartition(repartition, len(partitions), num_steps)
+    bounds = [0, *changes, num_steps]
+    segments = []
+    for i, parts in enumerate([partitions, *changes.values()]):
+        steps = bounds[i + 1] - bounds[i]
+        needed = steps * batch_size
+        streams = []
+        for k, part in enumerate(parts):
+            # Segment 0 keeps the seeds of runs without changes.
+            rng = np.random.default_rng([seed, k] if i == 0 else [seed, k, i])
+            passes = [rng.permutation(part) for _ in range(-(-needed // len(part)))]
+            streams.append(np.concatenate(passes)[:needed].reshape(steps, batch_size))
+        segments.append(np.stack(streams, axis=1))
+    return np.concatenate(segments, axis=0)
+
+
+def _check_repartition(repartition, num_workers, num_steps):
+    """`{step: partitions}` sorted by step, each change checked; {} for None."""
+    if repartition is None:
+        return {}
+    if not isinstance(repartition, dict):
+        raise TypeError(
+            "repartition must be a dict {step: partitions}, e.g. {256: parts[1:] + parts[:1]}."
+        )
+    changes = {}
+    for step in sorted(repartition):
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+            raise TypeError(f"repartition steps must be integers, got {step!r}.")
+        if not 0 < step < num_steps:
+            raise ValueError(
+                f"repartition step {step} is outside the run; use steps in 1..{num_steps - 1}."
+            )
+        parts = checked(repartition[step])
+        if len(parts) != num_workers:
+            raise ValueError(
+                f"repartition at step {step} gives {len(parts)} partitions for "
+                f"{num_workers} workers; pass one index array per worker."
+            )
+        changes[int(step)] = parts
+    return changes
+
+
+def checked(partitions):
+    """`partitions` as K 1-D int64 index arrays; raises on anything else or an empty one."""
+    if isinstance(partitions, np.ndarray) or not isinstance(partitions, (list, tuple)):
+        raise TypeError(
+            "partitions must be a list of K index arrays, one per worker, e.g. from "
+            "keras_fda.partition.iid(len(x), num_workers=K)."
+        )
+    parts = [np.asarray(p, dtype=np.int64).reshape(-1) for p in partitions]
+    empty = [k for k, p in enumerate(parts) if p.size == 0]
+    if empty:
+        raise ValueError(f"Workers {empty} have no samples; every partition needs at least one.")
+    return parts

@@ -2,7 +2,7 @@
 
 Run as `python -m keras_fda.launch --workers 2 tests/sim_vs_real_worker.py --out=DIR`.
 Each worker trains the shared setup below with `FDACallback` on its partition,
-in the data order `keras_fda.drivers.simulation.batch_schedule` gives the simulator,
+in the data order `keras_fda.partition.batch_schedule` gives the simulator,
 and writes `DIR/worker{i}.npz`: the per-step statistic and sync count from the
 batch logs, and the final weights. The test imports the same setup to run the
 simulator, so both sides see one definition of data, model and trigger.
@@ -115,7 +115,7 @@ def main():
     import keras
     import numpy as np
 
-    from keras_fda.drivers.simulation import batch_schedule
+    from keras_fda.partition import batch_schedule
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)

@@ -11,7 +11,8 @@ import tensorflow as tf
 
 import keras_fda
 from keras_fda.policies.outer import SyncRule, moment_variables
-from keras_fda.drivers.simulation import Simulation, batch_schedule
+from keras_fda.drivers.simulation import Simulation
+from keras_fda.partition import batch_schedule
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import sim_vs_real_worker as setup  # noqa: E402

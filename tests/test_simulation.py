@@ -10,7 +10,8 @@ import pytest
 
 import keras_fda
 from conftest import launch
-from keras_fda.drivers.simulation import Simulation, batch_schedule
+from keras_fda.drivers.simulation import Simulation
+from keras_fda.partition import batch_schedule
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import sim_vs_real_worker as setup  # noqa: E402  (shared with the real workers)

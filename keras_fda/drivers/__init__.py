@@ -2,6 +2,6 @@
 
 `callback.FDACallback` (one Keras `fit` per worker process),
 `strategy.FDAStrategy` (a `tf.distribute` strategy), `simulation.Simulation`
-(K workers in one process), and `tensorboard.Dashboard`, the charts they all
-write.
+(K workers in one process, recording a `history.SimulationHistory`), and
+`tensorboard.Dashboard`, the charts they all write.
 """

@@ -15,8 +15,6 @@ is `total samples / (batch_size * K)` steps.
 """
 
 import contextlib
-import csv
-import dataclasses
 import math
 import os
 import time
@@ -25,183 +23,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_fda import partition as partition_lib
 from keras_fda.runtime import cluster as cluster_lib
+from keras_fda.runtime import transport as transport_lib
 from keras_fda.policies import outer as outer_lib
 from keras_fda.policies import triggers as triggers_lib
-from keras_fda.engine.accounting import CommunicationStats
 from keras_fda.engine.core import Engine
+from keras_fda.drivers.history import SimulationHistory
 from keras_fda.drivers.tensorboard import Dashboard
-
-
-def batch_schedule(partitions, batch_size, num_steps, seed=0, repartition=None):
-    """The sample indices each worker trains on, step by step.
-
-    Worker k reads its partition in passes, each pass a fresh permutation
-    drawn from `np.random.default_rng([seed, k])`, and takes `batch_size`
-    consecutive samples per step (a pass may end inside a batch). Exposed so
-    that a real multi-process run can replay a simulation's exact data order.
-
-    Args:
-        partitions: K 1-D index arrays (e.g. from `keras_fda.partition`).
-        batch_size: samples per worker per step.
-        num_steps: steps to schedule.
-        seed: seed of the shuffles.
-        repartition: optional `{step: partitions}`: from that step on, the
-            workers read these K index arrays instead (concept drift). The
-            i-th change starts fresh passes from `default_rng([seed, k, i])`.
-
-    Returns:
-        An int64 array of shape `[num_steps, K, batch_size]`.
-
-    Example:
-
-    >>> batch_schedule([np.arange(4), np.arange(4, 10)], 2, 3).shape
-    (3, 2, 2)
-    """
-    partitions = _check_partitions(partitions)
-    changes = _check_repartition(repartition, len(partitions), num_steps)
-    bounds = [0, *changes, num_steps]
-    segments = []
-    for i, parts in enumerate([partitions, *changes.values()]):
-        steps = bounds[i + 1] - bounds[i]
-        needed = steps * batch_size
-        streams = []
-        for k, part in enumerate(parts):
-            # Segment 0 keeps the seeds of runs without changes.
-            rng = np.random.default_rng([seed, k] if i == 0 else [seed, k, i])
-            passes = [rng.permutation(part) for _ in range(-(-needed // len(part)))]
-            streams.append(np.concatenate(passes)[:needed].reshape(steps, batch_size))
-        segments.append(np.stack(streams, axis=1))
-    return np.concatenate(segments, axis=0)
-
-
-def _check_repartition(repartition, num_workers, num_steps):
-    """`{step: partitions}` sorted by step, each change checked; {} for None."""
-    if repartition is None:
-        return {}
-    if not isinstance(repartition, dict):
-        raise TypeError(
-            "repartition must be a dict {step: partitions}, e.g. {256: parts[1:] + parts[:1]}."
-        )
-    changes = {}
-    for step in sorted(repartition):
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
-            raise TypeError(f"repartition steps must be integers, got {step!r}.")
-        if not 0 < step < num_steps:
-            raise ValueError(
-                f"repartition step {step} is outside the run; use steps in 1..{num_steps - 1}."
-            )
-        parts = _check_partitions(repartition[step])
-        if len(parts) != num_workers:
-            raise ValueError(
-                f"repartition at step {step} gives {len(parts)} partitions for "
-                f"{num_workers} workers; pass one index array per worker."
-            )
-        changes[int(step)] = parts
-    return changes
-
-
-def _check_partitions(partitions):
-    if isinstance(partitions, np.ndarray) or not isinstance(partitions, (list, tuple)):
-        raise TypeError(
-            "partitions must be a list of K index arrays, one per worker, e.g. from "
-            "keras_fda.partition.iid(len(x), num_workers=K)."
-        )
-    parts = [np.asarray(p, dtype=np.int64).reshape(-1) for p in partitions]
-    empty = [k for k, p in enumerate(parts) if p.size == 0]
-    if empty:
-        raise ValueError(f"Workers {empty} have no samples; every partition needs at least one.")
-    return parts
-
-
-@dataclasses.dataclass
-class SimulationHistory:
-    """What one simulated run did.
-
-    Attributes:
-        trigger: the trigger's name (e.g. "fda-linear", "periodic-8").
-        threshold: the trigger's threshold (Theta, tau, ...).
-        num_workers: K.
-        num_params: d, floats averaged per synchronization.
-        state_bytes: bytes each worker all-reduces per step to decide.
-        steps_per_epoch: `total samples // (batch_size * K)`.
-        evaluations: one column per quantity (a dict of equally long numpy
-            arrays), one row per evaluation, step 0 included: `step`, `epoch`,
-            `syncs`, `paper_bytes`, `wire_bytes`, `train_loss` (mean over the
-            workers since the last evaluation), `seconds` (training time so
-            far) and the compiled loss and metrics of the averaged model on
-            the validation data (e.g. `loss`, `accuracy`). The counts are
-            those of `communication(step)`: the last row (step == the run's
-            steps) includes the run's final sync (`final_syncs`), since that
-            sync's all-reduce is what yields the average the row evaluates.
-        statistic: the trigger's statistic after every step (`fda/variance`).
-        synced: whether the trigger's check after each step synchronized
-            (the step's batch logs under `FDACallback`); the final sync is
-            not in it.
-        step_seconds: wall time of every step (all K workers; the first
-            includes tracing).
-        sync_bytes: bytes each worker all-reduces at one sync (see
-            `keras_fda.outer.SyncState.sync_bytes`); None: the model's.
-        gathered_bytes: the part of `sync_bytes` that is all-gathered (a
-            quantized drift; `CommunicationStats.gathered_bytes`).
-        final_syncs: syncs made after the last step (0 or 1), as a fit with
-            `FDACallback` ends: the pending decision of `lag=1`, else one sync
-            if the workers trained since the last. `communication().syncs`
-            (`synced.sum() + final_syncs`) is what `FDACallback`'s
-            `communication.syncs` counts for the same run.
-    """
-
-    trigger: str
-    threshold: float
-    num_workers: int
-    num_params: int
-    state_bytes: int
-    steps_per_epoch: int
-    evaluations: dict
-    statistic: np.ndarray
-    synced: np.ndarray
-    step_seconds: np.ndarray
-    sync_bytes: int = None
-    gathered_bytes: int = 0
-    final_syncs: int = 0
-
-    def communication(self, step=None):
-        """`CommunicationStats` after `step` steps (default: the whole run).
-
-        At the run's last step (and by default) it includes the final sync,
-        as `FDACallback.communication` after fit does.
-        """
-        num_steps = len(self.synced)
-        step = num_steps if step is None else int(step)
-        syncs = int(np.sum(self.synced[:step]))
-        if step >= num_steps:
-            syncs += self.final_syncs
-        return CommunicationStats(
-            num_workers=self.num_workers,
-            num_params=self.num_params,
-            state_bytes=self.state_bytes,
-            steps=step,
-            syncs=syncs,
-            sync_bytes=self.sync_bytes,
-            gathered_bytes=self.gathered_bytes,
-        )
-
-    def first_reaching(self, metric, target):
-        """The first evaluation with `metric >= target`, as a dict, or None."""
-        if metric not in self.evaluations:
-            raise ValueError(f"No metric {metric!r}; the history has {sorted(self.evaluations)}.")
-        hits = np.flatnonzero(self.evaluations[metric] >= target)
-        if not hits.size:
-            return None
-        return {name: column[hits[0]].item() for name, column in self.evaluations.items()}
-
-    def to_csv(self, path):
-        """Writes `evaluations` to `path`, one row per evaluation."""
-        names = list(self.evaluations)
-        with open(path, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(names)
-            writer.writerows(zip(*(self.evaluations[n].tolist() for n in names)))
 
 
 class _Worker:
@@ -345,7 +174,7 @@ class Simulation:
             ]
             mean_payload = [_all_reduce(list(p), sync) for p in zip(*payloads)]
             mean_moments = [
-                _mean(list(per_worker))
+                transport_lib.mean(list(per_worker))
                 for per_worker in zip(*[sync.moments_payload(m) for m in moments])
             ]
             # All checked before any is assigned: a NaN is never averaged in.
@@ -435,7 +264,7 @@ class Simulation:
 
     def _evaluate(self, validation_data, batch_size):
         for target, copies in self._eval_pairs:
-            target.assign(_mean([v.value for v in copies]))
+            target.assign(transport_lib.mean([v.value for v in copies]))
         if validation_data is None:
             return {}
         x_val, y_val = validation_data
@@ -486,7 +315,7 @@ class Simulation:
                 steps-to-target figures).
             validation_data: `(x_val, y_val)` for the averaged model, or None.
             eval_batch_size: batch size of the evaluation.
-            seed: seed of every worker's data order (see `batch_schedule`).
+            seed: seed of every worker's data order (see `keras_fda.partition.batch_schedule`).
             repartition: concept drift: a dict `{step: partitions}`; from
                 that step on, the workers train on these K index arrays (e.g.
                 `{n // 2: parts[1:] + parts[:1]}` hands each worker its
@@ -542,7 +371,7 @@ class Simulation:
             sync_dtype=sync_dtype, outer_optimizer=outer_optimizer, optimizer_state=optimizer_state,
             error_feedback=error_feedback,
         )
-        partitions = _check_partitions(partitions)
+        partitions = partition_lib.checked(partitions)
         if len(partitions) != self.num_workers:
             raise ValueError(
                 f"Got {len(partitions)} partitions for {self.num_workers} workers; pass one "
@@ -558,7 +387,7 @@ class Simulation:
         eval_every = max(1, steps_per_epoch // evaluations_per_epoch)
         eval_steps = sorted({0, num_steps, *range(eval_every, num_steps, eval_every)})
 
-        schedule = batch_schedule(partitions, batch_size, num_steps, seed, repartition)
+        schedule = partition_lib.batch_schedule(partitions, batch_size, num_steps, seed, repartition)
         self._reset()
         step, finish, sync, moments = self._build_step(
             trigger, tf.convert_to_tensor(x), tf.convert_to_tensor(y), rule, lag
@@ -663,17 +492,6 @@ class Simulation:
                     tf.summary.scalar(f"simulation/{name}", value, step=row["step"])
 
 
-def _mean(per_worker):
-    """The simulator's "all-reduce MEAN": a mean over the K workers' tensors.
-
-    Half-precision weights are summed in float32, as the real drivers do.
-    """
-    stacked = tf.stack(per_worker)
-    if stacked.dtype in (tf.float16, tf.bfloat16):
-        return tf.cast(tf.reduce_mean(tf.cast(stacked, tf.float32), axis=0), stacked.dtype)
-    return tf.reduce_mean(stacked, axis=0)
-
-
 def _all_reduce(per_worker, sync):
     """The simulator's all-reduce MEAN of one tensor of `sync`'s payload, as the drivers'.
 
@@ -684,29 +502,8 @@ def _all_reduce(per_worker, sync):
     if per_worker[0].dtype.is_integer:
         return tf.stack(per_worker)
     if sync.sends_drift and per_worker[0].dtype == sync.payload_dtype:
-        return _ring_mean(per_worker)
-    return _mean(per_worker)
-
-
-def _ring_mean(per_worker):
-    """The simulator's all-reduce MEAN of a payload in its own dtype.
-
-    TensorFlow's collectives add a half-precision payload in half precision
-    (one rounding per worker along the ring) and divide it, rounding once:
-    so does this, in worker order. Each operation goes through float32 and is
-    rounded back explicitly: in half precision grappler would fuse the adds
-    into one more exact AddN and turn the division by a constant into a
-    multiplication by its rounded reciprocal.
-    """
-    dtype = per_worker[0].dtype
-
-    def rounded(value):
-        return tf.cast(value, dtype)
-
-    total = per_worker[0]
-    for tensor in per_worker[1:]:
-        total = rounded(tf.cast(total, tf.float32) + tf.cast(tensor, tf.float32))
-    return rounded(tf.cast(total, tf.float32) / len(per_worker))
+        return transport_lib.ring_mean(per_worker)
+    return transport_lib.mean(per_worker)
 
 
 _DIVERGED = "FDA simulation stopped"

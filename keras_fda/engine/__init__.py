@@ -3,5 +3,6 @@
 `core.Engine` owns the reference weights, the trigger's round state and the
 counters, parameterised by how a driver all-reduces and assigns;
 `averager.WorkerAverager` is the engine of one worker process over a
-transport; `accounting.CommunicationStats` counts what was sent.
+transport, `mirrored.MirroredEngine` that of a tf.distribute strategy's
+replicas; `accounting.CommunicationStats` counts what was sent.
 """

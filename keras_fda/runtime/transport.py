@@ -5,6 +5,8 @@ a cluster. It knows nothing of models or FDA. `CollectiveTransport` uses
 TensorFlow's own collective runtime (gRPC, ring all-reduce) through a
 `tf.distribute.MultiWorkerMirroredStrategy` that is used only for its
 collectives: the user's model is built outside its scope and stays local.
+`mean` and `ring_mean` are the same MEAN over K copies of a tensor in one
+process, for the simulator, rounding as TensorFlow's collectives do.
 """
 
 import contextlib
@@ -294,3 +296,38 @@ def _check_op(op):
     if op not in _REDUCE_OPS:
         raise ValueError(f"Unsupported reduction {op!r}; use one of {sorted(_REDUCE_OPS)}.")
     return _REDUCE_OPS[op]
+
+
+# --- In one process: the simulator's collectives over K copies of a tensor.
+
+
+def mean(per_worker):
+    """All-reduce MEAN over K copies in one process (the simulator's): their mean.
+
+    Half-precision weights are summed in float32, as the real drivers do.
+    """
+    stacked = tf.stack(per_worker)
+    if stacked.dtype in (tf.float16, tf.bfloat16):
+        return tf.cast(tf.reduce_mean(tf.cast(stacked, tf.float32), axis=0), stacked.dtype)
+    return tf.reduce_mean(stacked, axis=0)
+
+
+def ring_mean(per_worker):
+    """All-reduce MEAN over K copies in one process, added in their own dtype.
+
+    TensorFlow's collectives add a half-precision payload in half precision
+    (one rounding per worker along the ring) and divide it, rounding once:
+    so does this, in worker order. Each operation goes through float32 and is
+    rounded back explicitly: in half precision grappler would fuse the adds
+    into one more exact AddN and turn the division by a constant into a
+    multiplication by its rounded reciprocal.
+    """
+    dtype = per_worker[0].dtype
+
+    def rounded(value):
+        return tf.cast(value, dtype)
+
+    total = per_worker[0]
+    for tensor in per_worker[1:]:
+        total = rounded(tf.cast(total, tf.float32) + tf.cast(tensor, tf.float32))
+    return rounded(tf.cast(total, tf.float32) / len(per_worker))

@@ -94,7 +94,8 @@ import numpy as np  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 from keras_fda import partition, triggers  # noqa: E402
-from keras_fda.drivers.simulation import Simulation, batch_schedule  # noqa: E402
+from keras_fda.drivers.simulation import Simulation  # noqa: E402
+from keras_fda.partition import batch_schedule  # noqa: E402
 from keras_fda.drivers.strategy import FDAStrategy  # noqa: E402
 
 K, BATCH = base_strategy.num_replicas_in_sync, 16
