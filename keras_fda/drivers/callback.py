@@ -4,59 +4,23 @@ import contextlib
 import functools
 import math
 import time
-import zlib
 
 import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from keras_fda.runtime import agreement
 from keras_fda.runtime import cluster as cluster_lib
 from keras_fda.policies.cadence import StepTiming, agreed_lag
 from keras_fda.policies import outer as outer_lib
 from keras_fda.policies import triggers as triggers_lib
 from keras_fda.engine.averager import WorkerAverager
+from keras_fda.drivers.checkpoint import CheckpointedState
 from keras_fda.drivers.tensorboard import Dashboard, standardize_update_freq
 
 # Model methods that give the model new weights from outside training.
 _WRITERS = ("set_weights", "load_weights")
-
-
-class _CheckpointedState(keras.layers.Layer):
-    """Carries `WorkerAverager.state_variables()` in the model's weight files.
-
-    Attached to the model only while `fit` runs, so the checkpoints written
-    during training (`BackupAndRestore`, `ModelCheckpoint`) can resume FDA,
-    while a model saved after `fit` holds only its own weights. Restoring
-    sets `restored`: each worker then resumes from its own saved weights and
-    FDA state instead of taking worker 0's weights.
-    """
-
-    def __init__(self, variables):
-        super().__init__(name="fda_state", trainable=False)
-        # A plain attribute would be tracked as Keras weights; these are tf.Variables.
-        object.__setattr__(self, "_state", list(variables))
-        self.restored = False
-        self.built = True
-
-    def save_own_variables(self, store):
-        for i, variable in enumerate(self._state):
-            store[str(i)] = variable.numpy()
-
-    def load_own_variables(self, store):
-        if not len(store.keys()):
-            # Weights saved without FDA (pretrained, or after a fit): the
-            # model's weights load, the FDA state stays as it is.
-            return
-        if len(store.keys()) != len(self._state):
-            raise ValueError(
-                f"The checkpoint's FDA state has {len(store.keys())} variables, this "
-                f"FDACallback has {len(self._state)}: it was saved with another model "
-                "or trigger. Use a fresh backup directory."
-            )
-        for i, variable in enumerate(self._state):
-            variable.assign(store[str(i)])
-        self.restored = True
 
 
 class FDACallback(keras.callbacks.Callback):
@@ -321,13 +285,13 @@ class FDACallback(keras.callbacks.Callback):
                 -1 if steps is None else steps,
                 self.params.get("epochs", 1),
                 sum(int(np.prod(v.shape)) for v in variables),
-                zlib.crc32(layout.encode()),
-                *(zlib.crc32(value.encode()) for _, value in settings),
+                agreement.fingerprint(layout),
+                *(agreement.fingerprint(value) for _, value in settings),
             ],
             np.int64,
         )
         everyone = transport.all_gather(mine).numpy()
-        checks = [
+        agreement.check(everyone[:, 2:], [
             ("the number of steps per epoch", "pass the same steps_per_epoch= to fit() with a repeated "
              "dataset (dataset.repeat()) on every worker"),
             ("the number of epochs", "pass the same epochs= to fit() on every worker"),
@@ -335,18 +299,8 @@ class FDACallback(keras.callbacks.Callback):
              "layers, on every worker"),
             ("the weight shapes and dtypes (layout fingerprint)", "build the same model, "
              "with the same dtype policy, on every worker"),
-        ]
-        for name, value in settings:
-            checks.append(
-                (f"the FDACallback setting {name} (this worker: {value}; compared as a "
-                 "fingerprint)", f"give {name} the same value on every worker")
-            )
-        for column, (what, fix) in enumerate(checks, start=2):
-            values = everyone[:, column]
-            if (values != values[0]).any():
-                raise ValueError(
-                    f"Workers disagree on {what}: {values.tolist()} (worker 0, 1, ...); {fix}."
-                )
+            *agreement.setting_checks("FDACallback", settings),
+        ])
         return everyone[:, :2]
 
     def _settings(self):
@@ -441,7 +395,7 @@ class FDACallback(keras.callbacks.Callback):
                 self.trigger, self.cluster.transport, trainable, extra, self.sync_rule, moments,
                 timed=auto,
             )
-            self._checkpoint = _CheckpointedState(self._averager.state_variables())
+            self._checkpoint = CheckpointedState(self._averager.state_variables())
             self._owner = model
             self._step_function = None
             # Passed to every step's call: created once, not per step.
@@ -607,75 +561,13 @@ class FDACallback(keras.callbacks.Callback):
         model.train_function = train_function
 
     def _build_step_function(self):
-        """One training step followed, in the same graph, by FDA's step.
-
-        With the overlapped exchange (`_every` == 1) the graph all-reduces
-        the previous step's message (the outbox) with nothing of this step
-        as input, so the collective runs while the step trains; the
-        decision and this step's message follow the training. With a longer
-        lag the message goes to a background all-reduce instead, whose
-        result a later call receives as `mean_message`. The exchange's
-        round trip and the step's compute are timed inside the graph, for
-        `exchange_every="auto"`.
-        """
-        model, averager = self.model, self._averager
+        """The model's training step and FDA's step in one compiled call (see `fused_step`)."""
+        model = self.model
         train_step = model.train_step
         if model.jit_compile and not model.run_eagerly:
             # XLA compiles the training alone; the collectives stay outside it.
             train_step = tf.function(train_step, jit_compile=True, reduce_retracing=True)
-
-        def step(iterator, mean_message, since, received, compose, keep, wanted, in_graph):
-            data = iterator.get_next() if hasattr(iterator, "get_next") else next(iterator)
-            # After the data arrived: a worker whose data ran out sends nothing.
-            with tf.control_dependencies(tf.nest.flatten(data)):
-                began = tf.timestamp()
-
-            def send():
-                with tf.control_dependencies([began]):
-                    sent, arrived = averager.send_outbox()
-                    sent_since = averager.outbox_since.read_value()
-                with tf.control_dependencies([sent]):
-                    return sent, arrived, sent_since, tf.timestamp()
-
-            # A tensor, not a Python bool: a lag that grows past 1 (exchange_every
-            # "auto" on a slow link) must not retrace the step (seconds for a
-            # large model).
-            mean_message, received, since, exchanged = tf.cond(
-                in_graph, send, lambda: (mean_message, received, since, began)
-            )
-            logs = train_step(data)
-            # The logs come before the optimizer's update; reading the weights
-            # waits for it (reads follow earlier writes), so `trained` is the
-            # end of the whole step.
-            updated = [v.read_value()[..., :0] for v in averager.variables]
-            with tf.control_dependencies(tf.nest.flatten(logs) + updated):
-                trained = tf.timestamp()
-            with tf.control_dependencies(tf.nest.flatten(logs)):
-                if not averager.trigger.state_size or not self.overlap:
-                    result = averager.blocking_step()
-                    result["composed"] = tf.constant(False)
-                else:
-                    result = averager.lagged_step(
-                        mean_message, since, received, compose, keep, wanted
-                    )
-            message = result.pop("message", tf.zeros([0]))
-            with tf.control_dependencies([message]):
-                finished = tf.timestamp()
-            result.update(
-                since=averager.steps_since_sync, steps=averager.steps, syncs=averager.syncs,
-                exchanges=averager.exchanges, received=received,
-                mean_wanted=result.get("mean_wanted", math.nan),
-                # The step's timeline (seconds), for exchange_every="auto".
-                exchange_s=exchanged - began, train_s=trained - began, fda_s=finished - trained,
-            )
-            packed = tf.stack([tf.cast(result[k], tf.float64) for k in _RESULT_NAMES])
-            return logs, packed, message
-
-        if model.run_eagerly:
-            return step
-        # Without AutoGraph, as Keras traces its own train step: every branch
-        # on a tensor here is an explicit tf.cond.
-        return tf.function(step, reduce_retracing=True, autograph=False)
+        return self._averager.fused_step(train_step, self.overlap, compiled=not model.run_eagerly)
 
     def _train_function(self, iterator):
         """One step of `fit`: a background exchange's bookkeeping around the compiled step."""
@@ -702,9 +594,7 @@ class FDACallback(keras.callbacks.Callback):
                 constants[outboxed or self._in_flight is None], constants[outboxed],
                 tf.constant(wanted, tf.float32), constants[in_graph],
             )
-            result = dict(zip(_RESULT_NAMES, packed.numpy().tolist()))
-            for name in ("synced", "peers_active", "healthy", "exchanged", "composed", "received"):
-                result[name] = bool(result[name])
+            result = averager.unpack(packed)
             if self._timing is not None:
                 self._timing.measured(result, in_graph)
                 # A collected message's wishes were agreed on in `_collect`.
@@ -814,12 +704,6 @@ class FDACallback(keras.callbacks.Callback):
             self._dashboard.close()
             self._dashboard = None
 
-
-# The values of a step's result, in the order the compiled step packs them.
-_RESULT_NAMES = (
-    "composed", "exchange_s", "exchanged", "exchanges", "fda_s", "healthy", "mean_wanted",
-    "peers_active", "received", "since", "statistic", "steps", "synced", "syncs", "train_s",
-)
 
 def _run_after(callback, method, action):
     """Makes `callback.<method>(logs)` run `action(logs)` after itself, once."""

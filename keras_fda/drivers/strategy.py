@@ -41,13 +41,13 @@ How it plugs into Keras (why it is built this way):
 import atexit
 import functools
 import weakref
-import zlib
 
 import keras
 import tensorflow as tf
 from tensorflow.python.distribute import values as distribute_values
 
 from keras_fda.policies import outer as outer_lib
+from keras_fda.runtime import agreement
 from keras_fda.policies import triggers as triggers_lib
 from keras_fda.engine.mirrored import MirroredEngine
 from keras_fda.drivers.tensorboard import Dashboard, standardize_update_freq
@@ -452,18 +452,12 @@ class _MultiWorkerFDAStrategy(FDAStrategy, tf.distribute.MultiWorkerMirroredStra
         # Each worker builds its own graph from its settings: different ones
         # would join different collectives and hang until the timeout.
         settings = self._settings()
-        mine = tf.constant([float(zlib.crc32(text.encode())) for _, text in settings], tf.float64)
+        mine = tf.constant([agreement.fingerprint(text) for _, text in settings], tf.float64)
         per_replica = self.experimental_distribute_values_from_function(lambda _: mine)
         everyone = tf.reshape(
             tf.distribute.Strategy.gather(self, per_replica, axis=0), [-1, len(settings)]
         ).numpy()
-        for column, (name, text) in enumerate(settings):
-            if (everyone[:, column] != everyone[0, column]).any():
-                raise ValueError(
-                    f"Workers disagree on the FDAStrategy setting {name} (this worker: {text}; "
-                    f"compared as a fingerprint, per replica: {everyone[:, column].tolist()}); "
-                    f"give {name} the same value on every worker."
-                )
+        agreement.check(everyone, agreement.setting_checks("FDAStrategy", settings), "replica")
 
     def reduce(self, reduce_op, value, axis=None):
         # Keras 3.15 under a multi-worker strategy (keras-team/keras#20585)

@@ -3,13 +3,16 @@
 `WorkerAverager` composes a trigger (the algorithm) with a transport (the
 collectives) for variables that live in this process. It holds the reference
 weights `w0` agreed at the last synchronization, the trigger's round state and
-the counters. Its per-step work runs inside the driver's own compiled step
-(`FDACallback` puts it in the train function Keras builds for `fit`):
+the counters. Its per-step work runs in the same compiled call as the
+driver's training step (`fused_step`; `FDACallback` puts that call in place
+of the train function Keras builds for `fit`):
 
     [train] -> drift -> local state -> all-reduce -> statistic -> should_sync -> [average]
 
 It knows nothing of Keras: `FDACallback` feeds it a model's variables.
 """
+
+import math
 
 import tensorflow as tf
 
@@ -285,6 +288,89 @@ class WorkerAverager(Engine):
             result["mean_wanted"] = tf.where(received, mean_message[-1], float("nan"))
         return result
 
+    def fused_step(self, train_step, overlap, compiled=True):
+        """A driver's training step and this worker's FDA step in one function.
+
+        With the overlapped exchange the graph all-reduces the previous
+        step's message (the outbox) with nothing of this step as input, so
+        the collective runs while the step trains; the decision and this
+        step's message follow the training. With a longer lag the driver
+        sends the message in the background instead, and hands a later call
+        its result as `mean_message`. The exchange's round trip and the
+        step's compute are timed inside the graph, for a cadence that adapts.
+
+        Args:
+            train_step: `train_step(data)` returns the step's logs (Keras'
+                `Model.train_step`).
+            overlap: decide on an earlier step's message (`lagged_step`);
+                False (or a stateless trigger): `blocking_step`.
+            compiled: wrap it in a `tf.function` (False: run it eagerly).
+
+        Returns:
+            `step(iterator, mean_message, since, received, compose, keep,
+            wanted, in_graph)` -> `(logs, packed, message)`: `packed` is the
+            step's result for `unpack`, `message` this step's (if composed).
+            `in_graph` (a bool tensor, so that a change of lag does not
+            retrace the step) sends the outbox inside the graph.
+        """
+        lagged = overlap and self.trigger.state_size > 0
+
+        def step(iterator, mean_message, since, received, compose, keep, wanted, in_graph):
+            data = iterator.get_next() if hasattr(iterator, "get_next") else next(iterator)
+            # After the data arrived: a worker whose data ran out sends nothing.
+            with tf.control_dependencies(tf.nest.flatten(data)):
+                began = tf.timestamp()
+
+            def send():
+                with tf.control_dependencies([began]):
+                    sent, arrived = self.send_outbox()
+                    sent_since = self.outbox_since.read_value()
+                with tf.control_dependencies([sent]):
+                    return sent, arrived, sent_since, tf.timestamp()
+
+            mean_message, received, since, exchanged = tf.cond(
+                in_graph, send, lambda: (mean_message, received, since, began)
+            )
+            logs = train_step(data)
+            # The logs come before the optimizer's update; reading the weights
+            # waits for it (reads follow earlier writes), so `trained` is the
+            # end of the whole step.
+            updated = [v.read_value()[..., :0] for v in self.variables]
+            with tf.control_dependencies(tf.nest.flatten(logs) + updated):
+                trained = tf.timestamp()
+            with tf.control_dependencies(tf.nest.flatten(logs)):
+                if lagged:
+                    result = self.lagged_step(mean_message, since, received, compose, keep, wanted)
+                else:
+                    result = self.blocking_step()
+                    result["composed"] = tf.constant(False)
+            message = result.pop("message", tf.zeros([0]))
+            with tf.control_dependencies([message]):
+                finished = tf.timestamp()
+            result.update(
+                since=self.steps_since_sync, steps=self.steps, syncs=self.syncs,
+                exchanges=self.exchanges, received=received,
+                mean_wanted=result.get("mean_wanted", math.nan),
+                # The step's timeline (seconds), for an adaptive cadence.
+                exchange_s=exchanged - began, train_s=trained - began, fda_s=finished - trained,
+            )
+            packed = tf.stack([tf.cast(result[k], tf.float64) for k in _RESULT_NAMES])
+            return logs, packed, message
+
+        if not compiled:
+            return step
+        # Without AutoGraph, as Keras traces its own train step: every branch
+        # on a tensor here is an explicit tf.cond.
+        return tf.function(step, reduce_retracing=True, autograph=False)
+
+    @staticmethod
+    def unpack(packed):
+        """A `fused_step`'s packed result as a dict of Python floats and bools."""
+        result = dict(zip(_RESULT_NAMES, packed.numpy().tolist()))
+        for name in ("synced", "peers_active", "healthy", "exchanged", "composed", "received"):
+            result[name] = bool(result[name])
+        return result
+
     def _post(self, message):
         self.outbox.assign(message)
         self.outbox_since.assign(self.steps_since_sync)
@@ -455,6 +541,13 @@ class WorkerAverager(Engine):
             syncs=syncs,
             exchanges=int(self.exchanges.numpy()) if exchanges is None else exchanges,
         )
+
+
+# The values of a fused step's result, in the order it packs them.
+_RESULT_NAMES = (
+    "composed", "exchange_s", "exchanged", "exchanges", "fda_s", "healthy", "mean_wanted",
+    "peers_active", "received", "since", "statistic", "steps", "synced", "syncs", "train_s",
+)
 
 
 def _with_flag(payload, active):
