@@ -76,3 +76,39 @@ def test_sorted_by_label_fully_sorted_gives_contiguous_label_blocks():
 def test_bad_arguments_say_what_to_do(call, error):
     with pytest.raises(error):
         call()
+
+
+def test_batch_schedule_reads_each_partition_in_shuffled_passes():
+    parts = [np.arange(0, 5), np.arange(5, 12)]
+    order = partition.batch_schedule(parts, batch_size=2, num_steps=5, seed=1)
+    assert order.shape == (5, 2, 2)
+    first_pass = order[:, 0].reshape(-1)[:5]
+    assert sorted(first_pass) == list(range(5))
+    assert sorted(order[:, 1].reshape(-1)[:7]) == list(range(5, 12))
+    np.testing.assert_array_equal(order, partition.batch_schedule(parts, 2, 5, seed=1))
+
+def test_repartition_switches_each_workers_data_at_the_given_step():
+    parts = [np.arange(0, 6), np.arange(6, 10)]
+    swapped = parts[::-1]
+    order = partition.batch_schedule(parts, 2, 8, seed=3, repartition={5: swapped})
+    # Before the change: the schedule of a run without it, step for step.
+    np.testing.assert_array_equal(order[:5], partition.batch_schedule(parts, 2, 5, seed=3))
+    assert set(order[5:, 0].ravel()) <= set(range(6, 10))
+    assert set(order[5:, 1].ravel()) <= set(range(0, 6))
+    # A fresh pass over the new partition starts at the change.
+    assert sorted(order[5:7, 0].ravel()) == list(range(6, 10))
+
+
+@pytest.mark.parametrize(
+    "bad, error, match",
+    [
+        ({0: [np.arange(3), np.arange(3)]}, ValueError, "outside the run"),
+        ({8: [np.arange(3), np.arange(3)]}, ValueError, "outside the run"),
+        ({2: [np.arange(3)]}, ValueError, "one index array per worker"),
+        ({2.5: [np.arange(3), np.arange(3)]}, TypeError, "integers"),
+        ([np.arange(3), np.arange(3)], TypeError, "dict"),
+    ],
+)
+def test_repartition_errors_say_what_to_do(bad, error, match):
+    with pytest.raises(error, match=match):
+        partition.batch_schedule([np.arange(3), np.arange(3, 6)], 2, 8, repartition=bad)

@@ -198,16 +198,6 @@ def test_history_counts_the_final_sync_as_fda_callback_does(data, threshold, lag
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_batch_schedule_reads_each_partition_in_shuffled_passes():
-    parts = [np.arange(0, 5), np.arange(5, 12)]
-    order = batch_schedule(parts, batch_size=2, num_steps=5, seed=1)
-    assert order.shape == (5, 2, 2)
-    first_pass = order[:, 0].reshape(-1)[:5]
-    assert sorted(first_pass) == list(range(5))
-    assert sorted(order[:, 1].reshape(-1)[:7]) == list(range(5, 12))
-    np.testing.assert_array_equal(order, batch_schedule(parts, 2, 5, seed=1))
-
-
 # The benchmark's data lives next to the checkout (../shared/data), not in it.
 BENCHMARK_DATA = ROOT.parent / "shared" / "data" / "femnist_subset.npz"
 
@@ -260,33 +250,6 @@ def test_benchmark_partition_flag_picks_the_partitioner():
     for bad in ("sorted", "dirichlet", "by_writer:2", "random"):
         with pytest.raises(app.UsageError, match="--partition"):
             comm_to_accuracy.make_partitions(bad, writers, labels, 4, seed=0)
-
-
-def test_repartition_switches_each_workers_data_at_the_given_step():
-    parts = [np.arange(0, 6), np.arange(6, 10)]
-    swapped = parts[::-1]
-    order = batch_schedule(parts, 2, 8, seed=3, repartition={5: swapped})
-    # Before the change: the schedule of a run without it, step for step.
-    np.testing.assert_array_equal(order[:5], batch_schedule(parts, 2, 5, seed=3))
-    assert set(order[5:, 0].ravel()) <= set(range(6, 10))
-    assert set(order[5:, 1].ravel()) <= set(range(0, 6))
-    # A fresh pass over the new partition starts at the change.
-    assert sorted(order[5:7, 0].ravel()) == list(range(6, 10))
-
-
-@pytest.mark.parametrize(
-    "bad, error, match",
-    [
-        ({0: [np.arange(3), np.arange(3)]}, ValueError, "outside the run"),
-        ({8: [np.arange(3), np.arange(3)]}, ValueError, "outside the run"),
-        ({2: [np.arange(3)]}, ValueError, "one index array per worker"),
-        ({2.5: [np.arange(3), np.arange(3)]}, TypeError, "integers"),
-        ([np.arange(3), np.arange(3)], TypeError, "dict"),
-    ],
-)
-def test_repartition_errors_say_what_to_do(bad, error, match):
-    with pytest.raises(error, match=match):
-        batch_schedule([np.arange(3), np.arange(3, 6)], 2, 8, repartition=bad)
 
 
 def test_run_trains_on_the_new_partitions_after_the_change(data):
