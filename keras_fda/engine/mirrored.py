@@ -3,7 +3,7 @@
 `FDAStrategy`'s engine, as `WorkerAverager` is `FDACallback`'s: the
 trigger's local state per replica, the decision and the sync with the
 strategy's collectives, all inside the compiled train step. It knows
-nothing of Keras: `FDAStrategy` hands it a model's variables.
+nothing of Keras models: `FDAStrategy` hands it a model's variables.
 """
 
 import contextlib
