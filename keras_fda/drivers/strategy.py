@@ -47,8 +47,8 @@ import tensorflow as tf
 from tensorflow.python.distribute import values as distribute_values
 
 from keras_fda.policies import outer as outer_lib
-from keras_fda.runtime import agreement
 from keras_fda.policies import triggers as triggers_lib
+from keras_fda.runtime import agreement
 from keras_fda.engine.mirrored import MirroredEngine
 from keras_fda.drivers.tensorboard import Dashboard, standardize_update_freq
 
