@@ -387,7 +387,9 @@ class Simulation:
         eval_every = max(1, steps_per_epoch // evaluations_per_epoch)
         eval_steps = sorted({0, num_steps, *range(eval_every, num_steps, eval_every)})
 
-        schedule = partition_lib.batch_schedule(partitions, batch_size, num_steps, seed, repartition)
+        schedule = partition_lib.batch_schedule(
+            partitions, batch_size, num_steps, seed, repartition
+        )
         self._reset()
         step, finish, sync, moments = self._build_step(
             trigger, tf.convert_to_tensor(x), tf.convert_to_tensor(y), rule, lag

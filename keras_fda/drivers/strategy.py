@@ -298,21 +298,24 @@ class FDAStrategy(tf.distribute.Strategy):
         self._check(model)
         if not getattr(model.optimizer, "_fda_local", False):
             self._make_optimizer_local(model)
-        for owner, state in self._states:
-            if owner is model:
-                if model.optimizer is not state.inner_optimizer:
-                    # After a recompile the rule acts on the new optimizer's moments.
-                    state.moments = self._moments_of(model)
-                    state.inner_optimizer = model.optimizer
-                    self.trigger.watch(model.optimizer)
-                return state
+        state = next((s for owner, s in self._states if owner is model), None)
+        if state is not None and model.optimizer is state.inner_optimizer:
+            return state
+        # The first trace, or a recompile: the rule acts on this optimizer's moments.
+        moments = self._moments_of(model)
+        if state is None:
+            state = self._new_state(model)
+        state.moments, state.inner_optimizer = moments, model.optimizer
+        self.trigger.watch(model.optimizer)
+        return state
+
+    def _new_state(self, model):
+        """A `MirroredEngine` for `model`, and the model's hooks that keep it in step."""
         trainable, extra = outer_lib.synchronized_weights(model, self.average_non_trainable)
         state = MirroredEngine(
             self, self.trigger, [w.value for w in trainable], [w.value for w in extra],
-            self.sync_rule, self._moments_of(model), self._dashboard,
+            self.sync_rule, dashboard=self._dashboard,
         )
-        state.inner_optimizer = model.optimizer
-        self.trigger.watch(model.optimizer)
         self._states.append((model, state))
         # Set on the instance, bypassing Keras' attribute tracking.
         for name in _READERS:
@@ -495,7 +498,9 @@ class _MultiWorkerFDAStrategy(FDAStrategy, tf.distribute.MultiWorkerMirroredStra
         values = [tf.convert_to_tensor(logs[k]) for k in keys]
         flat = tf.concat([tf.reshape(tf.cast(v, tf.float64), [-1]) for v in values], 0)
         per_replica = self.experimental_distribute_values_from_function(lambda _: flat)
-        mean = tf.distribute.Strategy.reduce(self, tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
+        mean = tf.distribute.Strategy.reduce(
+            self, tf.distribute.ReduceOp.MEAN, per_replica, axis=None
+        )
         parts = tf.split(mean, [int(v.shape.num_elements()) for v in values])
         logs = dict(logs)
         for key, value, part in zip(keys, values, parts):
