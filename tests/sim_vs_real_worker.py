@@ -1,9 +1,11 @@
 """One real worker of the simulator-vs-real test (tests/test_simulation.py).
 
-Run as `python -m keras_fda.launch --workers 2 tests/sim_vs_real_worker.py --out=DIR`.
-Each worker trains the shared setup below with `FDACallback` on its partition,
-in the data order `keras_fda.partition.batch_schedule` gives the simulator,
-and writes `DIR/worker{i}.npz`: the per-step statistic and sync count from the
+Run as `python -m keras_fda.launch --workers 2 tests/sim_vs_real_worker.py --out=DIR
+--cases CASE...`. For each case, one after another in the same processes (as a
+user's job runs several fits), each worker trains a fresh model of the shared
+setup below with a new `FDACallback` on its partition, in the data order
+`keras_fda.partition.batch_schedule` gives the simulator, and writes
+`DIR/{case}_worker{i}.npz`: the per-step statistic and sync count from the
 batch logs, and the final weights. The test imports the same setup to run the
 simulator, so both sides see one definition of data, model and trigger.
 """
@@ -101,6 +103,11 @@ def outer_optimizer(name="linear"):
     return "nesterov" if name == "auto" else None
 
 
+def case_name(trigger, lag, sync_dtype):
+    """The `--cases` entry (and file prefix) of one fit."""
+    return f"{trigger}-{lag}-{sync_dtype}"
+
+
 def make_partitions():
     from keras_fda import partition
 
@@ -119,49 +126,52 @@ def main():
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--trigger", choices=["linear", "auto", "moments"], default="linear")
-    parser.add_argument("--lag", type=int, choices=[0, 1], default=1,
-                        help="1: FDACallback's overlapped exchange; 0: overlap=False")
-    parser.add_argument("--sync_dtype", default=None)
+    parser.add_argument(
+        "--cases", nargs="+", default=[case_name("linear", 1, None)],
+        help="trigger-lag-sync_dtype for each fit, run one after another in this process "
+        "(trigger linear, auto or moments; lag 1: the overlapped exchange, 0: overlap=False)",
+    )
     args = parser.parse_args()
     out = pathlib.Path(args.out)
 
     x, y = make_data()
     order = batch_schedule(make_partitions(), BATCH_SIZE, STEPS, seed=DATA_SEED)
     mine = order[:, cluster.worker_index].reshape(-1)
-    statistic, syncs = [], []
+    for case in args.cases:
+        trigger, lag, sync_dtype = case.split("-")
+        statistic, syncs = [], []
 
-    class Record(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            statistic.append(logs["fda/variance"])
-            syncs.append(logs["fda/syncs"])
+        class Record(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                statistic.append(logs["fda/variance"])
+                syncs.append(logs["fda/syncs"])
 
-    model = make_model()
-    model.fit(
-        x[mine],
-        y[mine],
-        batch_size=BATCH_SIZE,
-        epochs=1,
-        shuffle=False,
-        verbose=0,
-        callbacks=[
-            keras_fda.FDACallback(
-                trigger=make_trigger(args.trigger),
-                overlap=args.lag == 1,
-                exchange_every=1,  # decisions that do not depend on timing
-                outer_optimizer=outer_optimizer(args.trigger),
-                sync_dtype=args.sync_dtype,
-            ),
-            Record(),
-        ],
-    )
-    weights = {f"weight{i}": w for i, w in enumerate(model.get_weights())}
-    np.savez(
-        out / f"worker{cluster.worker_index}.npz",
-        statistic=np.array(statistic),
-        syncs=np.array(syncs),
-        **weights,
-    )
+        model = make_model()
+        model.fit(
+            x[mine],
+            y[mine],
+            batch_size=BATCH_SIZE,
+            epochs=1,
+            shuffle=False,
+            verbose=0,
+            callbacks=[
+                keras_fda.FDACallback(
+                    trigger=make_trigger(trigger),
+                    overlap=lag == "1",
+                    exchange_every=1,  # decisions that do not depend on timing
+                    outer_optimizer=outer_optimizer(trigger),
+                    sync_dtype=None if sync_dtype == "None" else sync_dtype,
+                ),
+                Record(),
+            ],
+        )
+        weights = {f"weight{i}": w for i, w in enumerate(model.get_weights())}
+        np.savez(
+            out / f"{case}_worker{cluster.worker_index}.npz",
+            statistic=np.array(statistic),
+            syncs=np.array(syncs),
+            **weights,
+        )
 
 
 if __name__ == "__main__":

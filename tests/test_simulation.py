@@ -26,12 +26,26 @@ def data():
     return setup.make_data()
 
 
-@pytest.mark.parametrize(
-    "trigger, lag, sync_dtype",
-    [("linear", 1, None), ("auto", 1, None), ("linear", 0, None), ("linear", 1, "int4"),
-     ("moments", 1, None)],
-)
-def test_simulator_matches_two_real_worker_processes(tmp_path, data, trigger, lag, sync_dtype):
+SIM_VS_REAL = [
+    ("linear", 1, None), ("auto", 1, None), ("linear", 0, None), ("linear", 1, "int4"),
+    ("moments", 1, None),
+]
+
+
+@pytest.fixture(scope="module")
+def real_runs(tmp_path_factory):
+    """Every case of SIM_VS_REAL, one fit after another in the same 2 worker processes."""
+    out = tmp_path_factory.mktemp("sim_vs_real")
+    result = launch(
+        setup.NUM_WORKERS, "tests/sim_vs_real_worker.py", f"--out={out}", "--cases",
+        *(setup.case_name(*case) for case in SIM_VS_REAL), timeout=REAL_RUN_TIMEOUT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("trigger, lag, sync_dtype", SIM_VS_REAL)
+def test_simulator_matches_two_real_worker_processes(real_runs, data, trigger, lag, sync_dtype):
     """Same data order, seeds and trigger: same sync steps, same final weights.
 
     lag 1 is FDACallback's default overlapped exchange, lag 0 its blocking one.
@@ -43,14 +57,10 @@ def test_simulator_matches_two_real_worker_processes(tmp_path, data, trigger, la
     all-gathered quantized drift and each worker's error-feedback residual
     are the same in both. "moments" checks that a trigger reading the
     optimizer sees each worker's own moments, as the simulator hands it each copy's.
+    The real workers run the cases one after another, each with a new model and
+    a new FDACallback, so each case after the first also checks that a fit
+    starts clean after an earlier one in the same job.
     """
-    result = launch(
-        setup.NUM_WORKERS, "tests/sim_vs_real_worker.py", f"--out={tmp_path}",
-        f"--trigger={trigger}", f"--lag={lag}", *([f"--sync_dtype={sync_dtype}"] * bool(sync_dtype)),
-        timeout=REAL_RUN_TIMEOUT,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-
     x, y = data
     sim = Simulation(setup.make_model(), setup.NUM_WORKERS)
     history = sim.run(
@@ -63,8 +73,9 @@ def test_simulator_matches_two_real_worker_processes(tmp_path, data, trigger, la
     if trigger == "auto":
         rounds = np.diff(np.flatnonzero(history.synced), prepend=-1)
         assert len(set(rounds[1:].tolist())) > 1, rounds  # the rounds adapted
+    case = setup.case_name(trigger, lag, sync_dtype)
     for worker in range(setup.NUM_WORKERS):
-        real = np.load(tmp_path / f"worker{worker}.npz")
+        real = np.load(real_runs / f"{case}_worker{worker}.npz")
         np.testing.assert_array_equal(real["syncs"], sim_syncs)
         np.testing.assert_allclose(real["statistic"], history.statistic, rtol=1e-5, atol=1e-7)
         for i, weight in enumerate(sim.model.get_weights()):

@@ -147,7 +147,8 @@ def multiworker_int8(tmp_path_factory):
 @pytest.fixture(scope="module")
 def keras_user(one_process_runs):
     """tests/workers/keras_user_checks.py on 2 logical devices: {check: findings}."""
-    return {f.stem: json.loads(f.read_text()) for f in one_process_runs["keras_user"].glob("*.json")}
+    found = one_process_runs["keras_user"].glob("*.json")
+    return {f.stem: json.loads(f.read_text()) for f in found}
 
 
 @pytest.fixture(scope="module")
