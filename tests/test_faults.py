@@ -195,51 +195,67 @@ def load(out, index):
     return dict(np.load(out / f"worker{index}.npz"))
 
 
-@pytest.mark.parametrize(
-    "args, steps_of_last, steps_of_first",
-    [
-        # A finite dataset shorter than steps_per_epoch: Keras ends each of the
-        # last worker's epochs after 6 of 8 steps ("ran out of data"). FDA's
-        # state exchange overlaps the next step: the other worker learns of
-        # the stop from the exchange it collects after its second step more.
-        (["--threshold", 0.05, "--steps_per_epoch", 8, "--extra_rows_on_last", -32], 12, 14),
-        # A callback (as EarlyStopping would) stops the last worker mid-epoch.
-        (["--threshold", 0.05, "--steps_per_epoch", 8, "--repeat", "--stop_at_step_on_last", 5],
-         5, 7),
-        # exchange_every="auto" at a lag of 2 (every worker asks for 2, as on
-        # a slow link): the exchanges run in the background. The stop message
-        # meets the other worker's exchange sent after its step 6 and asks for
-        # no lag, which shortens the lag to 1 at step 8, the step that decides
-        # on it. The stop was dropped there, and the other worker's next
-        # exchange waited for a peer already in its final sync until the
-        # timeout (BENCHMARKS 7's hang on a 10 Mbit/s link).
-        (["--threshold", 0.05, "--steps_per_epoch", 16, "--repeat", "--exchange_every", "auto",
-          "--wanted_lag", 2, "--stop_at_step_on_last", 5, "--collective_timeout", 20], 5, 8),
-        # The blocking exchange: in its next step's collective.
-        (["--threshold", 0.05, "--steps_per_epoch", 8, "--repeat", "--stop_at_step_on_last", 5,
-          "--blocking"], 5, 6),
-        # Stateless triggers send nothing between syncs: the stop meets the
-        # others' next sync, every step for synchronous, step 6 for tau 3.
-        (["--trigger", "synchronous", "--repeat", "--steps_per_epoch", 8,
-          "--stop_at_step_on_last", 5], 5, 6),
-        (["--trigger", "periodic", "--tau", 3, "--repeat", "--steps_per_epoch", 8,
-          "--stop_at_step_on_last", 5], 5, 6),
-        (["--trigger", "periodic", "--tau", 3, "--repeat", "--steps_per_epoch", 8,
-          "--stop_at_step_on_last", 4], 4, 6),
-        # A bfloat16 payload: the stop message has the sync's dtype.
-        (["--trigger", "periodic", "--tau", 3, "--repeat", "--steps_per_epoch", 8,
-          "--stop_at_step_on_last", 4, "--sync_dtype", "bfloat16"], 4, 6),
-    ],
-)
-def test_a_worker_that_stops_early_stops_everyone_with_identical_weights(
-    tmp_path, args, steps_of_last, steps_of_first
-):
-    result = launch(2, WORKER, "--out", tmp_path, *args, timeout=120)
+# (flags, steps of the worker that stops, steps of the other one)
+STOPS_EARLY = [
+    # A finite dataset shorter than steps_per_epoch: Keras ends each of the
+    # last worker's epochs after 6 of 8 steps ("ran out of data"). FDA's
+    # state exchange overlaps the next step: the other worker learns of
+    # the stop from the exchange it collects after its second step more.
+    (["--threshold", 0.05, "--steps_per_epoch", 8, "--extra_rows_on_last", -32], 12, 14),
+    # A callback (as EarlyStopping would) stops the last worker mid-epoch.
+    (["--threshold", 0.05, "--steps_per_epoch", 8, "--repeat", "--stop_at_step_on_last", 5],
+     5, 7),
+    # exchange_every="auto" at a lag of 2 (every worker asks for 2, as on
+    # a slow link): the exchanges run in the background. The stop message
+    # meets the other worker's exchange sent after its step 6 and asks for
+    # no lag, which shortens the lag to 1 at step 8, the step that decides
+    # on it. The stop was dropped there, and the other worker's next
+    # exchange waited for a peer already in its final sync until the
+    # collective timeout (BENCHMARKS 7's hang on a 10 Mbit/s link).
+    (["--threshold", 0.05, "--steps_per_epoch", 16, "--repeat", "--exchange_every", "auto",
+      "--wanted_lag", 2, "--stop_at_step_on_last", 5], 5, 8),
+    # The blocking exchange: in its next step's collective.
+    (["--threshold", 0.05, "--steps_per_epoch", 8, "--repeat", "--stop_at_step_on_last", 5,
+      "--blocking"], 5, 6),
+    # Stateless triggers send nothing between syncs: the stop meets the
+    # others' next sync, every step for synchronous, step 6 for tau 3.
+    (["--trigger", "synchronous", "--repeat", "--steps_per_epoch", 8,
+      "--stop_at_step_on_last", 5], 5, 6),
+    (["--trigger", "periodic", "--tau", 3, "--repeat", "--steps_per_epoch", 8,
+      "--stop_at_step_on_last", 5], 5, 6),
+    (["--trigger", "periodic", "--tau", 3, "--repeat", "--steps_per_epoch", 8,
+      "--stop_at_step_on_last", 4], 4, 6),
+    # A bfloat16 payload: the stop message has the sync's dtype.
+    (["--trigger", "periodic", "--tau", 3, "--repeat", "--steps_per_epoch", 8,
+      "--stop_at_step_on_last", 4, "--sync_dtype", "bfloat16"], 4, 6),
+]
+
+
+@pytest.fixture(scope="module")
+def stopped_early(tmp_path_factory):
+    """Every case of STOPS_EARLY, one fit after another in one pair of workers.
+
+    Returns the output folder and worker 0's output for each case. A hang
+    fails within the collective timeout instead of the launcher's.
+    """
+    out = tmp_path_factory.mktemp("stops_early")
+    cases = json.dumps([list(map(str, flags)) for flags, _, _ in STOPS_EARLY])
+    result = launch(
+        2, WORKER, "--out", out, "--collective_timeout", 30, "--cases", cases, timeout=300
+    )
     assert result.returncode == 0, result.stdout[-3000:]
-    first, last = load(tmp_path, 0), load(tmp_path, 1)
+    first = [line for line in result.stdout.splitlines() if line.startswith("[worker 0] ")]
+    return out, "\n".join(first).split("=== case ")[1:]
+
+
+@pytest.mark.parametrize("case", range(len(STOPS_EARLY)))
+def test_a_worker_that_stops_early_stops_everyone_with_identical_weights(stopped_early, case):
+    out, outputs = stopped_early
+    _, steps_of_last, steps_of_first = STOPS_EARLY[case]
+    first, last = load(out / f"case{case}", 0), load(out / f"case{case}", 1)
     assert len(last["syncs"]) == steps_of_last
     assert len(first["syncs"]) == steps_of_first
-    assert "[worker 0] " in result.stdout and "another worker stopped training" in result.stdout
+    assert "another worker stopped training" in outputs[case]
     np.testing.assert_array_equal(first["final"], last["final"])
 
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import signal
+import sys
 
 import keras_fda
 
@@ -66,6 +67,11 @@ parser.add_argument("--pause_at_epoch_end_on_last", type=int, default=None,
                     "before BackupAndRestore saves; the last one then waits to be killed")
 parser.add_argument("--pid_after_step", type=int, default=None,
                     help="write DIR/pid{i} after this step (for tests that kill workers)")
+parser.add_argument("--cases", default=None,
+                    help="a JSON list of flag lists: one fit per case, one after another in "
+                    "these processes, each with the flags above and its own (a case's "
+                    "--collective_timeout is ignored: the cluster is already connected), "
+                    "writing DIR/case{j}/worker{i}.npz")
 args = parser.parse_args()
 
 cluster = keras_fda.connect(timeout_seconds=args.collective_timeout)
@@ -75,8 +81,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from keras_fda.policies import cadence  # noqa: E402
 
-if args.wanted_lag is not None:
-    cadence.StepTiming.wanted = lambda self: args.wanted_lag
+measured_lag = cadence.StepTiming.wanted
 
 
 def flat_weights(model, trainable_only=False):
@@ -204,6 +209,10 @@ def saved_keys(model, path):
 
 
 def main():
+    if args.wanted_lag is None:
+        cadence.StepTiming.wanted = measured_lag
+    else:
+        cadence.StepTiming.wanted = lambda self: args.wanted_lag
     index, k = cluster.worker_index, cluster.num_workers
     rows = args.rows + (args.extra_rows_on_last if index == k - 1 else 0)
     rng = np.random.default_rng(100 + index)
@@ -340,4 +349,13 @@ def main():
     )
 
 
-main()
+if args.cases is None:
+    main()
+else:
+    base = args.out
+    for j, case in enumerate(json.loads(args.cases)):
+        out = os.path.join(base, f"case{j}")
+        os.makedirs(out, exist_ok=True)
+        print(f"=== case {j}", flush=True)
+        args = parser.parse_args([*sys.argv[1:], *map(str, case), "--out", out])
+        main()
