@@ -1,6 +1,7 @@
 """FDACallback across 2 and 3 real worker processes (TF collectives over gRPC on 127.0.0.1).
 
-Each configuration runs once (module-scoped fixtures) through the launcher;
+Each configuration runs once through the launcher, those with the same number
+of workers one after another in the same worker processes;
 `tests/workers/fit_worker.py` records the weights before and after FDA acted on
 every step, and the tests check them against numpy.
 """
@@ -14,12 +15,11 @@ from conftest import launch
 
 WORKER = "tests/workers/fit_worker.py"
 LINEAR_THRESHOLD = 0.05
+SGD_LR, BATCH = 0.01, 16  # the synchronous run's, replayed in numpy
+KAMP_THRESHOLD = 0.03
 
 
-def run(tmp_path_factory, num_workers, *args):
-    out = tmp_path_factory.mktemp("run")
-    result = launch(num_workers, WORKER, "--out", out, *args)
-    assert result.returncode == 0, result.stdout[-4000:]
+def load_runs(out, num_workers):
     runs = [dict(np.load(out / f"worker{i}.npz")) for i in range(num_workers)]
     for r in runs:
         r["stats"] = json.loads(str(r["stats"]))
@@ -28,19 +28,81 @@ def run(tmp_path_factory, num_workers, *args):
     return runs
 
 
-@pytest.fixture(scope="module")
-def linear2(tmp_path_factory):
-    return run(tmp_path_factory, 2, "--variant", "linear", "--threshold", LINEAR_THRESHOLD)
+# The configurations, each one fit of a new model with a new FDACallback. Those
+# with the same number of workers run one after another in one launch: a TF
+# worker's start costs more than most of these fits.
+TWO_WORKERS = {
+    "linear": ["--variant", "linear", "--threshold", LINEAR_THRESHOLD],
+    "sketch": ["--variant", "sketch", "--threshold", 0.05],
+    "blocking": ["--variant", "linear", "--threshold", LINEAR_THRESHOLD, "--blocking"],
+    # A quantized drift: int8 blocks with error feedback, all-gathered.
+    "int8": ["--variant", "linear", "--threshold", LINEAR_THRESHOLD, "--sync_dtype", "int8"],
+    "synchronous": [
+        "--trigger", "synchronous", "--model", "linear", "--optimizer", "sgd", "--lr", SGD_LR,
+        "--batch_size", BATCH, "--epochs", 1,
+    ],
+    "periodic": ["--trigger", "periodic", "--tau", 3],
+    "kamp": ["--trigger", "kamp", "--threshold", KAMP_THRESHOLD],
+    # Two fits of one model, EarlyStopping(restore_best_weights) after FDACallback, save.
+    "keras_user": [
+        "--variant", "linear", "--threshold", LINEAR_THRESHOLD, "--fits", 2,
+        "--early_stopping_after_fda", "--save_after_fit",
+    ],
+    # EarlyStopping(restore_best_weights) with the recommended outer Nesterov step.
+    "early_stop_outer": [
+        "--variant", "linear", "--threshold", LINEAR_THRESHOLD, "--early_stopping_after_fda",
+        "--outer", "nesterov",
+    ],
+    # By default the period follows the measured round trip ("auto").
+    "default_cadence": [
+        "--variant", "linear", "--threshold", LINEAR_THRESHOLD, "--exchange_every", "default",
+    ],
+}
+THREE_WORKERS = {
+    "exact": ["--variant", "exact", "--threshold", 0.2],
+    "every3": ["--variant", "exact", "--threshold", 0.1, "--exchange_every", 3],
+    # DiLoCo's outer Nesterov on a bfloat16 drift, Adam moments averaged at each sync.
+    "outer": [
+        "--variant", "linear", "--threshold", LINEAR_THRESHOLD, "--outer", "nesterov",
+        "--sync_dtype", "bfloat16", "--optimizer_state", "average",
+    ],
+}
+
+
+def run_all(tmp_path_factory, configurations, num_workers):
+    """{name: each worker's record} for configurations run in one launch."""
+    out = tmp_path_factory.mktemp("runs")
+    cases = json.dumps([list(map(str, flags)) for flags in configurations.values()])
+    result = launch(num_workers, WORKER, "--out", out, "--cases", cases, timeout=400)
+    assert result.returncode == 0, result.stdout[-4000:]
+    return {
+        name: load_runs(out / f"case{j}", num_workers) for j, name in enumerate(configurations)
+    }
 
 
 @pytest.fixture(scope="module")
-def exact3(tmp_path_factory):
-    return run(tmp_path_factory, 3, "--variant", "exact", "--threshold", 0.2)
+def two_workers(tmp_path_factory):
+    return run_all(tmp_path_factory, TWO_WORKERS, 2)
 
 
 @pytest.fixture(scope="module")
-def sketch2(tmp_path_factory):
-    return run(tmp_path_factory, 2, "--variant", "sketch", "--threshold", 0.05)
+def three_workers(tmp_path_factory):
+    return run_all(tmp_path_factory, THREE_WORKERS, 3)
+
+
+@pytest.fixture(scope="module")
+def linear2(two_workers):
+    return two_workers["linear"]
+
+
+@pytest.fixture(scope="module")
+def exact3(three_workers):
+    return three_workers["exact"]
+
+
+@pytest.fixture(scope="module")
+def sketch2(two_workers):
+    return two_workers["sketch"]
 
 
 def sync_steps(r):
@@ -173,11 +235,9 @@ def test_two_workers_linear_lagged_decisions_equal_numpy(linear2):
     assert_statistics_replayed(linear2, expected)
 
 
-def test_blocking_exchange_decides_on_the_same_step(tmp_path_factory):
+def test_blocking_exchange_decides_on_the_same_step(two_workers):
     """overlap=False: the state of step t decides after step t."""
-    runs = run(
-        tmp_path_factory, 2, "--variant", "linear", "--threshold", LINEAR_THRESHOLD, "--blocking"
-    )
+    runs = two_workers["blocking"]
     assert_sync_structure(runs)
     linear = linear_statistic(runs[0]["trainable_shapes"])
     expected = numpy_statistics(runs, linear, runs[0]["initial_trainable"], lag=0)
@@ -185,10 +245,8 @@ def test_blocking_exchange_decides_on_the_same_step(tmp_path_factory):
     assert_statistics_replayed(runs, expected)
 
 
-def test_exchange_every_three_steps_decides_on_the_replayed_schedule(tmp_path_factory):
-    runs = run(
-        tmp_path_factory, 3, "--variant", "exact", "--threshold", 0.1, "--exchange_every", 3
-    )
+def test_exchange_every_three_steps_decides_on_the_replayed_schedule(three_workers):
+    runs = three_workers["every3"]
     assert_sync_structure(runs)
     expected = numpy_statistics(runs, exact_variance, runs[0]["initial_trainable"], every=3)
     # Decisions every 3 steps and one step after each epoch's end (8 steps per epoch).
@@ -202,12 +260,8 @@ def test_exchange_every_three_steps_decides_on_the_replayed_schedule(tmp_path_fa
 
 
 @pytest.fixture(scope="module")
-def outer3(tmp_path_factory):
-    """DiLoCo's outer Nesterov on a bfloat16 drift, Adam moments averaged at each sync."""
-    return run(
-        tmp_path_factory, 3, "--variant", "linear", "--threshold", LINEAR_THRESHOLD,
-        "--outer", "nesterov", "--sync_dtype", "bfloat16", "--optimizer_state", "average",
-    )
+def outer3(three_workers):
+    return three_workers["outer"]
 
 
 def test_outer_optimizer_keeps_weights_and_moments_identical_after_each_sync(outer3):
@@ -269,12 +323,8 @@ def test_sync_bytes_count_the_payload_and_the_moments(outer3):
 
 
 @pytest.fixture(scope="module")
-def int8_2(tmp_path_factory):
-    """A quantized drift: int8 blocks with error feedback, all-gathered."""
-    return run(
-        tmp_path_factory, 2, "--variant", "linear", "--threshold", LINEAR_THRESHOLD,
-        "--sync_dtype", "int8",
-    )
+def int8_2(two_workers):
+    return two_workers["int8"]
 
 
 def _dequantized(x, levels=127, block=64):
@@ -348,12 +398,9 @@ def test_communication_totals_follow_the_paper_formula(linear2):
     assert linear2[0]["comm_bytes"][-1] == (syncs) * 2 * k * 4 * d + 8 * steps * k
 
 
-def test_synchronous_equals_numpy_averaging_every_step(tmp_path_factory):
-    lr, batch = 0.01, 16
-    runs = run(
-        tmp_path_factory, 2, "--trigger", "synchronous", "--model", "linear",
-        "--optimizer", "sgd", "--lr", lr, "--batch_size", batch, "--epochs", 1,
-    )
+def test_synchronous_equals_numpy_averaging_every_step(two_workers):
+    lr, batch = SGD_LR, BATCH
+    runs = two_workers["synchronous"]
     w = runs[0]["initial"].astype(np.float64)  # [kernel (6), bias (1)]
     for t in range(len(runs[0]["syncs"])):
         updated = []
@@ -370,16 +417,16 @@ def test_synchronous_equals_numpy_averaging_every_step(tmp_path_factory):
     np.testing.assert_array_equal(runs[0]["final"], runs[1]["final"])
 
 
-def test_periodic_syncs_exactly_every_tau_steps(tmp_path_factory):
-    runs = run(tmp_path_factory, 2, "--trigger", "periodic", "--tau", 3)
+def test_periodic_syncs_exactly_every_tau_steps(two_workers):
+    runs = two_workers["periodic"]
     steps = len(runs[0]["syncs"])
     np.testing.assert_array_equal(sync_steps(runs[0]), np.arange(2, steps, 3))
     assert_sync_structure(runs)
 
 
-def test_kamp_syncs_when_any_worker_drifts_past_threshold(tmp_path_factory):
-    threshold = 0.03
-    runs = run(tmp_path_factory, 2, "--trigger", "kamp", "--threshold", threshold)
+def test_kamp_syncs_when_any_worker_drifts_past_threshold(two_workers):
+    threshold = KAMP_THRESHOLD
+    runs = two_workers["kamp"]
 
     def any_violation(drifts, w0, w_prev):
         return float(np.mean(np.sum(drifts**2, axis=1) > threshold))
@@ -390,12 +437,8 @@ def test_kamp_syncs_when_any_worker_drifts_past_threshold(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def keras_user2(tmp_path_factory):
-    """Two fits of one model, EarlyStopping(restore_best_weights) after FDACallback, save."""
-    return run(
-        tmp_path_factory, 2, "--variant", "linear", "--threshold", LINEAR_THRESHOLD, "--fits", 2,
-        "--early_stopping_after_fda", "--save_after_fit",
-    )
+def keras_user2(two_workers):
+    return two_workers["keras_user"]
 
 
 def test_restore_best_weights_listed_after_fda_still_ends_with_identical_weights(keras_user2):
@@ -424,12 +467,8 @@ def test_a_model_saved_after_fit_holds_only_its_own_weights(keras_user2):
 
 
 @pytest.fixture(scope="module")
-def early_stop_outer2(tmp_path_factory):
-    """EarlyStopping(restore_best_weights) with the recommended outer Nesterov step."""
-    return run(
-        tmp_path_factory, 2, "--variant", "linear", "--threshold", LINEAR_THRESHOLD,
-        "--early_stopping_after_fda", "--outer", "nesterov",
-    )
+def early_stop_outer2(two_workers):
+    return two_workers["early_stop_outer"]
 
 
 def test_restore_best_weights_with_an_outer_optimizer_ends_with_their_plain_average(
@@ -458,10 +497,9 @@ def test_workers_with_different_settings_fail_at_the_start_naming_the_setting(tm
     assert "PeerFailureError" not in result.stdout
 
 
-def test_the_default_exchange_cadence_adapts_on_several_workers(tmp_path_factory):
+def test_the_default_exchange_cadence_adapts_on_several_workers(two_workers):
     """Issue 22.3: by default the period follows the measured round trip ("auto")."""
-    runs = run(tmp_path_factory, 2, "--variant", "linear", "--threshold", LINEAR_THRESHOLD,
-               "--exchange_every", "default")  # fmt: skip
+    runs = two_workers["default_cadence"]
     assert all(bool(r["exchange_auto"]) for r in runs)
     np.testing.assert_array_equal(runs[0]["final"], runs[1]["final"])
     np.testing.assert_array_equal(runs[0]["syncs"], runs[1]["syncs"])
