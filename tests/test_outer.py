@@ -465,24 +465,37 @@ def test_float16_payload_of_float16_weights():
 
 # --- the core over TensorFlow's real collectives (3 worker processes) ---
 
-REAL_RUN_TIMEOUT = 150  # seconds for three TensorFlow worker processes
+REAL_RUN_TIMEOUT = 150  # seconds for three TensorFlow worker processes, all cases
 
 
-@pytest.mark.parametrize(
-    "sync_dtype, outer, optimizer_state",
-    [(None, "none", "local"), ("bfloat16", "diloco", "average"), ("float16", "none", "reset")],
-)
-def test_real_workers_hold_identical_weights_after_each_sync(
-    tmp_path, sync_dtype, outer, optimizer_state
-):
+REAL_CASES = [
+    (None, "none", "local"), ("bfloat16", "diloco", "average"), ("float16", "none", "reset"),
+]
+
+
+@pytest.fixture(scope="module")
+def real_workers(tmp_path_factory):
+    """Every case of REAL_CASES, one after another in the same 3 worker processes."""
     from conftest import launch
 
-    args = [f"--out={tmp_path}", f"--outer={outer}", f"--optimizer_state={optimizer_state}"]
-    if sync_dtype:
-        args.append(f"--sync_dtype={sync_dtype}")
-    result = launch(K, "tests/workers/outer_worker.py", *args, timeout=REAL_RUN_TIMEOUT)
+    out = tmp_path_factory.mktemp("outer_real")
+    cases = [",".join(map(str, case)) for case in REAL_CASES]
+    result = launch(
+        K, "tests/workers/outer_worker.py", f"--out={out}", "--cases", *cases,
+        timeout=REAL_RUN_TIMEOUT,
+    )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    runs = [dict(np.load(tmp_path / f"worker{k}.npz")) for k in range(K)]
+    return {
+        case: [dict(np.load(out / f"{name}_worker{k}.npz")) for k in range(K)]
+        for case, name in zip(REAL_CASES, cases)
+    }
+
+
+@pytest.mark.parametrize("sync_dtype, outer, optimizer_state", REAL_CASES)
+def test_real_workers_hold_identical_weights_after_each_sync(
+    real_workers, sync_dtype, outer, optimizer_state
+):
+    runs = real_workers[sync_dtype, outer, optimizer_state]
     for name in runs[0]:
         local = optimizer_state == "local" and "_m" in name  # a worker's own moments
         if name.startswith("after") and not local:  # bit-identical on every worker
