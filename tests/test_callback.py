@@ -154,7 +154,7 @@ def test_overlapped_exchange_decides_one_exchange_later(exchange_every):
     first_decision = 3 if exchange_every == 3 else 1
     assert np.isnan(logged[:first_decision]).all()
     assert not np.isnan(logged[first_decision:]).any()
-    assert fda._in_flight is None  # collected at the end
+    assert fda._exchange.in_flight is None  # collected at the end
     assert fda.communication.steps == 8
 
 
@@ -169,7 +169,7 @@ def test_a_lag_that_grows_past_one_does_not_retrace_the_step():
 
         def lag_two(batch, logs, fda=fda, grow=grow):
             if grow and batch == 3:
-                fda._every = 2
+                fda._exchange.every = 2
 
         model = compiled_model()
         model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[
@@ -189,7 +189,7 @@ def test_auto_lag_at_most_doubles_per_exchange(monkeypatch):
     lags = []
     compiled_model().fit(*data(rows=1600), batch_size=16, epochs=1, verbose=0, callbacks=[
         fda, keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: lags.append(
-            fda._every))])  # fmt: skip
+            fda._exchange.every))])  # fmt: skip
     assert sorted(set(lags)) == [1, 2, 4, 8, 16, 32, 64]
     # A lag of L holds until its message is collected, L steps later.
     assert [lags.count(lag) for lag in (4, 8, 16, 32)] == [4, 8, 16, 32]

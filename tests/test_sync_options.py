@@ -219,7 +219,7 @@ def test_evaluate_with_the_callback_leaves_no_fda_state_to_save(tmp_path):
 def test_one_worker_exchanges_every_step_by_default():
     fda = keras_fda.FDACallback(threshold=1.0)
     fit(mlp(), fda, epochs=1)
-    assert fda.exchange_every is None and fda._every == 1 and fda._timing is None
+    assert fda.exchange_every is None and fda._exchange.every == 1 and fda._exchange.timing is None
     # The default is not an explicit cadence: the blocking exchange accepts it.
     keras_fda.FDACallback(threshold=1.0, overlap=False)
     with pytest.raises(ValueError, match="exchange_every='auto' would be ignored"):

@@ -1,21 +1,18 @@
 """`FDACallback`: Federated Dynamic Averaging for `model.fit` across worker processes."""
 
-import contextlib
 import functools
 import math
-import time
 
 import keras
-import numpy as np
 import tensorflow as tf
 from absl import logging
 
 from keras_fda.runtime import agreement
 from keras_fda.runtime import cluster as cluster_lib
-from keras_fda.policies.cadence import StepTiming, agreed_lag
 from keras_fda.policies import outer as outer_lib
 from keras_fda.policies import triggers as triggers_lib
 from keras_fda.engine.averager import WorkerAverager
+from keras_fda.engine.exchange import StateExchange
 from keras_fda.drivers.checkpoint import CheckpointedState
 from keras_fda.drivers.tensorboard import Dashboard, standardize_update_freq
 
@@ -183,32 +180,13 @@ class FDACallback(keras.callbacks.Callback):
             sync_dtype=sync_dtype, outer_optimizer=outer_optimizer, optimizer_state=optimizer_state,
             error_feedback=error_feedback,
         )
-        if exchange_every not in (None, "auto") and (
-            isinstance(exchange_every, bool) or not isinstance(exchange_every, int)
-            or exchange_every < 1
-        ):
-            raise ValueError(
-                f'exchange_every must be an integer >= 1, "auto" or None, got {exchange_every!r}.'
-            )
-        # A class attribute: an estimator's state size is known only once built.
-        explicit = exchange_every not in (None, 1)
-        if explicit and getattr(type(self.trigger), "state_size", None) == 0:
-            raise ValueError(
-                f"The {self.trigger!r} trigger sends nothing between syncs, so "
-                f"exchange_every={exchange_every!r} would be ignored; remove it."
-            )
-        if explicit and not overlap:
-            raise ValueError(
-                f"exchange_every={exchange_every} needs overlap=True: the blocking exchange "
-                "decides after every step."
-            )
+        StateExchange.check(exchange_every, overlap, self.trigger)
         self.overlap = bool(overlap)
         self.exchange_every = exchange_every
         self.average_non_trainable = bool(average_non_trainable)
         self.log_dir = log_dir
         self.update_freq = standardize_update_freq(update_freq)
         self._dashboard = None
-        self._last_sync_step = 0
         self._cluster = cluster
         self._averager = None
         self._checkpoint = None
@@ -219,8 +197,7 @@ class FDACallback(keras.callbacks.Callback):
         self._began = False
         self._ended = False
         self._end_deferred = False
-        self._in_flight = None
-        self._lagged, self._every, self._timing = False, 1, None
+        self._exchange = None
 
     @property
     def cluster(self):
@@ -232,8 +209,7 @@ class FDACallback(keras.callbacks.Callback):
     def communication(self):
         if self._averager is None:
             raise ValueError("No communication yet: FDACallback has not been used in fit().")
-        # exchange_every="auto" adds the lag each worker wants to its messages.
-        return self._averager.communication(control_bytes=8 if self._averager.timed else 4)
+        return self._averager.communication()
 
     def _check_model(self):
         model = self.model
@@ -256,53 +232,6 @@ class FDACallback(keras.callbacks.Callback):
                 "strategy.scope(), or use keras_fda.FDAStrategy for in-graph replicas."
             )
 
-    def _agree(self, variables, restored):
-        """Checks that all workers run the same number of steps and the same model.
-
-        Runs before any training step, so a mismatch is a clear error on every
-        worker instead of a collective that hangs or mixes unrelated tensors.
-
-        Returns:
-            Every worker's `[step resumed from (-1: not resumed), epoch
-            resumed at]`, one row per worker.
-        """
-        transport = self.cluster.transport
-        steps = self.params.get("steps")
-        if steps is None and transport.num_workers > 1:
-            raise ValueError(
-                "FDACallback cannot tell how many steps this worker will run: the dataset is "
-                "an infinite dataset (dataset.repeat()) or has unknown length (a generator, "
-                "dataset.filter()), and fit() got no steps_per_epoch. Pass steps_per_epoch= "
-                "to fit() (with a repeated dataset) so all workers run the same number of steps."
-            )
-        layout = repr([(tuple(v.shape), v.dtype.name) for v in variables])
-        initial_epoch = getattr(self.model, "_initial_epoch", None)
-        settings = self._settings()
-        mine = np.array(
-            [
-                int(self._averager.steps.numpy()) if restored else -1,
-                -1 if initial_epoch is None else int(initial_epoch),
-                -1 if steps is None else steps,
-                self.params.get("epochs", 1),
-                sum(int(np.prod(v.shape)) for v in variables),
-                agreement.fingerprint(layout),
-                *(agreement.fingerprint(value) for _, value in settings),
-            ],
-            np.int64,
-        )
-        everyone = transport.all_gather(mine).numpy()
-        agreement.check(everyone[:, 2:], [
-            ("the number of steps per epoch", "pass the same steps_per_epoch= to fit() with a repeated "
-             "dataset (dataset.repeat()) on every worker"),
-            ("the number of epochs", "pass the same epochs= to fit() on every worker"),
-            ("the number of averaged weights", "build the same model, with the same frozen "
-             "layers, on every worker"),
-            ("the weight shapes and dtypes (layout fingerprint)", "build the same model, "
-             "with the same dtype policy, on every worker"),
-            *agreement.setting_checks("FDACallback", settings),
-        ])
-        return everyone[:, :2]
-
     def _settings(self):
         """The settings every worker must share, as `(name, description)` pairs.
 
@@ -318,55 +247,10 @@ class FDACallback(keras.callbacks.Callback):
             ("the model's optimizer class", outer_lib.describe_optimizer(self.model.optimizer)),
         ]
 
-    def _resume(self, resumed, can_change_epoch):
-        """Makes the workers start from the same step; False if from nothing restored.
-
-        Workers restored from backups of different steps (one crashed between
-        the workers' epoch-end saves, or before its first save) cannot go
-        back, but the ones behind can catch up: they take the most advanced
-        worker's weights and FDA state and start at its epoch.
-        """
-        steps, epochs = resumed[:, 0], resumed[:, 1]
-        if (steps == -1).all():
-            return False
-        if (steps == steps[0]).all():
-            return True
-        leader = int(np.argmax(steps))
-        if not can_change_epoch:
-            raise ValueError(
-                f"Workers disagree on the step they resumed from: {steps.tolist()} (worker 0, 1, "
-                "...; -1: not resumed): a worker stopped between the workers' BackupAndRestore "
-                "saves. FDACallback can resume them from the most advanced worker's backup "
-                "only if fit() keeps its default History callback at the end of the callback "
-                "list; otherwise delete the backups and restart."
-            )
-        self._averager.adopt(leader)
-        logging.warning(
-            "keras_fda: the workers' backups are from different steps %s (worker 0, 1, ...; "
-            "-1: none): worker %d's backup (step %d, epoch %d) is the latest; every worker "
-            "resumes from its weights and FDA state.",
-            steps.tolist(), leader, steps[leader], epochs[leader],
-        )
-        self.model._initial_epoch = int(epochs[leader]) if epochs[leader] >= 0 else None
-        return True
-
-    @contextlib.contextmanager
     def _collective(self, where):
-        """Bounds the collectives inside by the cluster's timeout; explains failures."""
-        try:
-            with self.cluster.transport.deadline():
-                yield
-        except cluster_lib.PEER_FAILURES as e:
-            transport = self.cluster.transport
-            step = int(self._averager.steps.numpy()) if self._averager else 0
-            first_line = cluster_lib.error_cause(e)
-            raise cluster_lib.PeerFailureError(
-                f"Worker {transport.worker_index} of {transport.num_workers} could not complete "
-                f"the collective {where.format(step=step)}: {type(e).__name__}: {first_line}. Another worker "
-                "probably died, ran out of data or stopped early, or is unreachable. Check the "
-                "other workers' output; give every worker the same steps_per_epoch with a "
-                "repeated dataset."
-            ) from e
+        """Bounds the collectives inside by the cluster's timeout (`where` may name {step})."""
+        step = lambda: int(self._averager.steps.numpy()) if self._averager else 0  # noqa: E731
+        return cluster_lib.bounded(self.cluster.transport, lambda: where.format(step=step()))
 
     def set_model(self, model):
         super().set_model(model)
@@ -398,17 +282,11 @@ class FDACallback(keras.callbacks.Callback):
             self._checkpoint = CheckpointedState(self._averager.state_variables())
             self._owner = model
             self._step_function = None
-            # Passed to every step's call: created once, not per step.
-            self._constants = {
-                True: tf.constant(True), False: tf.constant(False),
-                "nothing": tf.zeros_like(self._averager.outbox),
-                "never": tf.constant(-1, tf.int64),
-            }
         # Only a trigger with a state (built with the averager) has a per-step
-        # exchange to overlap. `_every`: steps from a message to its decision.
-        self._lagged = self.overlap and self.trigger.state_size > 0
-        self._every = 1 if auto or not self._lagged else every
-        self._timing = StepTiming() if auto and self._lagged else None
+        # exchange to overlap.
+        self._exchange = StateExchange(
+            self._averager, self.overlap and self.trigger.state_size > 0, every
+        )
         self._checkpoint.restored = False
         # Found by Keras' weight saving (which walks the model's attributes), so
         # checkpoints written during fit (BackupAndRestore, ModelCheckpoint)
@@ -423,7 +301,6 @@ class FDACallback(keras.callbacks.Callback):
             if name not in vars(model):
                 object.__setattr__(model, name, self._marks_replaced(getattr(model, name)))
         self._started = self._began = self._ended = self._end_deferred = False
-        self._in_flight = None
         # Keras hands the fit's History to the model before any callback's
         # set_model and calls it after the callbacks the user listed: hooked
         # there, the start and the final sync see every other callback's
@@ -478,13 +355,25 @@ class FDACallback(keras.callbacks.Callback):
         if self._started or not self._began:
             return
         with self._collective("at train begin"):
-            resumed = self._agree(self._averager.averaged, self._checkpoint.restored)
-            if not self._resume(resumed, can_change_epoch):
+            initial_epoch = getattr(self.model, "_initial_epoch", None)
+            resumed = agreement.agree_on_run(
+                self.cluster.transport, self._averager.averaged, self._settings(),
+                steps=self.params.get("steps"), epochs=self.params.get("epochs", 1),
+                resumed_step=int(self._averager.steps.numpy()) if self._checkpoint.restored else -1,
+                initial_epoch=-1 if initial_epoch is None else int(initial_epoch),
+            )
+            source = agreement.resume_source(resumed, can_change_epoch)
+            if source is None:
                 self._averager.broadcast()
+            elif source >= 0:
+                self._averager.adopt(source)
+                epoch = int(resumed[source, 1])
+                self.model._initial_epoch = epoch if epoch >= 0 else None
         self._started = True
-        self._last_sync_step = int(
-            self._averager.steps.numpy() - self._averager.steps_since_sync.numpy()
-        )
+        if self._dashboard is not None:
+            self._dashboard.last_sync = int(
+                self._averager.steps.numpy() - self._averager.steps_since_sync.numpy()
+            )
 
     def on_train_batch_begin(self, batch, logs=None):
         self._batch = batch
@@ -501,32 +390,21 @@ class FDACallback(keras.callbacks.Callback):
             stats = self.communication
         else:
             stats = self._averager.communication(
-                control_bytes=8 if self._averager.timed else 4,
-                **{k: int(counters[k]) for k in ("steps", "syncs", "exchanges")},
+                **{k: int(counters[k]) for k in ("steps", "syncs", "exchanges")}
             )
         if logs is not None:
             logs["fda/variance"] = self._last_statistic
             logs["fda/threshold"] = self.trigger.threshold
             logs["fda/syncs"] = stats.syncs
             logs["fda/comm_bytes"] = float(stats.paper_bytes)
-        if self._dashboard is None:
-            return
-        if synced:
-            self._dashboard.write_sync(stats.steps, stats.steps - self._last_sync_step)
-            self._last_sync_step = stats.steps
-        self._dashboard.write_step(
-            stats.steps,
-            statistic=self._last_statistic,
-            threshold=self.trigger.threshold,
-            syncs=stats.syncs,
-            steps_since_sync=stats.steps - self._last_sync_step,
-            stats=stats,
-            force=force,
-        )
+        if self._dashboard is not None:
+            self._dashboard.record(
+                stats, statistic=self._last_statistic, threshold=self.trigger.threshold,
+                synced=synced, force=force,
+            )
 
     def on_train_batch_end(self, batch, logs=None):
-        if self._timing is not None:
-            self._timing.step_ended()
+        self._exchange.step_ended()
         result = self._result
         self._check(result)
         self._record(logs, synced=result["synced"], counters=result)
@@ -570,70 +448,13 @@ class FDACallback(keras.callbacks.Callback):
         return self._averager.fused_step(train_step, self.overlap, compiled=not model.run_eagerly)
 
     def _train_function(self, iterator):
-        """One step of `fit`: a background exchange's bookkeeping around the compiled step."""
-        averager, constants = self._averager, self._constants
-        arrived, since = None, None
+        """One step of `fit`: the compiled step and its state exchange."""
         with self._collective("after step {step}"):
-            if self._lagged and self._every > 1:
-                # A collected round trip may shorten the lag to 1 (see `_collect`).
-                arrived, since = self._collect(due_only=True)
-            received = arrived is not None
-            # At a lag of 1 this step's message waits in the outbox for the next graph.
-            outboxed = self._lagged and self._every == 1
-            # Not when a collected message has just shortened the lag to 1: it
-            # must be decided now, and the outbox is empty (a longer lag sends
-            # from here), so the graph's exchange would put nothing in its
-            # place. A stopped worker's flag was lost so: the others went on
-            # exchanging with a peer already in its final sync, and hung.
-            in_graph = outboxed and not received
-            if not received:
-                arrived, since = constants["nothing"], constants["never"]
-            wanted = self._timing.wanted() if self._timing is not None else 0.0
-            logs, packed, message = self._step_function(
-                iterator, arrived, since, constants[received],
-                constants[outboxed or self._in_flight is None], constants[outboxed],
-                tf.constant(wanted, tf.float32), constants[in_graph],
+            logs, self._result = self._exchange.step(
+                self._step_function, iterator,
+                epoch_ends=self._batch + 1 == self.params.get("steps"),
             )
-            result = averager.unpack(packed)
-            if self._timing is not None:
-                self._timing.measured(result, in_graph)
-                # A collected message's wishes were agreed on in `_collect`.
-                if in_graph and not math.isnan(result["mean_wanted"]):
-                    self._every = agreed_lag(result["mean_wanted"], self._every)
-            if result["composed"] and self._every > 1:
-                if outboxed:  # the lag grew: the message waits in the outbox
-                    averager.outbox_full.assign(False)
-                self._in_flight = self.cluster.transport.all_reduce_async(message)
-                self._in_flight_steps = 0
-                self._in_flight_since = tf.constant(int(result["since"]), tf.int64)
-            if self._in_flight is not None and self._batch + 1 == self.params.get("steps"):
-                # Nothing in flight across an epoch's end, whatever the callbacks'
-                # order: the checkpoints written there (BackupAndRestore) hold the
-                # exchanged state, decided after the next step as usual.
-                averager.receive(*self._collect())
-        self._result = result
         return logs
-
-    def _collect(self, due_only=False):
-        """The in-flight all-reduce's result and its round length (waits for it).
-
-        Returns `(None, None)` if nothing is in flight or, with `due_only`,
-        until the step `_every` steps after the message's is due. Called
-        inside `_collective`, so a dead peer is detected within the
-        cluster's timeout.
-        """
-        if self._in_flight is None:
-            return None, None
-        self._in_flight_steps += 1
-        if due_only and self._in_flight_steps < self._every:
-            return None, None
-        in_flight, self._in_flight = self._in_flight, None
-        started = time.perf_counter()
-        mean = in_flight.result()
-        if self._timing is not None:
-            self._timing.exchanged(in_flight.elapsed, waited=time.perf_counter() - started)
-            self._every = agreed_lag(float(mean[-1]), self._every)
-        return mean, self._in_flight_since
 
     def _check(self, result):
         """Raises on NaN/Inf; stops this worker if another one stopped."""
@@ -677,15 +498,10 @@ class FDACallback(keras.callbacks.Callback):
         """The final synchronization: every worker leaves fit with the same weights."""
         self._detach()
         with self._collective("of the final synchronization at train end"):
-            if self._lagged:
-                arrived = self._collect()
-                if arrived[0] is not None:
-                    self._averager.receive(*arrived)
-                self._averager.flush()
-                # The last exchanged state's decision: the workers still
-                # training apply it after their next step, in the same
-                # collective.
-                settled = self._averager.settle()
+            # The last exchanged state's decision: the workers still
+            # training apply it after their next step, in the same collective.
+            settled = self._exchange.settle()
+            if settled is not None:
                 self._check(settled)
                 if bool(settled["synced"]):
                     self._record(None, synced=True)

@@ -156,9 +156,10 @@ class Simulation:
         # In the order of the drifts the engine gives the trigger.
         trigger.watch(*[w.model.optimizer for w in workers])
         # One engine for the K workers: worker 0's copy seeds w0 (all start equal).
+        lagged = bool(lag and trigger.state_size)
         engine = Engine(trigger, [v[0] for v in monitored],
                         [v[0] for v in averaged[len(monitored):]], rule, moments[0],
-                        copies=self.num_workers)
+                        copies=self.num_workers, lagged=lagged)
         copies = [[v[k] for v in monitored] for k in range(self.num_workers)]
 
         def assign(values):
@@ -189,24 +190,18 @@ class Simulation:
             return engine.mean_local_state(copies)
 
         steps_since_sync = engine.steps_since_sync
-        lagged = lag and trigger.state_size
-        if lagged:
-            # The state composed after the previous step's sync and its round
-            # length then (-1: none yet), as FDACallback's overlap holds it.
-            pending_state = tf.Variable(tf.zeros([trigger.state_size]))
-            pending_since = tf.Variable(-1, dtype=tf.int64)
 
         @tf.function
         def check():
             since = steps_since_sync.assign_add(1)
-            mean_state, decided_since, exchanged = None, since, tf.constant(True)
+            mean_state, exchanged = None, tf.constant(True)
             if lagged:
-                mean_state = pending_state.read_value()
-                decided_since = pending_since.read_value()
-                exchanged = decided_since >= 0
-            elif trigger.state_size:
-                mean_state = mean_local_state()
-            statistic, decided, finite = engine.decide(mean_state, decided_since)
+                # The state composed after the previous step's sync, as
+                # FDACallback's overlap keeps it.
+                statistic, decided, finite, exchanged, _ = engine.decide_pending()
+            else:
+                mean_state = mean_local_state() if trigger.state_size else None
+                statistic, decided, finite = engine.decide(mean_state, since)
             with tf.control_dependencies([_assert_finite(finite | ~exchanged, "the statistic")]):
                 statistic = tf.identity(statistic)
             # end_round measures the round where its step is: with the lag,
@@ -218,8 +213,8 @@ class Simulation:
             )
             if lagged:
                 with tf.control_dependencies([synced]):
-                    pending_state.assign(tf.cast(mean_local_state(), tf.float32))
-                    pending_since.assign(steps_since_sync.read_value())
+                    message = tf.concat([tf.cast(mean_local_state(), tf.float32), [1.0]], 0)
+                    engine.keep_pending(message, steps_since_sync.read_value())
                 statistic = tf.where(exchanged, statistic, float("nan"))
             return statistic, synced
 
@@ -230,10 +225,8 @@ class Simulation:
             # trained since the last, a plain average as the callback's.
             settled = tf.constant(False)
             if lagged:
-                decided_since = pending_since.read_value()
-                _, decided, _ = engine.decide(pending_state.read_value(), decided_since)
                 settled = tf.cond(
-                    (decided_since >= 0) & decided,
+                    engine.decide_pending()[1],
                     lambda: average(mean_local_state()),
                     lambda: tf.constant(False),
                 )
@@ -398,7 +391,6 @@ class Simulation:
         if tensorboard_dir:
             writer = tf.summary.create_file_writer(os.path.join(tensorboard_dir, "simulation"))
             dashboard = Dashboard(os.fspath(tensorboard_dir))
-        last_sync = 0
         history = SimulationHistory(
             trigger=trigger.name or type(trigger).__name__,
             threshold=float(trigger.threshold),
@@ -433,13 +425,10 @@ class Simulation:
             if t == num_steps:
                 if dashboard and history.final_syncs:
                     # As FDACallback's dashboard: the final sync at the last step.
-                    stats = history.communication()
-                    dashboard.write_sync(t, t - last_sync)
-                    dashboard.write_step(
-                        t, statistic=float(history.statistic[-1]),
-                        threshold=history.threshold, syncs=stats.syncs,
-                        steps_since_sync=0, stats=stats, force=True,
-                    )  # fmt: skip
+                    dashboard.record(
+                        history.communication(), statistic=float(history.statistic[-1]),
+                        threshold=history.threshold, synced=True, force=True,
+                    )
                 self._evaluate(None, eval_batch_size)  # leaves the final model in self.model
                 break
             start = time.perf_counter()
@@ -449,17 +438,9 @@ class Simulation:
             train_loss = float(loss)
             history.step_seconds[t] = time.perf_counter() - start
             if dashboard:
-                stats = history.communication(t + 1)
-                if history.synced[t]:
-                    dashboard.write_sync(t + 1, t + 1 - last_sync)
-                    last_sync = t + 1
-                dashboard.write_step(
-                    t + 1,
-                    statistic=float(history.statistic[t]),
-                    threshold=history.threshold,
-                    syncs=stats.syncs,
-                    steps_since_sync=t + 1 - last_sync,
-                    stats=stats,
+                dashboard.record(
+                    history.communication(t + 1), statistic=float(history.statistic[t]),
+                    threshold=history.threshold, synced=history.synced[t],
                 )
         history.evaluations = {k: np.array([r[k] for r in rows]) for k in rows[0]}
         if csv_path:

@@ -112,17 +112,10 @@ class Dashboard:
 
     ```python
     dashboard = Dashboard("logs", update_freq=10)
-    last_sync = 0
     for step in range(1, num_steps + 1):
         ...  # one training step, then the trigger's check (maybe a sync)
-        stats = averager.communication()
-        if synced:
-            dashboard.write_sync(step, round_length=step - last_sync)
-            last_sync = step
-        dashboard.write_step(
-            step, statistic=statistic, threshold=1.5, syncs=stats.syncs,
-            steps_since_sync=step - last_sync, stats=stats,
-        )
+        dashboard.record(averager.communication(), statistic=statistic,
+                         threshold=1.5, synced=synced)
     dashboard.close()
     ```
     """
@@ -138,6 +131,8 @@ class Dashboard:
             for path in (self.log_dir, self.reference_log_dir)
         )
         self.round_lengths = []
+        # The step of the last sync `record` saw (a resumed driver sets it).
+        self.last_sync = 0
         with self._writer.as_default(step=0):
             # The plugin finds the layout by this tag and plugin name, in any run.
             tf.summary.write(
@@ -147,6 +142,23 @@ class Dashboard:
             )
         # Write the layout now: TensorBoard shows the tab as soon as it exists.
         self._writer.flush()
+
+    def record(self, stats, *, statistic, threshold, synced=False, force=False):
+        """After a step: `write_sync` if it `synced`, then `write_step`, at `stats.steps`.
+
+        Args:
+            stats: the `keras_fda.accounting.CommunicationStats` after the step.
+            statistic, threshold, force: as for `write_step`.
+            synced: whether the step ended with a sync; round lengths are
+                counted from the last sync recorded (or `last_sync`).
+        """
+        if synced:
+            self.write_sync(stats.steps, stats.steps - self.last_sync)
+            self.last_sync = stats.steps
+        return self.write_step(
+            stats.steps, statistic=statistic, threshold=threshold, syncs=stats.syncs,
+            steps_since_sync=stats.steps - self.last_sync, stats=stats, force=force,
+        )
 
     def write_step(
         self, step, *, statistic, threshold, syncs, steps_since_sync, stats, force=False

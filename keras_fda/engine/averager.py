@@ -58,19 +58,10 @@ class WorkerAverager(Engine):
         self, trigger, transport, variables, extra_variables=(), sync_rule=None, moments=(),
         timed=False,
     ):
-        super().__init__(trigger, variables, extra_variables, sync_rule, moments)
+        super().__init__(trigger, variables, extra_variables, sync_rule, moments, lagged=True)
         self.transport = transport
         self.rank = transport.worker_index
         self.timed = bool(timed)
-        # The all-reduced message (state and 'still training' fraction) that
-        # awaits its decision, and the round length when it was computed
-        # (-1: none awaits).
-        self.pending_state = tf.Variable(
-            tf.zeros([trigger.state_size + 1]), trainable=False, name="fda_pending_state"
-        )
-        self.pending_since = tf.Variable(
-            -1, dtype=tf.int64, trainable=False, name="fda_pending_since"
-        )
         self.exchanges = tf.Variable(0, dtype=tf.int64, trainable=False, name="fda_exchanges")
         # This worker's message composed after a step and not yet sent, the
         # round length it was composed at, and whether it awaits sending.
@@ -85,7 +76,7 @@ class WorkerAverager(Engine):
 
     def state_variables(self):
         return [
-            *super().state_variables(), self.pending_state, self.pending_since, self.exchanges,
+            *super().state_variables(), self.exchanges,
             self.outbox, self.outbox_since, self.outbox_full,
         ]
 
@@ -120,15 +111,16 @@ class WorkerAverager(Engine):
         """
         self._broadcast(source, self.averaged + self.state_variables(), tf.float64)
 
-    def _average(self, active=None, mean_state=None, plain=False):
+    def _average(self, active=None, measured=False, plain=False):
         """Averages the variables across workers; returns `(adopted, active_fraction)`.
 
         With `active`, the 'still training' flag rides in the same all-reduce,
         and so does `replaced` (weights set from outside training, which
         make this a plain average). Nothing is assigned if the mean is
         NaN/Inf or a worker has stopped; every worker sees the same mean, so
-        all of them refuse it together. `plain`: a plain average in any case
-        (a sync the trigger did not decide).
+        all of them refuse it together. `measured`: the trigger state of the
+        weights being averaged rides along, for `end_round`. `plain`: a
+        plain average in any case (a sync the trigger did not decide).
         """
         payload = self.payload([v.read_value() for v in self.averaged])
         reduced, gathered = outer_lib.gather_groups(payload)
@@ -138,9 +130,8 @@ class WorkerAverager(Engine):
         flats = [_flatten([payload[i] for i in indices], dtype) for dtype, indices in groups]
         # What rides along goes with the first dtype's tensors (the drift's).
         control = [tf.reshape(tf.cast(self.replaced, flats[0].dtype), [1])]
-        if mean_state is not None:
-            # The state of the weights being averaged rides along, for
-            # `end_round`: the deciding state may be a step older (overlap),
+        if measured:
+            # The deciding state may be a step older (overlap),
             # and a round's variance must be measured where its step is.
             control.append(tf.cast(self._local_state(), flats[0].dtype))
         size = int(flats[0].shape[0])
@@ -150,8 +141,7 @@ class WorkerAverager(Engine):
         else:
             mean, active_fraction = self._exchange(first, active)
         replaced = mean[size] > 0
-        if mean_state is not None:
-            mean_state = tf.cast(mean[size + 1:], tf.float32)
+        mean_state = tf.cast(mean[size + 1:], tf.float32) if measured else None
 
         def adopt():
             # The other dtypes' collectives only once every worker is known
@@ -272,7 +262,7 @@ class WorkerAverager(Engine):
             received message's, or NaN).
         """
         received = tf.convert_to_tensor(received)
-        tf.cond(received, lambda: self._receive(mean_message, since), lambda: received)
+        tf.cond(received, lambda: self.keep_pending(mean_message, since), lambda: received)
         self._advance()
         result = self._decide()
         composed = tf.logical_and(compose, result["peers_active"])
@@ -381,19 +371,13 @@ class WorkerAverager(Engine):
         """Sends the outbox, if full, and stores the mean for `settle` (at a fit's end)."""
         mean, sent = self.send_outbox()
         since = self.outbox_since.read_value()
-        tf.cond(sent, lambda: self._receive(mean, since), lambda: sent)
+        tf.cond(sent, lambda: self.keep_pending(mean, since), lambda: sent)
         self.outbox_full.assign(False)
 
     @tf.function
     def receive(self, mean_message, since):
         """Stores an all-reduced message for the next decision (at an epoch's end)."""
-        self._receive(mean_message, since)
-
-    def _receive(self, mean_message, since):
-        size = self.trigger.state_size + 1  # the state and the flag; not the ratio
-        self.pending_state.assign(mean_message[:size])
-        self.pending_since.assign(since)
-        return tf.constant(True)
+        self.keep_pending(mean_message, since)
 
     def _decide(self):
         """The trigger's decision on the pending state, if any, and maybe the average.
@@ -402,16 +386,10 @@ class WorkerAverager(Engine):
         step count, so all workers take the same branch and join the same
         collectives.
         """
-        exchanged = self.pending_since >= 0
-        since = self.pending_since.read_value()
-        mean_state = self.pending_state[:-1]
-        active_fraction = self.pending_state[-1]
-        statistic, decided, finite = self.decide(mean_state, since)
-        decided = exchanged & decided & (active_fraction >= 1.0)
-        self.pending_since.assign(-1)
+        statistic, decided, finite, exchanged, active_fraction = self.decide_pending()
         synced = tf.cond(
             decided,
-            lambda: self._average(mean_state=mean_state)[0],
+            lambda: self._average(measured=True)[0],
             lambda: tf.constant(False),
         )
         return {
@@ -460,7 +438,7 @@ class WorkerAverager(Engine):
         if not self.trigger.state_size:
             return self._planned_step(steps_since_sync)
         self.exchanges.assign_add(1)
-        self._receive(
+        self.keep_pending(
             self.transport.all_reduce(self._message(self._local_state(), 1.0), "mean"),
             steps_since_sync,
         )
@@ -526,17 +504,17 @@ class WorkerAverager(Engine):
         )
         return {"synced": synced, "healthy": synced | ~attempted}
 
-    def communication(self, control_bytes=4, *, steps=None, syncs=None, exchanges=None):
+    def communication(self, *, steps=None, syncs=None, exchanges=None):
         """The `CommunicationStats` so far (or at the given counters).
 
-        A trigger with a state sends `control_bytes` with each state (the
-        'still training' flag, and what the driver adds); a stateless one
+        A trigger with a state sends 4 bytes with each state (the 'still
+        training' flag), 8 if `timed` (and the lag wanted); a stateless one
         sends nothing between syncs (its flag's 4 bytes per sync are not
         counted).
         """
         return super().communication(
             self.transport.num_workers,
-            control_bytes=control_bytes if self.trigger.state_size else 0,
+            control_bytes=4 * (1 + self.timed) if self.trigger.state_size else 0,
             steps=steps,
             syncs=syncs,
             exchanges=int(self.exchanges.numpy()) if exchanges is None else exchanges,

@@ -49,6 +49,8 @@ class Engine:
         copies: how many local copies of the model this engine averages
             (`Simulation`'s K; 1 elsewhere): each keeps its own residuals of
             a quantized sync (`sync_dtype="int8"` or `"int4"`).
+        lagged: keep an all-reduced message for a later decision
+            (`keep_pending`, `decide_pending`), as an overlapped exchange does.
 
     Attributes:
         sync_state: the `SyncRule` bound to `reference` (`keras_fda.outer.SyncState`).
@@ -57,7 +59,7 @@ class Engine:
     """
 
     def __init__(self, trigger, variables, extra_variables=(), sync_rule=None, moments=(),
-                 copies=1):
+                 copies=1, lagged=False):
         self.trigger = trigger
         self.variables = list(variables)
         self.averaged = self.variables + list(extra_variables)
@@ -83,12 +85,24 @@ class Engine:
         # This process's row in an all-gathered payload; drivers of one copy
         # among several processes set it.
         self.rank = 0
+        self.pending = []
+        if lagged:
+            # The all-reduced message (the state and the 'still training'
+            # fraction) that awaits its decision, and the round length it was
+            # composed at (-1: none awaits).
+            self.pending_state = tf.Variable(
+                tf.zeros([trigger.state_size + 1]), trainable=False, name="fda_pending_state"
+            )
+            self.pending_since = tf.Variable(
+                -1, dtype=tf.int64, trainable=False, name="fda_pending_since"
+            )
+            self.pending = [self.pending_state, self.pending_since]
 
     def state_variables(self):
         """Every variable of the averaging state, for checkpoints (fixed order)."""
         return [
             *self.reference, *self.round_state, self.steps, self.syncs, self.steps_since_sync,
-            *self.sync_state.state_variables(), *sum(self.residuals, []),
+            *self.sync_state.state_variables(), *sum(self.residuals, []), *self.pending,
         ]
 
     # --- decide ------------------------------------------------------------
@@ -123,6 +137,32 @@ class Engine:
         statistic = tf.cast(self.trigger.statistic(mean_state, since), tf.float32)
         finite = tf.math.is_finite(statistic)
         return statistic, self.trigger.should_sync(statistic, since) & finite, finite
+
+    def keep_pending(self, mean_message, since):
+        """Keeps an all-reduced message (state, then the 'still training' fraction) for later.
+
+        `since`: the round length the message was composed at. Returns True.
+        """
+        self.pending_state.assign(mean_message[: self.trigger.state_size + 1])
+        self.pending_since.assign(since)
+        return tf.constant(True)
+
+    def decide_pending(self):
+        """The decision on the kept message, which it consumes (see `keep_pending`).
+
+        Returns:
+            `(statistic, decided, finite, exchanged, active_fraction)`:
+            `decide`'s values on the kept state, `decided` only if a message
+            was kept (`exchanged`) and every worker still trains.
+        """
+        exchanged = self.pending_since >= 0
+        active_fraction = self.pending_state[-1]
+        statistic, decided, finite = self.decide(
+            self.pending_state[:-1], self.pending_since.read_value()
+        )
+        self.pending_since.assign(-1)
+        return statistic, exchanged & decided & (active_fraction >= 1.0), finite, exchanged, \
+            active_fraction
 
     # --- sync --------------------------------------------------------------
 

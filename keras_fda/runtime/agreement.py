@@ -10,6 +10,7 @@ column that differs into an error that names it and says what to do.
 import zlib
 
 import numpy as np
+from absl import logging
 
 
 def fingerprint(text):
@@ -48,3 +49,93 @@ def check(everyone, checks, rows="worker"):
             raise ValueError(
                 f"Workers disagree on {what}: {values.tolist()} ({rows} 0, 1, ...); {fix}."
             )
+
+
+def agree_on_run(transport, variables, settings, *, steps, epochs, resumed_step=-1,
+                 initial_epoch=-1, owner="FDACallback"):
+    """Checks that all workers run the same steps, model and settings; returns how they resume.
+
+    Runs before any training step, so that a mismatch is a clear error on
+    every worker instead of a collective that hangs or mixes unrelated
+    tensors.
+
+    Args:
+        transport: the `keras_fda.runtime.transport.Transport`.
+        variables: the averaged variables (their count, shapes and dtypes
+            are compared).
+        settings: `(name, description)` pairs every worker must share.
+        steps: this worker's steps per epoch; None (unknown) is an error
+            among several workers.
+        epochs: its number of epochs.
+        resumed_step: the step its state was restored from (-1: none).
+        initial_epoch: the epoch it resumes at (-1: none).
+        owner: the driver, for the messages.
+
+    Returns:
+        Every worker's `[resumed_step, initial_epoch]`, one row per worker.
+    """
+    if steps is None and transport.num_workers > 1:
+        raise ValueError(
+            f"{owner} cannot tell how many steps this worker will run: the dataset is an "
+            "infinite dataset (dataset.repeat()) or has unknown length (a generator, "
+            "dataset.filter()), and fit() got no steps_per_epoch. Pass steps_per_epoch= to "
+            "fit() (with a repeated dataset) so all workers run the same number of steps."
+        )
+    layout = repr([(tuple(v.shape), v.dtype.name) for v in variables])
+    mine = np.array([
+        resumed_step, initial_epoch, -1 if steps is None else steps, epochs,
+        sum(int(np.prod(v.shape)) for v in variables), fingerprint(layout),
+        *(fingerprint(value) for _, value in settings),
+    ], np.int64)  # fmt: skip
+    everyone = transport.all_gather(mine).numpy()
+    check(everyone[:, 2:], [
+        ("the number of steps per epoch", "pass the same steps_per_epoch= to fit() with a "
+         "repeated dataset (dataset.repeat()) on every worker"),
+        ("the number of epochs", "pass the same epochs= to fit() on every worker"),
+        ("the number of averaged weights", "build the same model, with the same frozen "
+         "layers, on every worker"),
+        ("the weight shapes and dtypes (layout fingerprint)", "build the same model, "
+         "with the same dtype policy, on every worker"),
+        *setting_checks(owner, settings),
+    ])
+    return everyone[:, :2]
+
+
+def resume_source(resumed, can_choose=True):
+    """The worker whose restored state every worker resumes from.
+
+    Workers restored from backups of different steps (one crashed between
+    the workers' epoch-end saves, or before its first save) cannot go back,
+    but the ones behind can catch up: they take the most advanced worker's
+    weights and state and start at its epoch.
+
+    Args:
+        resumed: `agree_on_run`'s rows `[resumed_step, initial_epoch]`.
+        can_choose: whether the driver can move the workers behind to
+            another epoch; if not, different steps are a `ValueError`.
+
+    Returns:
+        None if no worker restored anything, -1 if all restored the same
+        step, else the index of the most advanced worker.
+    """
+    steps, epochs = resumed[:, 0], resumed[:, 1]
+    if (steps == -1).all():
+        return None
+    if (steps == steps[0]).all():
+        return -1
+    leader = int(np.argmax(steps))
+    if not can_choose:
+        raise ValueError(
+            f"Workers disagree on the step they resumed from: {steps.tolist()} (worker 0, 1, "
+            "...; -1: not resumed): a worker stopped between the workers' BackupAndRestore "
+            "saves. FDACallback can resume them from the most advanced worker's backup only "
+            "if fit() keeps its default History callback at the end of the callback list; "
+            "otherwise delete the backups and restart."
+        )
+    logging.warning(
+        "keras_fda: the workers' backups are from different steps %s (worker 0, 1, ...; "
+        "-1: none): worker %d's backup (step %d, epoch %d) is the latest; every worker "
+        "resumes from its weights and FDA state.",
+        steps.tolist(), leader, steps[leader], epochs[leader],
+    )
+    return leader

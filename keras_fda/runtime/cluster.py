@@ -10,6 +10,7 @@ program is a single local worker and everything still works.
 """
 
 import atexit
+import contextlib
 import json
 import os
 import re
@@ -85,6 +86,29 @@ def error_cause(error):
         if line and not line.startswith(("[[{{node", "Detected at node")):
             return line
     return type(error).__name__
+
+
+@contextlib.contextmanager
+def bounded(transport, where):
+    """Bounds the collectives run inside by `transport`'s deadline; explains failures.
+
+    A collective that fails because of another worker raises a
+    `PeerFailureError` naming this worker and `where` (a string, or a
+    callable that returns one, e.g. with the current step: called only on
+    failure), the cause, and what to check.
+    """
+    try:
+        with transport.deadline():
+            yield
+    except PEER_FAILURES as e:
+        where = where() if callable(where) else where
+        raise PeerFailureError(
+            f"Worker {transport.worker_index} of {transport.num_workers} could not complete "
+            f"the collective {where}: {type(e).__name__}: {error_cause(e)}. Another worker "
+            "probably died, ran out of data or stopped early, or is unreachable. Check the "
+            "other workers' output; give every worker the same steps_per_epoch with a "
+            "repeated dataset."
+        ) from e
 
 
 class Cluster:

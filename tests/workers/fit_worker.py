@@ -322,7 +322,7 @@ def main():
         threshold=np.array([l["fda/threshold"] for l in after.logs]),
         comm_bytes=np.array([l["fda/comm_bytes"] for l in after.logs]),
         final=flat_weights(model),
-        exchange_auto=fda._timing is not None,
+        exchange_auto=fda._exchange.timing is not None,
         best=(
             np.concatenate([np.ravel(w) for w in early_stopping.best_weights])
             if early_stopping is not None else np.zeros(0)
