@@ -13,7 +13,7 @@ from keras_fda.policies import outer as outer_lib
 from keras_fda.policies import triggers as triggers_lib
 from keras_fda.engine.averager import WorkerAverager
 from keras_fda.engine.exchange import StateExchange
-from keras_fda.drivers.checkpoint import CheckpointedState
+from keras_fda.drivers.checkpoint import CheckpointedState, resume_source
 from keras_fda.drivers.tensorboard import Dashboard, standardize_update_freq
 
 # Model methods that give the model new weights from outside training.
@@ -362,7 +362,7 @@ class FDACallback(keras.callbacks.Callback):
                 resumed_step=int(self._averager.steps.numpy()) if self._checkpoint.restored else -1,
                 initial_epoch=-1 if initial_epoch is None else int(initial_epoch),
             )
-            source = agreement.resume_source(resumed, can_change_epoch)
+            source = resume_source(resumed, can_change_epoch)
             if source is None:
                 self._averager.broadcast()
             elif source >= 0:

@@ -80,6 +80,20 @@ class SimulationHistory:
             gathered_bytes=self.gathered_bytes,
         )
 
+    def evaluation_row(self, step, train_loss, metrics):
+        """The row of `evaluations` at `step`: the counts and time so far, and `metrics`."""
+        stats = self.communication(step)
+        return {
+            "step": step,
+            "epoch": step / self.steps_per_epoch,
+            "syncs": stats.syncs,
+            "paper_bytes": stats.paper_bytes,
+            "wire_bytes": stats.wire_bytes,
+            "train_loss": train_loss,
+            "seconds": float(np.sum(self.step_seconds[:step])),
+            **metrics,
+        }
+
     def first_reaching(self, metric, target):
         """The first evaluation with `metric >= target`, as a dict, or None."""
         if metric not in self.evaluations:

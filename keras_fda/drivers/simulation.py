@@ -6,7 +6,8 @@ same `SyncTrigger` objects that `FDACallback` uses across processes. Only the
 transport differs: the "all-reduce MEAN" is a mean over the K in-process
 copies. One compiled `tf.function` call advances all K workers by one step
 (their K Keras `train_step`s; compiled once per `Simulation`), and a second,
-small one runs the trigger's check and, when it fires, the average; a step
+small one (an `InProcessEngine`'s check) runs the trigger and, when it
+fires, the average; a step
 costs about K plain training steps and no Python loop over workers.
 
 Reported accuracy is that of the average of the workers' current models (as
@@ -14,7 +15,6 @@ in the FDA paper), evaluated on held-out data a few times per epoch; an epoch
 is `total samples / (batch_size * K)` steps.
 """
 
-import contextlib
 import math
 import os
 import time
@@ -24,13 +24,12 @@ import numpy as np
 import tensorflow as tf
 
 from keras_fda import partition as partition_lib
-from keras_fda.runtime import cluster as cluster_lib
 from keras_fda.runtime import transport as transport_lib
 from keras_fda.policies import outer as outer_lib
 from keras_fda.policies import triggers as triggers_lib
-from keras_fda.engine.core import Engine
+from keras_fda.engine.in_process import InProcessEngine
 from keras_fda.drivers.history import SimulationHistory
-from keras_fda.drivers.tensorboard import Dashboard
+from keras_fda.drivers.tensorboard import Dashboard, write_row
 
 
 class _Worker:
@@ -133,7 +132,7 @@ class Simulation:
         # Compiled once per Simulation and reused by every run: the K train
         # steps are the large graph, and tracing and optimizing it again for
         # each trigger of a sweep cost seconds per run. The trigger's check is
-        # a second, small compiled call per run (see `_build_step`).
+        # a second, small compiled call per run (`InProcessEngine.check`).
         self._train_step = tf.function(self._train_all)
 
     def _train_all(self, x_data, y_data, indices):
@@ -143,113 +142,25 @@ class Simulation:
         return tf.add_n(losses) / self.num_workers
 
     def _build_step(self, trigger, x_data, y_data, rule, lag=0):
-        """The compiled step of one run: K local steps, the trigger, maybe a sync by `rule`.
+        """The step of one run: K local steps, then the engine's check (maybe a sync by `rule`).
 
-        Returns the step function, the end-of-run function (the final sync;
-        it returns how many syncs it made), the run's `SyncState` and each
-        worker's optimizer moments.
+        Returns the step function and the run's `InProcessEngine`.
         """
         workers = self._workers
-        monitored = list(zip(*[w.monitored for w in workers]))
-        averaged = list(zip(*[w.monitored + w.extra for w in workers]))
-        moments = [outer_lib.moment_variables(w.model.optimizer) for w in workers]
         # In the order of the drifts the engine gives the trigger.
         trigger.watch(*[w.model.optimizer for w in workers])
-        # One engine for the K workers: worker 0's copy seeds w0 (all start equal).
-        lagged = bool(lag and trigger.state_size)
-        engine = Engine(trigger, [v[0] for v in monitored],
-                        [v[0] for v in averaged[len(monitored):]], rule, moments[0],
-                        copies=self.num_workers, lagged=lagged)
-        copies = [[v[k] for v in monitored] for k in range(self.num_workers)]
-
-        def assign(values):
-            for copies, value in zip(averaged, values):
-                for v in copies:
-                    v.assign(tf.cast(value, v.dtype))
-
-        def average(mean_state, plain=False):
-            sync = engine.sync_state
-            payloads = [
-                engine.payload([v[k].read_value() for v in averaged], copy=k)
-                for k in range(self.num_workers)
-            ]
-            mean_payload = [_all_reduce(list(p), sync) for p in zip(*payloads)]
-            mean_moments = [
-                transport_lib.mean(list(per_worker))
-                for per_worker in zip(*[sync.moments_payload(m) for m in moments])
-            ]
-            # All checked before any is assigned: a NaN is never averaged in.
-            finite = sync.finite(mean_payload + mean_moments)
-            with tf.control_dependencies([_assert_finite(finite, "the workers' average")]):
-                return engine.sync(
-                    mean_payload, assign, mean_state=mean_state, mean_moments=mean_moments,
-                    moment_copies=moments, copies=copies, plain=plain,
-                )
-
-        def mean_local_state():
-            return engine.mean_local_state(copies)
-
-        steps_since_sync = engine.steps_since_sync
-
-        @tf.function
-        def check():
-            since = steps_since_sync.assign_add(1)
-            mean_state, exchanged = None, tf.constant(True)
-            if lagged:
-                # The state composed after the previous step's sync, as
-                # FDACallback's overlap keeps it.
-                statistic, decided, finite, exchanged, _ = engine.decide_pending()
-            else:
-                mean_state = mean_local_state() if trigger.state_size else None
-                statistic, decided, finite = engine.decide(mean_state, since)
-            with tf.control_dependencies([_assert_finite(finite | ~exchanged, "the statistic")]):
-                statistic = tf.identity(statistic)
-            # end_round measures the round where its step is: with the lag,
-            # on the weights being averaged, not the deciding (older) state.
-            synced = tf.cond(
-                exchanged & decided,
-                lambda: average(mean_local_state() if lagged else mean_state),
-                lambda: tf.constant(False),
-            )
-            if lagged:
-                with tf.control_dependencies([synced]):
-                    message = tf.concat([tf.cast(mean_local_state(), tf.float32), [1.0]], 0)
-                    engine.keep_pending(message, steps_since_sync.read_value())
-                statistic = tf.where(exchanged, statistic, float("nan"))
-            return statistic, synced
-
-        @tf.function
-        def finish():
-            # A run ends as a fit with FDACallback does: the lagged decision
-            # still pending (its `settle`), then one more sync if the workers
-            # trained since the last, a plain average as the callback's.
-            settled = tf.constant(False)
-            if lagged:
-                settled = tf.cond(
-                    engine.decide_pending()[1],
-                    lambda: average(mean_local_state()),
-                    lambda: tf.constant(False),
-                )
-            with tf.control_dependencies([settled]):
-                final = tf.cond(
-                    steps_since_sync.read_value() > 0,
-                    lambda: average(None, plain=True),
-                    lambda: tf.constant(False),
-                )
-            return tf.cast(settled, tf.int32) + tf.cast(final, tf.int32)
+        engine = InProcessEngine(
+            trigger, [w.monitored for w in workers], [w.extra for w in workers],
+            [outer_lib.moment_variables(w.model.optimizer) for w in workers], rule, lagged=lag,
+        )
 
         def step(indices):
             # Eager calls run in order: the check sees the weights after the K steps.
             loss = self._train_step(x_data, y_data, indices)
-            with _diverged_as_floating_point_error():
-                statistic, synced = check()
+            statistic, synced = engine.check()
             return statistic, synced, loss
 
-        def final_syncs():
-            with _diverged_as_floating_point_error():
-                return int(finish())
-
-        return step, final_syncs, engine.sync_state, moments
+        return step, engine
 
     def _reset(self):
         for w in self._workers:
@@ -384,7 +295,7 @@ class Simulation:
             partitions, batch_size, num_steps, seed, repartition
         )
         self._reset()
-        step, finish, sync, moments = self._build_step(
+        step, engine = self._build_step(
             trigger, tf.convert_to_tensor(x), tf.convert_to_tensor(y), rule, lag
         )
         writer = dashboard = None
@@ -402,8 +313,10 @@ class Simulation:
             statistic=np.zeros(num_steps, np.float32),
             synced=np.zeros(num_steps, bool),
             step_seconds=np.zeros(num_steps),
-            sync_bytes=sync.sync_bytes(self.num_params, moments[0], param_bytes=4),
-            gathered_bytes=sync.gathered_bytes(),
+            sync_bytes=engine.sync_state.sync_bytes(
+                self.num_params, engine.moments, param_bytes=4
+            ),
+            gathered_bytes=engine.sync_state.gathered_bytes(),
         )
         rows = []
         train_loss = math.nan
@@ -415,11 +328,14 @@ class Simulation:
                 if t == num_steps:
                     # Counted in the last row: that sync's all-reduce is what
                     # yields the average the row evaluates.
-                    history.final_syncs = finish()
-                row = self._evaluation_row(history, t, train_loss, metrics)
+                    history.final_syncs = engine.finish()
+                row = history.evaluation_row(t, train_loss, metrics)
                 rows.append(row)
+                # Each worker's loss tracker then averages over one evaluation period.
+                for w in self._workers:
+                    w.model.reset_metrics()
                 if writer:
-                    self._write_summaries(writer, row)
+                    write_row(writer, row, "simulation/")
                 if verbose:
                     print(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
             if t == num_steps:
@@ -449,65 +365,6 @@ class Simulation:
             writer.close()
             dashboard.close()
         return history
-
-    def _evaluation_row(self, history, t, train_loss, metrics):
-        stats = history.communication(t)
-        row = {
-            "step": t,
-            "epoch": t / history.steps_per_epoch,
-            "syncs": stats.syncs,
-            "paper_bytes": stats.paper_bytes,
-            "wire_bytes": stats.wire_bytes,
-            "train_loss": train_loss,
-            "seconds": float(np.sum(history.step_seconds[:t])),
-        }
-        row.update(metrics)
-        # Each worker's loss tracker then averages over one evaluation period.
-        for w in self._workers:
-            w.model.reset_metrics()
-        return row
-
-    @staticmethod
-    def _write_summaries(writer, row):
-        with writer.as_default():
-            for name, value in row.items():
-                if name != "step":
-                    tf.summary.scalar(f"simulation/{name}", value, step=row["step"])
-
-
-def _all_reduce(per_worker, sync):
-    """The simulator's all-reduce MEAN of one tensor of `sync`'s payload, as the drivers'.
-
-    A drift travels in the payload dtype, added along the ring; values
-    (the weights, or the not-monitored ones beside a drift) are averaged in
-    the averaging dtype. A quantized drift is all-gathered: `[K, size]`.
-    """
-    if per_worker[0].dtype.is_integer:
-        return tf.stack(per_worker)
-    if sync.sends_drift and per_worker[0].dtype == sync.payload_dtype:
-        return transport_lib.ring_mean(per_worker)
-    return transport_lib.mean(per_worker)
-
-
-_DIVERGED = "FDA simulation stopped"
-
-
-@contextlib.contextmanager
-def _diverged_as_floating_point_error():
-    try:
-        yield
-    except tf.errors.InvalidArgumentError as e:
-        if _DIVERGED not in str(e):
-            raise
-        raise FloatingPointError(cluster_lib.error_cause(e)) from None
-
-
-def _assert_finite(ok, what):
-    return tf.debugging.Assert(
-        ok,
-        [f"{_DIVERGED}: {what} is NaN or Inf, so nothing was averaged. Training diverged on a "
-         "worker: lower the learning rate, clip gradients, or check its data."],
-    )
 
 
 def _fmt(value):

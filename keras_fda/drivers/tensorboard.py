@@ -91,6 +91,14 @@ def standardize_update_freq(update_freq):
     return update_freq
 
 
+def write_row(writer, row, prefix):
+    """Writes every value of `row` but its "step" as the scalar `prefix + name` at that step."""
+    with writer.as_default():
+        for name, value in row.items():
+            if name != "step":
+                tf.summary.scalar(prefix + name, value, step=row["step"])
+
+
 class Dashboard:
     """Writes the FDA dashboard (scalars, round-length histogram, custom-scalars layout).
 

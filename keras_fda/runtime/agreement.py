@@ -10,7 +10,6 @@ column that differs into an error that names it and says what to do.
 import zlib
 
 import numpy as np
-from absl import logging
 
 
 def fingerprint(text):
@@ -100,42 +99,3 @@ def agree_on_run(transport, variables, settings, *, steps, epochs, resumed_step=
     ])
     return everyone[:, :2]
 
-
-def resume_source(resumed, can_choose=True):
-    """The worker whose restored state every worker resumes from.
-
-    Workers restored from backups of different steps (one crashed between
-    the workers' epoch-end saves, or before its first save) cannot go back,
-    but the ones behind can catch up: they take the most advanced worker's
-    weights and state and start at its epoch.
-
-    Args:
-        resumed: `agree_on_run`'s rows `[resumed_step, initial_epoch]`.
-        can_choose: whether the driver can move the workers behind to
-            another epoch; if not, different steps are a `ValueError`.
-
-    Returns:
-        None if no worker restored anything, -1 if all restored the same
-        step, else the index of the most advanced worker.
-    """
-    steps, epochs = resumed[:, 0], resumed[:, 1]
-    if (steps == -1).all():
-        return None
-    if (steps == steps[0]).all():
-        return -1
-    leader = int(np.argmax(steps))
-    if not can_choose:
-        raise ValueError(
-            f"Workers disagree on the step they resumed from: {steps.tolist()} (worker 0, 1, "
-            "...; -1: not resumed): a worker stopped between the workers' BackupAndRestore "
-            "saves. FDACallback can resume them from the most advanced worker's backup only "
-            "if fit() keeps its default History callback at the end of the callback list; "
-            "otherwise delete the backups and restart."
-        )
-    logging.warning(
-        "keras_fda: the workers' backups are from different steps %s (worker 0, 1, ...; "
-        "-1: none): worker %d's backup (step %d, epoch %d) is the latest; every worker "
-        "resumes from its weights and FDA state.",
-        steps.tolist(), leader, steps[leader], epochs[leader],
-    )
-    return leader

@@ -331,3 +331,15 @@ def ring_mean(per_worker):
     for tensor in per_worker[1:]:
         total = rounded(tf.cast(total, tf.float32) + tf.cast(tensor, tf.float32))
     return rounded(tf.cast(total, tf.float32) / len(per_worker))
+
+
+def payload_mean(per_worker, ring=False):
+    """What the drivers' collectives make of K in-process copies of one sync payload tensor.
+
+    An integer (quantized) payload is all-gathered: `[K, size]`, in worker
+    order. With `ring` (a drift in a narrower payload dtype) it is added
+    along the ring in that dtype (`ring_mean`); values are averaged (`mean`).
+    """
+    if per_worker[0].dtype.is_integer:
+        return tf.stack(per_worker)
+    return ring_mean(per_worker) if ring else mean(per_worker)
