@@ -1,6 +1,5 @@
 """`FDACallback`: Federated Dynamic Averaging for `model.fit` across worker processes."""
 
-import functools
 import math
 
 import keras
@@ -13,7 +12,9 @@ from keras_fda.policies import outer as outer_lib
 from keras_fda.policies import triggers as triggers_lib
 from keras_fda.engine.averager import WorkerAverager
 from keras_fda.engine.exchange import StateExchange
+from keras_fda.drivers import hooks
 from keras_fda.drivers.checkpoint import CheckpointedState, resume_source
+from keras_fda.drivers.model_checks import check_model
 from keras_fda.drivers.tensorboard import Dashboard, standardize_update_freq
 
 # Model methods that give the model new weights from outside training.
@@ -213,18 +214,7 @@ class FDACallback(keras.callbacks.Callback):
 
     def _check_model(self):
         model = self.model
-        if not getattr(model, "compiled", False):
-            raise ValueError("FDACallback needs a compiled model: call model.compile() first.")
-        if not model.built or not model.trainable_weights:
-            raise ValueError(
-                "FDACallback needs a built model with trainable weights: give the "
-                "model an Input shape or call model.build() before fit()."
-            )
-        if getattr(model, "steps_per_execution", 1) != 1:
-            raise ValueError(
-                f"FDACallback checks after every step and needs steps_per_execution=1 "
-                f"in model.compile(), got {model.steps_per_execution}."
-            )
+        check_model(model, "FDACallback")
         if isinstance(model.trainable_weights[0].value, tf.distribute.DistributedValues):
             raise ValueError(
                 "FDACallback needs a model built outside any tf.distribute strategy "
@@ -299,7 +289,7 @@ class FDACallback(keras.callbacks.Callback):
         # sync a plain average of them: see `WorkerAverager._adopt`.
         for name in _WRITERS:
             if name not in vars(model):
-                object.__setattr__(model, name, self._marks_replaced(getattr(model, name)))
+                hooks.hook(model, name, after=self._mark_replaced)
         self._started = self._began = self._ended = self._end_deferred = False
         # Keras hands the fit's History to the model before any callback's
         # set_model and calls it after the callbacks the user listed: hooked
@@ -308,31 +298,21 @@ class FDACallback(keras.callbacks.Callback):
         # (EarlyStopping's restore_best_weights), whatever the list's order.
         history = getattr(model, "history", None)
         if isinstance(history, keras.callbacks.History):
-            _run_after(history, "on_train_begin", lambda logs: self._start(True))
-            _run_after(history, "on_train_end", self._end_after_all_callbacks)
+            hooks.run_once_after(history, "on_train_begin", lambda logs: self._start(True))
+            hooks.run_once_after(history, "on_train_end", self._end_after_all_callbacks)
             self._end_deferred = True
 
-    def _marks_replaced(self, method):
-        @functools.wraps(method)
-        def wrapper(*args, **kwargs):
-            result = method(*args, **kwargs)
-            if self._started and self._averager is not None:
-                self._averager.replaced.assign(1.0)
-            return result
-
-        wrapper._fda_hook = True
-        return wrapper
+    def _mark_replaced(self):
+        if self._started and self._averager is not None:
+            self._averager.replaced.assign(1.0)
 
     def _detach(self):
         """Leaves the model as the user built it (no FDA state, no hooks)."""
-        state = vars(self.model)
-        state.pop("_fda_state", None)
+        vars(self.model).pop("_fda_state", None)
         keras_function = getattr(self.model.train_function, "_fda_keras", None)
         if keras_function is not None:
             self.model.train_function = keras_function
-        for name in _WRITERS:
-            if getattr(state.get(name), "_fda_hook", False):
-                del state[name]
+        hooks.unhook(self.model, _WRITERS)
 
     def on_test_end(self, logs=None):
         # evaluate(callbacks=[fda]) outside a fit: set_model attached the
@@ -520,18 +500,3 @@ class FDACallback(keras.callbacks.Callback):
             self._dashboard.close()
             self._dashboard = None
 
-
-def _run_after(callback, method, action):
-    """Makes `callback.<method>(logs)` run `action(logs)` after itself, once."""
-    original = getattr(callback, method)
-    own = method in vars(callback)
-
-    def hooked(logs=None):
-        if own:
-            setattr(callback, method, original)
-        else:
-            delattr(callback, method)
-        original(logs)
-        action(logs)
-
-    setattr(callback, method, hooked)

@@ -50,6 +50,8 @@ from keras_fda.policies import outer as outer_lib
 from keras_fda.policies import triggers as triggers_lib
 from keras_fda.runtime import agreement
 from keras_fda.engine.mirrored import MirroredEngine
+from keras_fda.drivers import hooks
+from keras_fda.drivers.model_checks import check_model
 from keras_fda.drivers.tensorboard import Dashboard, standardize_update_freq
 
 # Model methods that read the weights in cross-replica context (which silently
@@ -317,13 +319,11 @@ class FDAStrategy(tf.distribute.Strategy):
             self.sync_rule, dashboard=self._dashboard,
         )
         self._states.append((model, state))
-        # Set on the instance, bypassing Keras' attribute tracking.
         for name in _READERS:
-            original = getattr(model, name, None)
-            if original is not None:
-                object.__setattr__(model, name, self._synchronized(model, original))
+            if hasattr(model, name):
+                hooks.hook(model, name, before=functools.partial(self.synchronize, model))
         for name in _WRITERS:
-            object.__setattr__(model, name, self._rebased(state, getattr(model, name)))
+            hooks.hook(model, name, after=state.rebase)
         self._wrap_model(model)
         return state
 
@@ -340,33 +340,10 @@ class FDAStrategy(tf.distribute.Strategy):
         """Further per-model hooks of the concrete strategy."""
         del model
 
-    def _rebased(self, state, method):
-        @functools.wraps(method)
-        def wrapper(*args, **kwargs):
-            result = method(*args, **kwargs)
-            state.rebase()
-            return result
-
-        return wrapper
-
-    def _synchronized(self, model, method):
-        @functools.wraps(method)
-        def wrapper(*args, **kwargs):
-            self.synchronize(model)
-            return method(*args, **kwargs)
-
-        return wrapper
-
     def _check(self, model):
         if getattr(model, "distribute_strategy", None) is not self:
             raise ValueError("Build and compile the model inside FDAStrategy.scope().")
-        if not model.trainable_weights:
-            raise ValueError("FDAStrategy needs a model with trainable weights.")
-        if getattr(model, "steps_per_execution", 1) != 1:
-            raise ValueError(
-                "FDAStrategy checks after every step and needs steps_per_execution=1 in "
-                f"model.compile(), got {model.steps_per_execution}."
-            )
+        check_model(model, "FDAStrategy")
         if getattr(model, "jit_compile", False):
             raise ValueError(
                 "FDAStrategy's train step uses merge_call, which XLA cannot compile: pass "
@@ -407,10 +384,8 @@ class FDAStrategy(tf.distribute.Strategy):
         object.__setattr__(optimizer, "_all_reduce_sum_gradients", list)
         # Keras calls it once at the end of every fit, on every worker: fit
         # then leaves one averaged model, as with FDACallback.
-        object.__setattr__(
-            optimizer,
-            "finalize_variable_values",
-            self._synchronized(model, optimizer.finalize_variable_values),
+        hooks.hook(
+            optimizer, "finalize_variable_values", before=functools.partial(self.synchronize, model)
         )
         object.__setattr__(optimizer, "_fda_local", True)
 
