@@ -239,8 +239,11 @@ class FDACallback(keras.callbacks.Callback):
 
     def _collective(self, where):
         """Bounds the collectives inside by the cluster's timeout (`where` may name {step})."""
-        step = lambda: int(self._averager.steps.numpy()) if self._averager else 0  # noqa: E731
-        return cluster_lib.bounded(self.cluster.transport, lambda: where.format(step=step()))
+
+        def described():
+            return where.format(step=int(self._averager.steps.numpy()) if self._averager else 0)
+
+        return cluster_lib.bounded(self.cluster.transport, described)
 
     def set_model(self, model):
         super().set_model(model)
