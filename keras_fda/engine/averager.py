@@ -38,8 +38,9 @@ class WorkerAverager(Engine):
     the `outbox`, which `send_outbox` all-reduces while the next step trains
     (`FDACallback(overlap=True)`), so the decision on step t's state is
     applied after step t+1. Between the halves the all-reduced state waits in
-    `pending_state`; both it and the outbox are part of the checkpointed
-    state, so a resumed run decides as the uninterrupted one would.
+    `pending_state` (`Engine.keep_pending`); both it and the outbox are part
+    of the checkpointed state, so a resumed run decides as the uninterrupted
+    one would.
 
     Args:
         trigger: a built-in or custom `keras_fda.triggers.SyncTrigger`.
