@@ -128,34 +128,40 @@ class WorkerAverager(Engine):
         # The first collective carries the control floats: with a quantized
         # drift and nothing else averaged, it carries only them.
         groups = list(reduced.items()) or [(self.dtype, [])]
-        flats = [_flatten([payload[i] for i in indices], dtype) for dtype, indices in groups]
-        # What rides along goes with the first dtype's tensors (the drift's).
-        control = [tf.reshape(tf.cast(self.replaced, flats[0].dtype), [1])]
-        if measured:
-            # The deciding state may be a step older (overlap),
-            # and a round's variance must be measured where its step is.
-            control.append(tf.cast(self._local_state(), flats[0].dtype))
-        size = int(flats[0].shape[0])
-        first = tf.concat([flats[0], *control], 0)
-        if active is None:
-            mean, active_fraction = self.transport.all_reduce(first, "mean"), tf.constant(1.0)
-        else:
-            mean, active_fraction = self._exchange(first, active)
-        replaced = mean[size] > 0
-        mean_state = tf.cast(mean[size + 1:], tf.float32) if measured else None
+        first_dtype, first_indices = groups[0]
+        # What rides along goes with the first dtype's tensors (the drift's):
+        # `replaced`; if `measured`, the state of the weights being averaged
+        # (the deciding state may be a step older, and a round's variance
+        # must be measured where its step is); last, the 'still training'
+        # flag. Flattened with the payload in one concat and split once: each
+        # copy of the weights more costs a sync about a millisecond per
+        # million weights.
+        control = [self.replaced] + ([self._local_state()] if measured else [])
+        control += [] if active is None else [active]
+        sizes = [int(payload[i].shape.num_elements()) for i in first_indices]
+        first = _flatten([payload[i] for i in first_indices] + control, first_dtype)
+        mean = self.transport.all_reduce(first, "mean")
+        *pieces, control_mean = tf.split(mean, sizes + [int(first.shape[0]) - sum(sizes)])
+        replaced = control_mean[0] > 0
+        state_size = self.trigger.state_size if measured else 0
+        mean_state = tf.cast(control_mean[1:1 + state_size], tf.float32) if measured else None
+        active_fraction = (
+            tf.constant(1.0) if active is None else tf.cast(control_mean[-1], tf.float32)
+        )
 
         def adopt():
+            parts = [None] * len(payload)
+            for i, piece in zip(first_indices, pieces):
+                parts[i] = tf.reshape(piece, payload[i].shape)
             # The other dtypes' collectives only once every worker is known
             # to be here: a stopped worker answered the first one alone.
-            means = [mean[:size]] + [self.transport.all_reduce(f, "mean") for f in flats[1:]]
-            parts = [None] * len(payload)
-            for (_, indices), flat in zip(groups, means):
-                if not indices:  # the control floats' own collective
-                    continue
-                shapes = [payload[i].shape for i in indices]
-                pieces = tf.split(flat, [int(s.num_elements()) for s in shapes])
-                for i, shape, piece in zip(indices, shapes, pieces):
-                    parts[i] = tf.reshape(piece, shape)
+            for dtype, indices in groups[1:]:
+                means = tf.split(
+                    self.transport.all_reduce(_flatten([payload[i] for i in indices], dtype)),
+                    [int(payload[i].shape.num_elements()) for i in indices],
+                )
+                for i, piece in zip(indices, means):
+                    parts[i] = tf.reshape(piece, payload[i].shape)
             for dtype, indices in gathered.items():
                 rows = tf.reshape(
                     self.transport.all_gather(_flatten([payload[i] for i in indices], dtype)),
