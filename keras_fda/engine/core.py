@@ -7,10 +7,12 @@ agreed at the last sync, the trigger's round state, the counters, the bound
     engine.decide(mean_state, since)    # statistic, decided, finite
     engine.sync(mean_payload, assign)   # average (outer step), moments, new round
 
-The drivers supply only what differs between them: how they all-reduce (a
-`Transport` in `WorkerAverager`, `strategy.extended` in `FDAStrategy`, a
-mean over K copies in `Simulation`) and how they assign (local variables,
-mirrored variables, K copies). The trigger (`keras_fda.triggers`) and the
+and, for a decision that lags its message (an overlapped exchange),
+`keep_pending` / `decide_pending`. The engines of the drivers supply only
+what differs between them: how they all-reduce (a `Transport` in
+`WorkerAverager`, `strategy.extended` in `MirroredEngine`, a mean over K
+copies in `InProcessEngine`) and how they assign (local variables, mirrored
+variables, K copies). The trigger (`keras_fda.triggers`) and the
 sync rule (`keras_fda.outer`) are pure policies: a new trigger or outer rule
 is one change there and reaches all three drivers through this class.
 """
