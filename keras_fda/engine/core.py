@@ -163,8 +163,8 @@ class Engine:
             self.pending_state[:-1], self.pending_since.read_value()
         )
         self.pending_since.assign(-1)
-        return statistic, exchanged & decided & (active_fraction >= 1.0), finite, exchanged, \
-            active_fraction
+        decided = exchanged & decided & (active_fraction >= 1.0)
+        return statistic, decided, finite, exchanged, active_fraction
 
     # --- sync --------------------------------------------------------------
 

@@ -98,4 +98,3 @@ def agree_on_run(transport, variables, settings, *, steps, epochs, resumed_step=
         *setting_checks(owner, settings),
     ])
     return everyone[:, :2]
-
