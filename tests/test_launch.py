@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import termios
+import threading
 import time
 
 import pytest
@@ -634,6 +635,39 @@ def test_successful_jobs_end_without_failed_rpcs(tmp_path):
         reports = [json.loads((out / f"worker{i}.json").read_text()) for i in (0, 1)]
         assert [r["num_workers"] for r in reports] == [2, 2]
         assert reports[0]["final"] == reports[1]["final"]
+
+
+def test_a_peer_behind_a_forwarder_whose_server_is_gone_counts_as_gone():
+    """Worker 0 waits at exit while its peers' servers listen. A forwarder in front of a
+    peer (a TCP proxy, the benchmark harness's relay) accepts and then closes when the
+    server behind it is gone; counted as listening, it held worker 0 the whole
+    EXIT_WAIT_SECONDS (45 s) at the end of every run on a link with a round trip."""
+    from keras_fda.runtime import cluster as cluster_lib
+
+    def server():
+        listener = socket.create_server(("127.0.0.1", 0))
+        return listener, f"127.0.0.1:{listener.getsockname()[1]}"
+
+    live, live_address = server()
+    forwarder, forwarder_address = server()
+    closed, closed_address = server()
+    closed.close()
+    held = []
+    try:
+        # A server that takes the connection and waits for the client: listening.
+        # listen() queues the connection, so it is accepted only afterwards.
+        assert cluster_lib._listening(live_address)
+        held.append(live.accept()[0])
+        # A forwarder whose server is gone: it accepts, then closes at once.
+        closer = threading.Thread(target=lambda: forwarder.accept()[0].close())
+        closer.start()
+        assert not cluster_lib._listening(forwarder_address)
+        closer.join(TIMEOUT)
+        # No server at all: the connection is refused.
+        assert not cluster_lib._listening(closed_address)
+    finally:
+        for sock in (live, forwarder, *held):
+            sock.close()
 
 
 def test_an_unprivileged_launcher_uses_a_user_namespace_where_the_kernel_allows_one():

@@ -494,6 +494,10 @@ def _host(name):
 
 _exit_state = {"registered": False, "failed": False}
 
+# How long `_listening` waits for a forwarder to close a connection whose
+# server is gone (a refused connect behind it takes a round trip).
+_FORWARDER_CLOSE_SECONDS = 0.25
+
 # How long one look for a peer's "reached the end" key in the coordination
 # service waits, between checks that the peer's process is still there.
 _EXIT_POLL_MS = 200
@@ -580,10 +584,22 @@ def _leave(workers, index, timeout_seconds):
 
 
 def _listening(address):
+    """Whether a worker's server still takes connections at `address`.
+
+    A forwarder between the workers (a TCP proxy, a port forward, the
+    benchmark harness's relay) accepts a connection even when the server
+    behind it is gone, and then closes it: that end of file means gone.
+    Without this look worker 0 waited the whole `EXIT_WAIT_SECONDS` at the
+    end of every run whose peers it reached through a forwarder.
+    """
     host, _, port = address.rpartition(":")
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=0.5):
-            return True
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=0.5) as connection:
+            connection.settimeout(_FORWARDER_CLOSE_SECONDS)
+            try:
+                return connection.recv(1) != b""  # bytes: a server's greeting
+            except socket.timeout:
+                return True  # open and silent: a server waiting for the client
     except socket.timeout:
         return True  # no answer yet: it may still be there
     except OSError:
