@@ -1,8 +1,14 @@
 """The pieces the drivers share: hooks on Keras objects, model checks, resuming, the dashboard's rounds."""
 
+import contextlib
+import logging
+
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
+
+import keras_fda
 
 from keras_fda.drivers import hooks
 from keras_fda.drivers.checkpoint import resume_source
@@ -93,3 +99,44 @@ def test_dashboard_record_counts_rounds_from_the_last_sync(tmp_path):
     assert dashboard.round_lengths == [3, 3]
     assert dashboard.last_sync == 10
     dashboard.close()
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_a_sweep_of_fits_and_runs_logs_no_retracing_warning():
+    """Each fit or run makes a new engine whose once-per-run functions (the broadcast,
+    the final sync) trace once: by design, not the mistake TensorFlow's warning
+    ("5 out of the last 5 calls ... triggered tf.function retracing") describes,
+    which a sweep of fits used to print from its fifth fit on."""
+    x = np.random.default_rng(0).random((64, 4), dtype=np.float32)
+    y = (x[:, 0] > 0.5).astype("int32")
+
+    def compiled(strategy=None):
+        with strategy.scope() if strategy else contextlib.nullcontext():
+            model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+            model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(True))
+        return model
+
+    records = _Records()
+    logger = logging.getLogger("tensorflow")
+    logger.addHandler(records)
+    try:
+        for _ in range(5):
+            compiled().fit(x, y, batch_size=16, verbose=0,
+                           callbacks=[keras_fda.FDACallback(threshold=0.01)])
+            strategy = keras_fda.FDAStrategy(tf.distribute.MirroredStrategy(), threshold=0.01)
+            compiled(strategy).fit(x, y, batch_size=16, verbose=0)
+        simulation = keras_fda.Simulation(compiled(), 2)
+        for _ in range(5):
+            simulation.run(keras_fda.FDA(threshold=0.01), x, y, [np.arange(32), np.arange(32, 64)],
+                           batch_size=16, steps=4)
+    finally:
+        logger.removeHandler(records)
+    assert not [m for m in records.messages if "retracing" in m], records.messages

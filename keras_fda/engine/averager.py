@@ -17,7 +17,7 @@ import math
 import tensorflow as tf
 
 from keras_fda.policies import outer as outer_lib
-from keras_fda.engine.core import Engine
+from keras_fda.engine.core import Engine, traced_per_engine
 
 
 def _flatten(tensors, dtype):
@@ -74,6 +74,12 @@ class WorkerAverager(Engine):
         # 1.0 when this worker's weights were set from outside training since
         # the last step (see `_adopt`); local, so not checkpointed.
         self.replaced = tf.Variable(0.0, trainable=False, name="fda_replaced")
+        # Called about once per fit (`receive` once per epoch), by a new averager per fit.
+        for function in (
+            self.broadcast, self.adopt, self.receive, self.flush, self.settle, self.stop,
+            self.finish,
+        ):
+            traced_per_engine(function)
 
     def state_variables(self):
         return [

@@ -23,6 +23,21 @@ from keras_fda.policies import outer as outer_lib
 from keras_fda.engine.accounting import CommunicationStats
 
 
+def traced_per_engine(function):
+    """Marks `function`, a `tf.function`, as traced once by each engine: returns it.
+
+    TensorFlow warns ("5 out of the last 5 calls to ... triggered
+    tf.function retracing") when the last five calls of functions with the
+    same code each traced. The engine's once-per-run functions (the initial
+    broadcast, the final sync) close over that run's variables, so a sweep
+    of fits or simulator runs traces each of them once per run, by design.
+    TensorFlow exempts its own per-object functions (a loaded SavedModel's)
+    from the warning with the same attribute.
+    """
+    function._omit_frequent_tracing_warning = True
+    return function
+
+
 def averaging_dtype(variables):
     """The dtype in which `variables` are averaged: float64 if any is, else float32.
 

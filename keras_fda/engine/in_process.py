@@ -12,7 +12,7 @@ import contextlib
 
 import tensorflow as tf
 
-from keras_fda.engine.core import Engine
+from keras_fda.engine.core import Engine, traced_per_engine
 from keras_fda.runtime import cluster as cluster_lib
 from keras_fda.runtime import transport as transport_lib
 
@@ -50,7 +50,7 @@ class InProcessEngine(Engine):
             copies=len(self.copies), lagged=bool(lagged and trigger.state_size),
         )
         self._check = tf.function(self._decide_and_sync)
-        self._finish = tf.function(self._final_syncs)
+        self._finish = traced_per_engine(tf.function(self._final_syncs))
 
     def check(self):
         """After a step of every copy: the decision, maybe a sync; returns `(statistic, synced)`.

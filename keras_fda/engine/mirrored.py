@@ -12,7 +12,7 @@ import tensorflow as tf
 from tensorflow.python.distribute import values as distribute_values
 
 from keras_fda.policies import outer as outer_lib
-from keras_fda.engine.core import Engine
+from keras_fda.engine.core import Engine, traced_per_engine
 
 _MEAN = tf.distribute.ReduceOp.MEAN
 
@@ -59,7 +59,7 @@ class MirroredEngine(Engine):
         # One replica per worker: a gather's rows are in task order.
         resolver = getattr(strategy, "cluster_resolver", None)
         self.rank = (resolver.task_id or 0) if resolver is not None else 0
-        self.synchronize = tf.function(self._synchronize_if_drifted)
+        self.synchronize = traced_per_engine(tf.function(self._synchronize_if_drifted))
 
     # --- replica context -------------------------------------------------
 
