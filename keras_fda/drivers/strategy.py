@@ -102,7 +102,8 @@ class FDAStrategy(tf.distribute.Strategy):
     every step); the epoch's logs, which `EarlyStopping`, `ModelCheckpoint`,
     `ReduceLROnPlateau` and `History` see, are averaged over the workers
     (one small all-reduce per epoch), so every worker's callbacks decide
-    alike. The `fda/*` values are the same on every worker. As with any
+    alike. The `fda/*` values are the same on every worker. Each step waits
+    for the state all-reduce: across slow links prefer `FDACallback`. As with any
     MultiWorkerMirroredStrategy, every worker must call `fit`, `evaluate`,
     `predict` and `save` (a sync is a collective), and a callback must not
     stop one worker's `fit` mid-epoch on that worker's own batch logs. The
