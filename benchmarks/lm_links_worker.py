@@ -13,10 +13,13 @@ GPT on its own share of the standard library's source for `steps` steps:
 
 The clock of a run is the sum of the intervals between consecutive batch
 ends (the first step, which traces, only starts it) plus FDACallback's final
-sync; it stops while the chief evaluates the synchronized model on the
+sync; it stops while the workers evaluate the synchronized model on the
 held-out modules (every `eval_every` steps when every step synchronizes, else
-at the first sync at least `eval_every` steps after the last evaluation, and
-after fit). A run of a method in `budget_methods` stops once its clock passes
+at the first sync at least `eval_every` steps after the last evaluation; the
+chief also after fit). Every worker evaluates, so that a method that sends
+nothing between syncs does not let the other worker train on alone while
+the chief evaluates (on shared cores each would then compute faster than
+in lockstep; BENCHMARKS.md, section 5); only the chief reports. A run of a method in `budget_methods` stops once its clock passes
 `budget_s`: FDACallback stops the other worker after its next step; under
 MWMS the workers agree on the chief's decision every `eval_every` steps (an
 epoch), with the clock paused.
@@ -239,7 +242,7 @@ def run(method):
         train, agree = dataset(CLUSTER.worker_index), None
         fda = keras_fda.FDACallback(**method["kwargs"])
         callbacks = [fda]
-    clock = LinkClock(evaluate if IS_CHIEF else None,
+    clock = LinkClock(evaluate,
                       always_synced=method.get("always_synced", False),
                       stats=(lambda: fda.communication) if fda else None, agree=agree,
                       budget=method["name"] in SPEC["budget_methods"])

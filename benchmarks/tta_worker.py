@@ -118,8 +118,13 @@ class StepClock:
 
     Records, per step, its wall time, the part before FDA's hook (compute)
     and FDA's part (exchange, or sync on a step that synchronized). With
-    `evaluate`, the chief evaluates after syncs (at most every `eval_every`
-    steps) with the clock paused, and stops training after `budget_s`.
+    `evaluate`, it evaluates after syncs (at most every `eval_every` steps)
+    with the clock paused; with `budget_s`, it stops training after that
+    much clock. Every worker evaluates at the same steps (only the chief
+    reports): were only the chief to pause, under a fixed period the other
+    worker would train on alone until the next sync, and on shared cores
+    each would then compute faster than in lockstep (BENCHMARKS.md,
+    section 5).
     """
 
     def __init__(self, evaluate=None, eval_every=1, budget_s=None):
@@ -215,8 +220,8 @@ def run_tta(model_name, strategy):
     num_params = model.count_params()
     fda = fda_callback(strategy, num_params)
     clock = StepClock(
-        evaluate=(lambda: accuracy_of(model)) if IS_CHIEF else None,
-        eval_every=SPEC["eval_every"], budget_s=SPEC["budget_s"],
+        evaluate=lambda: accuracy_of(model), eval_every=SPEC["eval_every"],
+        budget_s=SPEC["budget_s"] if IS_CHIEF else None,
     )
     tx0, started = link_tx_bytes(), time.perf_counter()
     model.fit(
@@ -243,7 +248,7 @@ def run_strategy(model_name, strategy):
         eval_model.set_weights([w.numpy() for w in model.weights])
         return accuracy_of(eval_model)
 
-    clock = StepClock(evaluate if IS_CHIEF else None, SPEC["eval_every"], budget_s=None)
+    clock = StepClock(evaluate, SPEC["eval_every"], budget_s=None)
     train = fda_strategy.distribute_datasets_from_function(
         lambda context: worker_dataset(PARTS[context.input_pipeline_id])
     )
