@@ -19,8 +19,9 @@ at the first sync at least `eval_every` steps after the last evaluation; the
 chief also after fit). Every worker evaluates, so that a method that sends
 nothing between syncs does not let the other worker train on alone while
 the chief evaluates (on shared cores each would then compute faster than
-in lockstep; BENCHMARKS.md, section 5); only the chief reports. A run of a method in `budget_methods` stops once its clock passes
-`budget_s`: FDACallback stops the other worker after its next step; under
+in lockstep; BENCHMARKS.md, section 5); only the chief reports. A run of a
+method in `budget_methods` stops once its clock passes `budget_s`:
+FDACallback stops the other worker after its next step; under
 MWMS the workers agree on the chief's decision every `eval_every` steps (an
 epoch), with the clock paused.
 
